@@ -1,0 +1,305 @@
+//! A tiny worker speaking the RunPod worker HTTP protocol (see `runpod.md` §3), for tests and benchmarks.
+//!
+//! It reads the same environment as the runpod Python SDK and behaves like an SDK worker with one job slot and no
+//! job-stop channel (like SDK < 1.10.1: only killing the process cancels a job). What a job does is chosen by its
+//! `input` (a JSON object; any other value is echoed), applied in this order:
+//!
+//! - `{"sleep_ms": N}`: sleep N ms first (then the other keys apply; alone, the input is echoed);
+//! - `{"exit": code}`: exit the process with `code` mid-job, posting nothing (fault tests);
+//! - `{"fail": "msg"}`: post `{"error": "msg"}`;
+//! - `{"stream": N}`: post N chunks `{"output": {"i": n}}` to job-stream, then `{"output": []}` to job-done with
+//!   `isStream=true`;
+//! - otherwise: post `{"output": input}`.
+
+use std::process::ExitCode;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+
+/// The SDK bounds each job-take long-poll at 90 s and re-issues it on timeout.
+const TAKE_TIMEOUT: Duration = Duration::from_secs(90);
+/// Total timeout of the done/stream posts (the SDK uses 600 s; a test worker needs less).
+const POST_TIMEOUT: Duration = Duration::from_secs(60);
+const VERSION: &str = "shoal-example";
+
+struct Config {
+    get_job: String,
+    post_output: String,
+    post_stream: String,
+    ping: String,
+    ping_interval: Duration,
+    api_key: String,
+}
+
+fn required(name: &str) -> Result<String> {
+    match std::env::var(name) {
+        Ok(v) if !v.is_empty() => Ok(v),
+        _ => bail!("required environment variable {name} is not set"),
+    }
+}
+
+impl Config {
+    fn from_env() -> Result<Self> {
+        let pod_id = required("RUNPOD_POD_ID")?;
+        let interval_ms: u64 = match std::env::var("RUNPOD_PING_INTERVAL") {
+            Ok(v) => v
+                .trim()
+                .parse()
+                .with_context(|| format!("RUNPOD_PING_INTERVAL must be milliseconds, got {v:?}"))?,
+            Err(_) => 10_000,
+        };
+        // Same substitutions as the SDK: in GET_JOB `$ID` is the worker id; in the post and ping templates
+        // `$RUNPOD_POD_ID` is the worker id and (posts only) `$ID` is replaced per job later.
+        let with_pod = |name: &str| -> Result<String> {
+            Ok(required(name)?.replace("$RUNPOD_POD_ID", &pod_id))
+        };
+        let get_job = required("RUNPOD_WEBHOOK_GET_JOB")?.replace("$ID", &pod_id);
+        let post_output = with_pod("RUNPOD_WEBHOOK_POST_OUTPUT")?;
+        let post_stream = with_pod("RUNPOD_WEBHOOK_POST_STREAM")?;
+        for (name, url) in [
+            ("RUNPOD_WEBHOOK_GET_JOB", &get_job),
+            ("RUNPOD_WEBHOOK_POST_OUTPUT", &post_output),
+            ("RUNPOD_WEBHOOK_POST_STREAM", &post_stream),
+        ] {
+            if !url.contains('?') {
+                bail!("{name} must contain '?' (parameters are appended with '&'): {url}");
+            }
+        }
+        Ok(Self {
+            get_job,
+            post_output,
+            post_stream,
+            ping: with_pod("RUNPOD_WEBHOOK_PING")?,
+            // 0 would make the ping loop spin; the SDK's whole-second rounding has the same hazard.
+            ping_interval: Duration::from_millis(interval_ms.max(100)),
+            api_key: required("RUNPOD_AI_API_KEY")?,
+        })
+    }
+}
+
+/// Percent-encodes a query parameter value (everything but RFC 3986 unreserved characters).
+fn encode(value: &str) -> String {
+    let mut out = String::with_capacity(value.len());
+    for b in value.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+struct Worker {
+    cfg: Config,
+    http: reqwest::Client,
+    /// The job being run, listed in pings.
+    current: Arc<Mutex<Option<String>>>,
+}
+
+impl Worker {
+    fn set_current(&self, id: Option<&str>) {
+        *self.current.lock().unwrap_or_else(|e| e.into_inner()) = id.map(str::to_owned);
+    }
+
+    /// One job-take call. `Ok(None)` means no job (204, 400, malformed reply); errors carry the back-off to use.
+    async fn take(&self) -> Result<Option<(String, Value)>, Duration> {
+        let url = format!("{}&job_in_progress=0", self.cfg.get_job);
+        let resp = match self.http.get(&url).timeout(TAKE_TIMEOUT).send().await {
+            Ok(r) => r,
+            Err(e) if e.is_timeout() => return Ok(None),
+            Err(e) => {
+                eprintln!("shoal-example-worker: job-take failed: {e}");
+                return Err(Duration::from_secs(1));
+            }
+        };
+        match resp.status() {
+            StatusCode::OK => {}
+            StatusCode::NO_CONTENT | StatusCode::BAD_REQUEST => return Ok(None),
+            StatusCode::TOO_MANY_REQUESTS => return Err(Duration::from_secs(5)),
+            s => {
+                eprintln!("shoal-example-worker: job-take answered {s}");
+                return Err(Duration::from_secs(1));
+            }
+        }
+        let job: Value = match resp.json().await {
+            Ok(v) => v,
+            Err(e) => {
+                eprintln!("shoal-example-worker: job-take body is not JSON: {e}");
+                return Ok(None);
+            }
+        };
+        match (job.get("id").and_then(Value::as_str), job.get("input")) {
+            (Some(id), Some(input)) => Ok(Some((id.to_owned(), input.clone()))),
+            _ => {
+                eprintln!("shoal-example-worker: dropping job without id and input: {job}");
+                Ok(None)
+            }
+        }
+    }
+
+    /// POSTs a JSON body; retries on 5xx like the SDK (3 attempts, waits 2 s then 3 s).
+    async fn post(&self, url: &str, body: &Value) -> Result<()> {
+        let mut waits = [2, 3].into_iter();
+        loop {
+            let resp = self
+                .http
+                .post(url)
+                .timeout(POST_TIMEOUT)
+                .json(body)
+                .send()
+                .await
+                .with_context(|| format!("POST {url}"))?;
+            let status = resp.status();
+            if status.is_server_error()
+                && let Some(wait) = waits.next()
+            {
+                tokio::time::sleep(Duration::from_secs(wait)).await;
+                continue;
+            }
+            if status.is_client_error() || status.is_server_error() {
+                bail!("POST {url} answered {status}");
+            }
+            return Ok(());
+        }
+    }
+
+    async fn done(&self, id: &str, stream: bool, body: &Value) -> Result<()> {
+        let url = format!(
+            "{}&isStream={stream}",
+            self.cfg.post_output.replace("$ID", id)
+        );
+        self.post(&url, body).await
+    }
+
+    async fn run(&self, id: &str, input: &Value) -> Result<()> {
+        if let Some(ms) = input.get("sleep_ms").and_then(Value::as_u64) {
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+        }
+        if let Some(code) = input.get("exit").and_then(Value::as_i64) {
+            eprintln!("shoal-example-worker: job {id} asks to exit with code {code}");
+            std::process::exit(i32::try_from(code).unwrap_or(1));
+        }
+        if let Some(msg) = input.get("fail") {
+            let msg = msg.as_str().map_or_else(|| msg.to_string(), str::to_owned);
+            return self.done(id, false, &json!({ "error": msg })).await;
+        }
+        if let Some(n) = input.get("stream").and_then(Value::as_u64) {
+            let url = format!("{}&isStream=false", self.cfg.post_stream.replace("$ID", id));
+            for i in 0..n {
+                self.post(&url, &json!({ "output": { "i": i } })).await?;
+            }
+            return self.done(id, true, &json!({ "output": [] })).await;
+        }
+        self.done(id, false, &json!({ "output": input })).await
+    }
+}
+
+/// Heartbeat: `GET {PING}?job_id=<id>&runpod_version=…` (no `job_id` when idle), then sleep the interval.
+async fn ping_loop(
+    http: reqwest::Client,
+    base: String,
+    interval: Duration,
+    current: Arc<Mutex<Option<String>>>,
+) {
+    let sep = if base.contains('?') { '&' } else { '?' };
+    loop {
+        let job = current.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let url = match job {
+            Some(id) => format!("{base}{sep}job_id={}&runpod_version={VERSION}", encode(&id)),
+            None => format!("{base}{sep}runpod_version={VERSION}"),
+        };
+        if let Err(e) = http.get(&url).timeout(interval * 2).send().await {
+            eprintln!("shoal-example-worker: ping failed: {e}");
+        }
+        tokio::time::sleep(interval).await;
+    }
+}
+
+async fn main_loop(cfg: Config) -> Result<()> {
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert(
+        reqwest::header::AUTHORIZATION,
+        cfg.api_key
+            .parse()
+            .context("RUNPOD_AI_API_KEY is not a valid header value")?,
+    );
+    let http = reqwest::Client::builder()
+        .default_headers(headers)
+        .user_agent(concat!("shoal-example-worker/", env!("CARGO_PKG_VERSION")))
+        .build()
+        .context("building the HTTP client")?;
+    let current = Arc::new(Mutex::new(None));
+    tokio::spawn(ping_loop(
+        http.clone(),
+        cfg.ping.clone(),
+        cfg.ping_interval,
+        current.clone(),
+    ));
+    let worker = Worker { cfg, http, current };
+
+    // SIGTERM/SIGINT: like the SDK, finish the current long-poll and job, then exit 0.
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        eprintln!("shoal-example-worker: signal received, stopping after the current take/job");
+        let _ = stop_tx.send(true);
+    });
+
+    while !*stop_rx.borrow() {
+        match worker.take().await {
+            Ok(Some((id, input))) => {
+                worker.set_current(Some(&id));
+                if let Err(e) = worker.run(&id, &input).await {
+                    eprintln!("shoal-example-worker: job {id}: {e:#}");
+                }
+                worker.set_current(None);
+            }
+            Ok(None) => {}
+            Err(backoff) => tokio::time::sleep(backoff).await,
+        }
+    }
+    Ok(())
+}
+
+#[cfg(unix)]
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+#[cfg(not(unix))]
+async fn wait_for_signal() {
+    let _ = tokio::signal::ctrl_c().await;
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cfg = match Config::from_env() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("shoal-example-worker: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
+    match main_loop(cfg).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("shoal-example-worker: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,174 @@
+//! Requests and replies of the NATS API (`<prefix>.v1.api.<op>`, see [`crate::names::op`]).
+//!
+//! A request is MessagePack with named fields, or JSON with `Content-Type: application/json`;
+//! the reply uses the same encoding. A failed request gets the standard NATS micro error
+//! headers (`Nats-Service-Error`, `Nats-Service-Error-Code`) and an [`crate::ApiError`] body.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::job::{JobRecord, JobState, PolicyRequest};
+
+pub const ERROR_HEADER: &str = "Nats-Service-Error";
+pub const ERROR_CODE_HEADER: &str = "Nats-Service-Error-Code";
+/// W3C trace context, carried from submitter to worker.
+pub const TRACEPARENT_HEADER: &str = "traceparent";
+
+/// Submit a job: `job.run`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunRequest {
+    pub endpoint: String,
+    #[serde(default)]
+    pub input: Value,
+    #[serde(default)]
+    pub policy: Option<PolicyRequest>,
+    /// Called with the status envelope when the job ends.
+    #[serde(default)]
+    pub webhook: Option<String>,
+    /// Handed to the worker inside the job (`job["s3Config"]`).
+    #[serde(default)]
+    pub s3_config: Option<Value>,
+    /// The same key on the same endpoint returns the same job.
+    #[serde(default)]
+    pub idempotency_key: Option<String>,
+    /// Wait up to this long for the job to end before replying (runsync); 0 = reply at once.
+    #[serde(default)]
+    pub wait_ms: u64,
+    /// Id prefix `sync-`, as RunPod gives /runsync jobs.
+    #[serde(default)]
+    pub sync: bool,
+}
+
+/// Names a job: `job.status`, `job.cancel`, `job.retry`, `job.stream`. The endpoint is
+/// optional (RunPod clients always know it; shoal's CLI may not).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobRef {
+    #[serde(default)]
+    pub endpoint: Option<String>,
+    pub id: String,
+    /// For `job.status`: wait up to this long for the job to end.
+    #[serde(default)]
+    pub wait_ms: u64,
+}
+
+/// The status envelope (RunPod's `/status` reply, with shoal's extras).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobStatus {
+    pub id: String,
+    pub endpoint: String,
+    pub status: JobState,
+    #[serde(default)]
+    pub delay_time_ms: Option<u64>,
+    #[serde(default)]
+    pub execution_time_ms: Option<u64>,
+    #[serde(default)]
+    pub output: Option<Value>,
+    #[serde(default)]
+    pub error: Option<String>,
+    #[serde(default)]
+    pub retries: u32,
+    #[serde(default)]
+    pub attempts: u32,
+    #[serde(default)]
+    pub worker_id: Option<String>,
+}
+
+impl From<&JobRecord> for JobStatus {
+    fn from(r: &JobRecord) -> Self {
+        JobStatus {
+            id: r.id.clone(),
+            endpoint: r.endpoint.clone(),
+            status: r.state,
+            delay_time_ms: r.delay_time_ms(),
+            execution_time_ms: r.execution_time_ms(),
+            output: r.output.clone(),
+            error: r.error.clone(),
+            retries: r.retries,
+            attempts: r.attempts,
+            worker_id: r.worker_id.clone(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StreamChunk {
+    pub output: Value,
+}
+
+/// `job.stream`: the chunks produced since the previous read (consume-on-read).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StreamReply {
+    pub id: String,
+    pub status: JobState,
+    pub stream: Vec<StreamChunk>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EndpointRef {
+    pub endpoint: String,
+}
+
+/// `endpoint.purge`: queued jobs removed (cancelled); running ones continue.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PurgeReply {
+    pub removed: u64,
+    pub status: String,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobCounts {
+    pub completed: u64,
+    pub failed: u64,
+    pub cancelled: u64,
+    pub timed_out: u64,
+    pub in_progress: u64,
+    pub in_queue: u64,
+    pub retried: u64,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkerCounts {
+    pub idle: u64,
+    pub initializing: u64,
+    pub ready: u64,
+    pub running: u64,
+    pub throttled: u64,
+    pub unhealthy: u64,
+    pub outdated: u64,
+}
+
+/// `endpoint.health`: RunPod's `/health` shape.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HealthReply {
+    pub jobs: JobCounts,
+    pub workers: WorkerCounts,
+}
+
+/// `endpoint.list`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct EndpointList {
+    pub endpoints: Vec<crate::endpoint::EndpointSpec>,
+}
+
+/// `workers.list`: filter by endpoint, or all.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkersRequest {
+    #[serde(default)]
+    pub endpoint: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct WorkerList {
+    pub workers: Vec<crate::worker::WorkerRecord>,
+}
+
+/// `endpoint.delete` reply.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Deleted {
+    pub deleted: bool,
+}
+
+/// Labels any API object may carry in the future; kept here so the type exists on the wire.
+pub type Labels = BTreeMap<String, String>;

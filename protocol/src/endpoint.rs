@@ -1,0 +1,214 @@
+//! Endpoint specs: what an endpoint runs and how it scales (RunPod's endpoint settings).
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::ApiError;
+use crate::ids::validate_id;
+use crate::job::{MAX_EXECUTION_TIMEOUT_MS, MIN_EXECUTION_TIMEOUT_MS};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum ScalerKind {
+    #[default]
+    QueueDelay,
+    RequestCount,
+}
+
+fn d_gpu_count() -> u32 {
+    1
+}
+fn d_workers_max() -> u32 {
+    3
+}
+fn d_idle_timeout_s() -> u32 {
+    5
+}
+fn d_scaler_value() -> f64 {
+    4.0
+}
+fn d_execution_timeout_ms() -> u64 {
+    600_000
+}
+fn d_true() -> bool {
+    true
+}
+fn d_concurrency() -> u32 {
+    1
+}
+fn d_max_attempts() -> u32 {
+    2
+}
+
+/// An endpoint: a worker (a command for the process runtime, an image for Docker) and its
+/// settings. Defaults are RunPod's (see shared/reference/runpod.md §2.1).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EndpointSpec {
+    pub id: String,
+    /// Container image (Docker runtime).
+    #[serde(default)]
+    pub image: Option<String>,
+    /// Command line run by `sh -c` (process runtime).
+    #[serde(default)]
+    pub command: Option<String>,
+    /// Working directory of the command (process runtime).
+    #[serde(default)]
+    pub workdir: Option<String>,
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// GPU types in priority order, e.g. `["NVIDIA H200", "NVIDIA A100 80GB"]`; empty = any.
+    #[serde(default)]
+    pub gpu_types: Vec<String>,
+    #[serde(default = "d_gpu_count")]
+    pub gpu_count: u32,
+    /// Always-on workers, never scaled down.
+    #[serde(default)]
+    pub workers_min: u32,
+    #[serde(default = "d_workers_max")]
+    pub workers_max: u32,
+    #[serde(default = "d_idle_timeout_s")]
+    pub idle_timeout_s: u32,
+    #[serde(default)]
+    pub scaler: ScalerKind,
+    /// Seconds of queue delay (QUEUE_DELAY) or jobs per worker (REQUEST_COUNT).
+    #[serde(default = "d_scaler_value")]
+    pub scaler_value: f64,
+    #[serde(default = "d_execution_timeout_ms")]
+    pub execution_timeout_ms: u64,
+    #[serde(default = "d_true")]
+    pub flashboot: bool,
+    /// Volumes as `source:target` (the network volume goes to `/runpod-volume`).
+    #[serde(default)]
+    pub volumes: Vec<String>,
+    /// Jobs one worker may run at once (a hint; the SDK's concurrency_modifier decides).
+    #[serde(default = "d_concurrency")]
+    pub concurrency: u32,
+    /// Takes of a job whose workers keep vanishing before it fails.
+    #[serde(default = "d_max_attempts")]
+    pub max_attempts: u32,
+    /// Queued jobs above which submissions are refused with `overloaded`; none = unbounded.
+    #[serde(default)]
+    pub queue_limit: Option<u64>,
+    /// Bumped by the control plane on every change; ignored on input.
+    #[serde(default)]
+    pub version: u64,
+}
+
+impl EndpointSpec {
+    /// A minimal spec with RunPod's defaults, for tests and examples.
+    pub fn with_command(id: &str, command: &str) -> EndpointSpec {
+        EndpointSpec {
+            id: id.into(),
+            image: None,
+            command: Some(command.into()),
+            workdir: None,
+            env: BTreeMap::new(),
+            gpu_types: vec![],
+            gpu_count: d_gpu_count(),
+            workers_min: 0,
+            workers_max: d_workers_max(),
+            idle_timeout_s: d_idle_timeout_s(),
+            scaler: ScalerKind::QueueDelay,
+            scaler_value: d_scaler_value(),
+            execution_timeout_ms: d_execution_timeout_ms(),
+            flashboot: true,
+            volumes: vec![],
+            concurrency: d_concurrency(),
+            max_attempts: d_max_attempts(),
+            queue_limit: None,
+            version: 0,
+        }
+    }
+
+    /// Checks every field; the error names the field and the reason.
+    pub fn validate(&self) -> Result<(), ApiError> {
+        let bad = |field: &str, reason: String| Err(ApiError::bad_request(format!("endpoint {}: {field}: {reason}", self.id)));
+        validate_id("endpoint id", &self.id)?;
+        if self.image.is_none() && self.command.is_none() {
+            return bad("image/command", "set `image` (Docker runtime) or `command` (process runtime)".into());
+        }
+        if self.command.as_deref().is_some_and(|c| c.trim().is_empty()) {
+            return bad("command", "must not be empty".into());
+        }
+        if self.image.as_deref().is_some_and(|c| c.trim().is_empty()) {
+            return bad("image", "must not be empty".into());
+        }
+        if self.workers_min > self.workers_max {
+            return bad("workers_min", format!("{} is above workers_max {}", self.workers_min, self.workers_max));
+        }
+        if self.workers_max > 10_000 {
+            return bad("workers_max", format!("{} is above the limit of 10000", self.workers_max));
+        }
+        if !(1..=3600).contains(&self.idle_timeout_s) {
+            return bad("idle_timeout_s", format!("{} is outside 1..=3600", self.idle_timeout_s));
+        }
+        if !(self.scaler_value.is_finite() && self.scaler_value > 0.0) {
+            return bad("scaler_value", format!("{} must be a number above 0", self.scaler_value));
+        }
+        if !(MIN_EXECUTION_TIMEOUT_MS..=MAX_EXECUTION_TIMEOUT_MS).contains(&self.execution_timeout_ms) {
+            return bad(
+                "execution_timeout_ms",
+                format!("{} is outside {MIN_EXECUTION_TIMEOUT_MS}..={MAX_EXECUTION_TIMEOUT_MS}", self.execution_timeout_ms),
+            );
+        }
+        if self.gpu_count == 0 || self.gpu_count > 16 {
+            return bad("gpu_count", format!("{} is outside 1..=16", self.gpu_count));
+        }
+        if self.concurrency == 0 {
+            return bad("concurrency", "must be at least 1".into());
+        }
+        if !(1..=100).contains(&self.max_attempts) {
+            return bad("max_attempts", format!("{} is outside 1..=100", self.max_attempts));
+        }
+        for key in self.env.keys() {
+            if key.is_empty() || key.contains('=') || key.contains('\0') {
+                return bad("env", format!("{key:?} is not a valid variable name"));
+            }
+        }
+        for v in &self.volumes {
+            if !v.contains(':') {
+                return bad("volumes", format!("{v:?} must be `source:target`"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The endpoints file `shoal dev --endpoints` and `shoal endpoint apply -f` read.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct EndpointsFile {
+    #[serde(default, rename = "endpoint")]
+    pub endpoints: Vec<EndpointSpec>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_runpods() {
+        let s = EndpointSpec::with_command("ep", "true");
+        s.validate().expect("valid");
+        assert_eq!((s.workers_max, s.idle_timeout_s, s.execution_timeout_ms), (3, 5, 600_000));
+        assert_eq!(s.scaler, ScalerKind::QueueDelay);
+    }
+
+    #[test]
+    fn invalid_specs_name_the_field() {
+        let mut s = EndpointSpec::with_command("ep", "true");
+        s.workers_min = 4;
+        let e = s.validate().expect_err("min > max");
+        assert!(e.message.contains("workers_min"), "{}", e.message);
+        let mut s = EndpointSpec::with_command("ep", "true");
+        s.command = None;
+        assert!(s.validate().expect_err("nothing to run").message.contains("image/command"));
+        let s = EndpointSpec::with_command("a.b", "true");
+        assert!(s.validate().expect_err("bad id").message.contains("endpoint id"));
+        let mut s = EndpointSpec::with_command("ep", "true");
+        s.scaler_value = f64::NAN;
+        assert!(s.validate().expect_err("nan").message.contains("scaler_value"));
+    }
+}

@@ -1,0 +1,43 @@
+//! Events on `SHOAL_EVENTS`: every state change of a job, worker or host, past tense.
+
+use serde::{Deserialize, Serialize};
+
+use crate::job::JobState;
+use crate::worker::WorkerState;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobEvent {
+    pub job_id: String,
+    pub endpoint: String,
+    pub state: JobState,
+    pub attempts: u32,
+    #[serde(default)]
+    pub worker_id: Option<String>,
+    #[serde(default)]
+    pub error: Option<String>,
+    pub at_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WorkerEvent {
+    pub worker_id: String,
+    pub endpoint: String,
+    pub host: String,
+    pub state: WorkerState,
+    #[serde(default)]
+    pub reason: Option<String>,
+    pub restarts: u32,
+    pub failures: u32,
+    /// For a restart scheduled by the supervisor: the backoff delay chosen.
+    #[serde(default)]
+    pub backoff_ms: Option<u64>,
+    pub at_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HostEvent {
+    pub host: String,
+    /// `started`, `stopped`.
+    pub event: String,
+    pub at_ms: u64,
+}

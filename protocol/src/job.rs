@@ -1,0 +1,170 @@
+//! The job record (the `shoal-jobs` KV value), its states and policies, and the queue token.
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// RunPod's job states, spelled as on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum JobState {
+    InQueue,
+    InProgress,
+    Completed,
+    Failed,
+    Cancelled,
+    TimedOut,
+}
+
+impl JobState {
+    pub fn is_terminal(self) -> bool {
+        !matches!(self, JobState::InQueue | JobState::InProgress)
+    }
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobState::InQueue => "IN_QUEUE",
+            JobState::InProgress => "IN_PROGRESS",
+            JobState::Completed => "COMPLETED",
+            JobState::Failed => "FAILED",
+            JobState::Cancelled => "CANCELLED",
+            JobState::TimedOut => "TIMED_OUT",
+        }
+    }
+    /// The event subject token of this state.
+    pub fn event_token(self) -> &'static str {
+        match self {
+            JobState::InQueue => "queued",
+            JobState::InProgress => "started",
+            JobState::Completed => "completed",
+            JobState::Failed => "failed",
+            JobState::Cancelled => "cancelled",
+            JobState::TimedOut => "timed_out",
+        }
+    }
+}
+
+/// Normal jobs drive scaling; low-priority jobs wait in a second queue served only when the
+/// normal one is empty, and never trigger a scale-up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Priority {
+    #[default]
+    Normal,
+    Low,
+}
+
+impl Priority {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Priority::Normal => "normal",
+            Priority::Low => "low",
+        }
+    }
+}
+
+pub const DEFAULT_TTL_MS: u64 = 24 * 3600 * 1000;
+pub const MIN_TTL_MS: u64 = 1_000;
+pub const MAX_TTL_MS: u64 = 7 * 24 * 3600 * 1000;
+pub const MIN_EXECUTION_TIMEOUT_MS: u64 = 1_000;
+pub const MAX_EXECUTION_TIMEOUT_MS: u64 = 7 * 24 * 3600 * 1000;
+
+/// A job's policy as the client sent it; absent fields take the endpoint's defaults.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct PolicyRequest {
+    #[serde(default)]
+    pub execution_timeout_ms: Option<u64>,
+    #[serde(default)]
+    pub ttl_ms: Option<u64>,
+    #[serde(default)]
+    pub low_priority: bool,
+}
+
+/// A job's resolved policy, stored in its record.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Policy {
+    pub execution_timeout_ms: u64,
+    pub ttl_ms: u64,
+    #[serde(default)]
+    pub priority: Priority,
+}
+
+/// The job record: the single source of truth about a job. Every change is a
+/// compare-and-set on its KV revision, computed by [`crate::lifecycle`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobRecord {
+    pub id: String,
+    pub endpoint: String,
+    pub state: JobState,
+    #[serde(default)]
+    pub input: Value,
+    #[serde(default)]
+    pub s3_config: Option<Value>,
+    pub policy: Policy,
+    #[serde(default)]
+    pub webhook: Option<String>,
+    #[serde(default)]
+    pub idempotency_key: Option<String>,
+    /// How many times a worker took the job.
+    #[serde(default)]
+    pub attempts: u32,
+    /// Past this many takes, a lost job fails instead of being redelivered.
+    pub max_attempts: u32,
+    /// Re-dispatches after a lost worker (RunPod's `retries`).
+    #[serde(default)]
+    pub retries: u32,
+    /// Submission (or `retry`) time; the ttl counts from here.
+    pub submitted_at_ms: u64,
+    /// When the job last entered the queue; `delayTime` counts from here.
+    pub queued_at_ms: u64,
+    #[serde(default)]
+    pub started_at_ms: Option<u64>,
+    #[serde(default)]
+    pub finished_at_ms: Option<u64>,
+    #[serde(default)]
+    pub worker_id: Option<String>,
+    #[serde(default)]
+    pub host_id: Option<String>,
+    #[serde(default)]
+    pub output: Option<Value>,
+    #[serde(default)]
+    pub error: Option<String>,
+    /// The handler asked for its worker to be replaced after this job (`stopPod`).
+    #[serde(default)]
+    pub stop_pod: bool,
+}
+
+impl JobRecord {
+    /// Milliseconds queued before the last attempt started.
+    pub fn delay_time_ms(&self) -> Option<u64> {
+        self.started_at_ms.map(|s| s.saturating_sub(self.queued_at_ms))
+    }
+    /// Milliseconds the last attempt ran, once terminal.
+    pub fn execution_time_ms(&self) -> Option<u64> {
+        match (self.started_at_ms, self.finished_at_ms) {
+            (Some(s), Some(f)) => Some(f.saturating_sub(s)),
+            _ => None,
+        }
+    }
+    pub fn ttl_deadline_ms(&self) -> u64 {
+        self.submitted_at_ms.saturating_add(self.policy.ttl_ms)
+    }
+    pub fn execution_deadline_ms(&self) -> Option<u64> {
+        self.started_at_ms.map(|s| s.saturating_add(self.policy.execution_timeout_ms))
+    }
+}
+
+/// The message on `<prefix>.jobs.<endpoint>.<priority>`: a delivery token. The record holds
+/// the input; the token only says which job to take, and which enqueue it belongs to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobToken {
+    pub id: String,
+    pub endpoint: String,
+}
+
+/// What the worker bridge hands a worker on job-take: RunPod's job object.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WorkerJob {
+    pub id: String,
+    pub input: Value,
+    #[serde(rename = "s3Config", skip_serializing_if = "Option::is_none", default)]
+    pub s3_config: Option<Value>,
+}

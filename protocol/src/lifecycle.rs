@@ -1,0 +1,216 @@
+//! The job state machine: pure functions from a record and an event to the next record.
+//!
+//! ```text
+//! IN_QUEUE ──take──> IN_PROGRESS ──finish──> COMPLETED | FAILED
+//!    │                 │  ├──cancel / ttl / execution timeout──> CANCELLED | TIMED_OUT
+//!    │                 └──worker lost──> IN_QUEUE (retries+1) | FAILED (past max attempts)
+//!    └──cancel / purge / ttl──> CANCELLED | TIMED_OUT
+//! FAILED | TIMED_OUT ──retry──> IN_QUEUE (same id, output dropped)
+//! ```
+//!
+//! Actors read a record, call one of these, and write the result with compare-and-set on the
+//! revision they read; on a conflict they read again and re-apply. So two actors that race (a
+//! late result after a timeout, a redelivery beside a slow worker) resolve deterministically:
+//! the first terminal write wins, and every later event on a terminal record is a no-op.
+
+use serde_json::Value;
+
+use crate::job::{JobRecord, JobState};
+
+/// Why a transition was refused. The caller decides whether that is an error for its client.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TransitionError {
+    #[error("job is already {0}")]
+    Terminal(&'static str),
+    #[error("job is {0}; only FAILED or TIMED_OUT jobs can be retried")]
+    NotRetryable(&'static str),
+    #[error("job is {0}, not running")]
+    NotRunning(&'static str),
+}
+
+/// The outcome of a worker taking a job's delivery token.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Take {
+    /// Run it: the record is now IN_PROGRESS on this worker.
+    Run(JobRecord),
+    /// The ttl passed while it waited: TIMED_OUT without running.
+    Expired(JobRecord),
+    /// Taken too often (its workers kept vanishing): FAILED.
+    Exhausted(JobRecord),
+    /// Already terminal (cancelled, purged, timed out): drop the token.
+    Skip,
+}
+
+/// A worker takes the job. A job found IN_PROGRESS was held by a worker that vanished without
+/// a word (its delivery expired): that counts as a redelivery.
+pub fn take(rec: &JobRecord, worker_id: &str, host_id: &str, now_ms: u64) -> Take {
+    if rec.state.is_terminal() {
+        return Take::Skip;
+    }
+    let mut next = rec.clone();
+    if now_ms >= rec.ttl_deadline_ms() {
+        next.state = JobState::TimedOut;
+        next.error = Some("job ttl expired before a worker took it".into());
+        next.finished_at_ms = Some(now_ms);
+        return Take::Expired(next);
+    }
+    if rec.state == JobState::InProgress {
+        next.retries += 1;
+        next.queued_at_ms = rec.started_at_ms.unwrap_or(rec.queued_at_ms);
+    }
+    if rec.attempts >= rec.max_attempts {
+        next.state = JobState::Failed;
+        next.error = Some(lost_error(rec.attempts));
+        next.finished_at_ms = Some(now_ms);
+        return Take::Exhausted(next);
+    }
+    next.state = JobState::InProgress;
+    next.attempts += 1;
+    next.started_at_ms = Some(now_ms);
+    next.worker_id = Some(worker_id.to_string());
+    next.host_id = Some(host_id.to_string());
+    next.output = None;
+    Take::Run(next)
+}
+
+fn lost_error(attempts: u32) -> String {
+    format!(
+        "job lost: its worker vanished on each of {attempts} attempts (job timed out after {} retries)",
+        attempts.saturating_sub(1)
+    )
+}
+
+/// The worker running the job vanished (process exit, container gone). Back to the queue, or
+/// FAILED once it used its attempts.
+pub fn worker_lost(rec: &JobRecord, now_ms: u64) -> Result<JobRecord, TransitionError> {
+    if rec.state != JobState::InProgress {
+        return Err(not_running(rec));
+    }
+    let mut next = rec.clone();
+    if rec.attempts >= rec.max_attempts {
+        next.state = JobState::Failed;
+        next.error = Some(lost_error(rec.attempts));
+        next.finished_at_ms = Some(now_ms);
+    } else {
+        next.state = JobState::InQueue;
+        next.retries += 1;
+        next.queued_at_ms = now_ms;
+    }
+    Ok(next)
+}
+
+/// What a handler reported on job-done (RunPod's reading of the body).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    /// `{"status": "IN_PROGRESS", "output": v}`: a progress update.
+    Progress(Value),
+    Completed { output: Option<Value>, stop_pod: bool },
+    Failed { error: String, output: Option<Value>, stop_pod: bool },
+}
+
+/// Records a result. A result counts while the job is not terminal, from whichever attempt
+/// reports first; on a terminal job it is refused (and dropped by the caller).
+pub fn finish(rec: &JobRecord, outcome: Outcome, now_ms: u64) -> Result<JobRecord, TransitionError> {
+    if rec.state.is_terminal() {
+        return Err(TransitionError::Terminal(rec.state.as_str()));
+    }
+    let mut next = rec.clone();
+    match outcome {
+        Outcome::Progress(v) => {
+            if rec.state != JobState::InProgress {
+                return Err(not_running(rec));
+            }
+            next.output = Some(v);
+            return Ok(next);
+        }
+        Outcome::Completed { output, stop_pod } => {
+            next.state = JobState::Completed;
+            next.output = output;
+            next.error = None;
+            next.stop_pod = stop_pod;
+        }
+        Outcome::Failed { error, output, stop_pod } => {
+            next.state = JobState::Failed;
+            next.output = output;
+            next.error = Some(error);
+            next.stop_pod = stop_pod;
+        }
+    }
+    if next.started_at_ms.is_none() {
+        next.started_at_ms = Some(now_ms);
+    }
+    next.finished_at_ms = Some(now_ms);
+    Ok(next)
+}
+
+/// Cancel (or purge) a queued or running job.
+pub fn cancel(rec: &JobRecord, reason: &str, now_ms: u64) -> Result<JobRecord, TransitionError> {
+    end(rec, JobState::Cancelled, reason, now_ms)
+}
+
+/// The ttl passed (queued or running) or the execution timeout passed (running).
+pub fn time_out(rec: &JobRecord, reason: &str, now_ms: u64) -> Result<JobRecord, TransitionError> {
+    end(rec, JobState::TimedOut, reason, now_ms)
+}
+
+fn end(rec: &JobRecord, state: JobState, reason: &str, now_ms: u64) -> Result<JobRecord, TransitionError> {
+    if rec.state.is_terminal() {
+        return Err(TransitionError::Terminal(rec.state.as_str()));
+    }
+    let mut next = rec.clone();
+    next.state = state;
+    next.error = Some(reason.to_string());
+    next.finished_at_ms = Some(now_ms);
+    Ok(next)
+}
+
+/// Why a non-terminal job should end now, if it should: the deadline check the endpoint actor
+/// runs on every tick.
+pub fn overdue(rec: &JobRecord, now_ms: u64) -> Option<&'static str> {
+    if rec.state.is_terminal() {
+        return None;
+    }
+    if now_ms >= rec.ttl_deadline_ms() {
+        return Some(if rec.state == JobState::InQueue {
+            "job ttl expired before a worker took it"
+        } else {
+            "job ttl expired while it ran"
+        });
+    }
+    if rec.state == JobState::InProgress && rec.execution_deadline_ms().is_some_and(|d| now_ms >= d) {
+        return Some("execution timeout exceeded");
+    }
+    None
+}
+
+/// Re-queue a FAILED or TIMED_OUT job under the same id and input.
+pub fn retry(rec: &JobRecord, now_ms: u64) -> Result<JobRecord, TransitionError> {
+    if !matches!(rec.state, JobState::Failed | JobState::TimedOut) {
+        return Err(TransitionError::NotRetryable(rec.state.as_str()));
+    }
+    let mut next = rec.clone();
+    next.state = JobState::InQueue;
+    next.attempts = 0;
+    next.retries = 0;
+    next.submitted_at_ms = now_ms;
+    next.queued_at_ms = now_ms;
+    next.started_at_ms = None;
+    next.finished_at_ms = None;
+    next.worker_id = None;
+    next.host_id = None;
+    next.output = None;
+    next.error = None;
+    next.stop_pod = false;
+    Ok(next)
+}
+
+fn not_running(rec: &JobRecord) -> TransitionError {
+    if rec.state.is_terminal() {
+        TransitionError::Terminal(rec.state.as_str())
+    } else {
+        TransitionError::NotRunning(rec.state.as_str())
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,199 @@
+use proptest::prelude::*;
+use serde_json::json;
+
+use super::*;
+use crate::job::{Policy, Priority};
+
+fn queued(now: u64) -> JobRecord {
+    JobRecord {
+        id: "j1-u1".into(),
+        endpoint: "ep".into(),
+        state: JobState::InQueue,
+        input: json!({"x": 1}),
+        s3_config: None,
+        policy: Policy { execution_timeout_ms: 10_000, ttl_ms: 60_000, priority: Priority::Normal },
+        webhook: None,
+        idempotency_key: None,
+        attempts: 0,
+        max_attempts: 2,
+        retries: 0,
+        submitted_at_ms: now,
+        queued_at_ms: now,
+        started_at_ms: None,
+        finished_at_ms: None,
+        worker_id: None,
+        host_id: None,
+        output: None,
+        error: None,
+        stop_pod: false,
+    }
+}
+
+fn run(rec: &JobRecord, now: u64) -> JobRecord {
+    match take(rec, "w1", "h1", now) {
+        Take::Run(r) => r,
+        other => panic!("expected Run, got {other:?}"),
+    }
+}
+
+#[test]
+fn take_then_complete_records_times_and_worker() {
+    let r = run(&queued(1_000), 1_500);
+    assert_eq!(r.state, JobState::InProgress);
+    assert_eq!(r.attempts, 1);
+    assert_eq!(r.worker_id.as_deref(), Some("w1"));
+    assert_eq!(r.delay_time_ms(), Some(500));
+    let done = finish(&r, Outcome::Completed { output: Some(json!(7)), stop_pod: false }, 2_000).expect("finish");
+    assert_eq!(done.state, JobState::Completed);
+    assert_eq!(done.execution_time_ms(), Some(500));
+    assert_eq!(done.output, Some(json!(7)));
+}
+
+#[test]
+fn late_result_after_cancel_is_refused() {
+    let r = run(&queued(0), 1);
+    let c = cancel(&r, "cancelled by request", 2).expect("cancel");
+    assert_eq!(c.state, JobState::Cancelled);
+    let late = finish(&c, Outcome::Completed { output: None, stop_pod: false }, 3);
+    assert_eq!(late, Err(TransitionError::Terminal("CANCELLED")));
+}
+
+#[test]
+fn queued_job_past_ttl_is_timed_out_at_take_and_by_deadline_check() {
+    let q = queued(0);
+    assert_eq!(overdue(&q, 59_999), None);
+    assert!(overdue(&q, 60_000).is_some());
+    match take(&q, "w", "h", 60_000) {
+        Take::Expired(r) => assert_eq!(r.state, JobState::TimedOut),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn running_job_past_execution_timeout_is_overdue() {
+    let r = run(&queued(0), 100);
+    assert_eq!(overdue(&r, 10_099), None);
+    assert_eq!(overdue(&r, 10_100), Some("execution timeout exceeded"));
+    let t = time_out(&r, "execution timeout exceeded", 10_100).expect("time out");
+    assert_eq!(t.state, JobState::TimedOut);
+}
+
+#[test]
+fn lost_worker_requeues_then_fails_past_max_attempts() {
+    let r = run(&queued(0), 1);
+    let q = worker_lost(&r, 2).expect("requeue");
+    assert_eq!((q.state, q.retries), (JobState::InQueue, 1));
+    let r2 = run(&q, 3);
+    assert_eq!(r2.attempts, 2);
+    let f = worker_lost(&r2, 4).expect("fail");
+    assert_eq!(f.state, JobState::Failed);
+    assert!(f.error.as_deref().unwrap_or_default().contains("job lost"));
+}
+
+#[test]
+fn redelivery_of_a_silently_lost_job_counts_attempts() {
+    let r = run(&queued(0), 1);
+    // its worker's host died: the token comes back while the record still says IN_PROGRESS
+    let r2 = run(&r, 5);
+    assert_eq!((r2.attempts, r2.retries), (2, 1));
+    match take(&r2, "w3", "h3", 9) {
+        Take::Exhausted(f) => assert_eq!(f.state, JobState::Failed),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn retry_only_from_failed_or_timed_out() {
+    let q = queued(0);
+    assert!(matches!(retry(&q, 1), Err(TransitionError::NotRetryable("IN_QUEUE"))));
+    let r = run(&q, 1);
+    let f = finish(&r, Outcome::Failed { error: "boom".into(), output: None, stop_pod: false }, 2).expect("fail");
+    let again = retry(&f, 3).expect("retry");
+    assert_eq!(again.state, JobState::InQueue);
+    assert_eq!(again.id, q.id);
+    assert_eq!(again.input, q.input);
+    assert_eq!((again.attempts, again.output.clone(), again.error.clone()), (0, None, None));
+    let c = cancel(&q, "x", 1).expect("cancel");
+    assert!(retry(&c, 2).is_err());
+}
+
+#[test]
+fn progress_keeps_the_job_running() {
+    let r = run(&queued(0), 1);
+    let p = finish(&r, Outcome::Progress(json!("half")), 2).expect("progress");
+    assert_eq!((p.state, p.output.clone()), (JobState::InProgress, Some(json!("half"))));
+    assert!(finish(&queued(0), Outcome::Progress(json!(1)), 2).is_err());
+}
+
+#[derive(Debug, Clone)]
+enum Ev {
+    Take,
+    Complete,
+    Fail,
+    Progress,
+    Cancel,
+    TimeOut,
+    Lost,
+    Retry,
+    Tick(u64),
+}
+
+fn ev() -> impl Strategy<Value = Ev> {
+    prop_oneof![
+        Just(Ev::Take),
+        Just(Ev::Complete),
+        Just(Ev::Fail),
+        Just(Ev::Progress),
+        Just(Ev::Cancel),
+        Just(Ev::TimeOut),
+        Just(Ev::Lost),
+        Just(Ev::Retry),
+        (0u64..30_000).prop_map(Ev::Tick),
+    ]
+}
+
+proptest! {
+    /// Whatever order events arrive in: terminal states only change through retry, attempts
+    /// never exceed the maximum, a running job always names its worker, and times are ordered.
+    #[test]
+    fn invariants_hold_for_any_event_sequence(events in prop::collection::vec(ev(), 0..60)) {
+        let mut rec = queued(0);
+        let mut now = 0u64;
+        for e in events {
+            now += 1;
+            let before = rec.clone();
+            let next = match e {
+                Ev::Take => match take(&rec, "w", "h", now) {
+                    Take::Run(r) | Take::Expired(r) | Take::Exhausted(r) => Some(r),
+                    Take::Skip => None,
+                },
+                Ev::Complete => finish(&rec, Outcome::Completed { output: Some(json!(1)), stop_pod: false }, now).ok(),
+                Ev::Fail => finish(&rec, Outcome::Failed { error: "e".into(), output: None, stop_pod: false }, now).ok(),
+                Ev::Progress => finish(&rec, Outcome::Progress(json!(0)), now).ok(),
+                Ev::Cancel => cancel(&rec, "c", now).ok(),
+                Ev::TimeOut => time_out(&rec, "t", now).ok(),
+                Ev::Lost => worker_lost(&rec, now).ok(),
+                Ev::Retry => retry(&rec, now).ok(),
+                Ev::Tick(d) => { now += d; None }
+            };
+            if let Some(n) = next {
+                if before.state.is_terminal() {
+                    prop_assert_eq!(n.state, JobState::InQueue, "only retry leaves a terminal state");
+                    prop_assert!(matches!(before.state, JobState::Failed | JobState::TimedOut));
+                }
+                rec = n;
+            }
+            prop_assert!(rec.attempts <= rec.max_attempts);
+            if rec.state == JobState::InProgress {
+                prop_assert!(rec.worker_id.is_some() && rec.started_at_ms.is_some());
+            }
+            if rec.state.is_terminal() {
+                prop_assert!(rec.finished_at_ms.is_some());
+            }
+            if let (Some(s), Some(f)) = (rec.started_at_ms, rec.finished_at_ms) {
+                prop_assert!(s <= f);
+            }
+            prop_assert_eq!(&rec.id, "j1-u1");
+        }
+    }
+}

@@ -1,0 +1,315 @@
+//! Every subject, stream, bucket and consumer name shoal uses, from one place.
+//!
+//! All names derive from a prefix (default `shoal`), so several shoal installations — or
+//! several tests — can share one NATS account without seeing each other. Call sites never
+//! `format!` a subject: they call a builder here. Ids passed to builders must already be
+//! validated with [`crate::ids::validate_id`].
+
+use crate::error::ApiError;
+use crate::ids::validate_id;
+use crate::job::Priority;
+
+pub const DEFAULT_PREFIX: &str = "shoal";
+/// The major version of the wire protocol, carried in API and command subjects.
+pub const API_VERSION: &str = "v1";
+/// The NATS micro service name the control plane registers.
+pub const SERVICE_NAME: &str = "shoal";
+
+/// Retention of a stream, as plain data (the actors map it onto the NATS client's types).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Retention {
+    /// A message is removed once acknowledged: each job is delivered to one worker.
+    WorkQueue,
+    /// Messages are kept up to the limits: events for dashboards, audits and tests.
+    Limits,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StreamDef {
+    pub name: String,
+    pub subjects: Vec<String>,
+    pub retention: Retention,
+    /// 0 = unlimited.
+    pub max_age_s: u64,
+    /// -1 = unlimited.
+    pub max_msgs: i64,
+    pub description: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BucketDef {
+    pub bucket: String,
+    /// 0 = unlimited.
+    pub max_age_s: u64,
+    pub history: i64,
+    pub description: &'static str,
+}
+
+/// The names of one shoal installation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Names {
+    prefix: String,
+    upper: String,
+}
+
+impl Default for Names {
+    fn default() -> Self {
+        Names::new(DEFAULT_PREFIX).unwrap_or_else(|_| unreachable!("the default prefix is valid"))
+    }
+}
+
+/// The api operations, one subject each: `<prefix>.v1.api.<op>`.
+pub mod op {
+    pub const JOB_RUN: &str = "job.run";
+    pub const JOB_STATUS: &str = "job.status";
+    pub const JOB_CANCEL: &str = "job.cancel";
+    pub const JOB_RETRY: &str = "job.retry";
+    pub const JOB_STREAM: &str = "job.stream";
+    pub const ENDPOINT_PURGE: &str = "endpoint.purge";
+    pub const ENDPOINT_HEALTH: &str = "endpoint.health";
+    pub const ENDPOINT_CREATE: &str = "endpoint.create";
+    pub const ENDPOINT_UPDATE: &str = "endpoint.update";
+    pub const ENDPOINT_GET: &str = "endpoint.get";
+    pub const ENDPOINT_LIST: &str = "endpoint.list";
+    pub const ENDPOINT_DELETE: &str = "endpoint.delete";
+    pub const WORKERS_LIST: &str = "workers.list";
+
+    pub const ALL: [&str; 13] = [
+        JOB_RUN,
+        JOB_STATUS,
+        JOB_CANCEL,
+        JOB_RETRY,
+        JOB_STREAM,
+        ENDPOINT_PURGE,
+        ENDPOINT_HEALTH,
+        ENDPOINT_CREATE,
+        ENDPOINT_UPDATE,
+        ENDPOINT_GET,
+        ENDPOINT_LIST,
+        ENDPOINT_DELETE,
+        WORKERS_LIST,
+    ];
+}
+
+impl Names {
+    /// A prefix is an id: letters, digits, `-` and `_`.
+    pub fn new(prefix: &str) -> Result<Names, ApiError> {
+        validate_id("subject prefix", prefix)?;
+        Ok(Names { prefix: prefix.to_string(), upper: prefix.to_ascii_uppercase().replace('-', "_") })
+    }
+
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    // ---- streams -------------------------------------------------------------------------
+
+    pub fn jobs_stream(&self) -> String {
+        format!("{}_JOBS", self.upper)
+    }
+    pub fn events_stream(&self) -> String {
+        format!("{}_EVENTS", self.upper)
+    }
+    pub fn stream_stream(&self) -> String {
+        format!("{}_STREAM", self.upper)
+    }
+
+    // ---- buckets -------------------------------------------------------------------------
+
+    pub fn jobs_bucket(&self) -> String {
+        format!("{}-jobs", self.prefix)
+    }
+    pub fn endpoints_bucket(&self) -> String {
+        format!("{}-endpoints", self.prefix)
+    }
+    pub fn workers_bucket(&self) -> String {
+        format!("{}-workers", self.prefix)
+    }
+    pub fn hosts_bucket(&self) -> String {
+        format!("{}-hosts", self.prefix)
+    }
+    pub fn idempotency_bucket(&self) -> String {
+        format!("{}-idempotency", self.prefix)
+    }
+
+    // ---- keys ----------------------------------------------------------------------------
+
+    /// The `shoal-jobs` key of a job: `<endpoint>.<job id>`, so an endpoint's jobs are one
+    /// key range (`<endpoint>.>`) that its endpoint actor can watch.
+    pub fn job_key(&self, endpoint: &str, job_id: &str) -> String {
+        format!("{endpoint}.{job_id}")
+    }
+    pub fn job_keys_of_endpoint(&self, endpoint: &str) -> String {
+        format!("{endpoint}.>")
+    }
+    /// Finds a job when only its id is known.
+    pub fn job_key_any_endpoint(&self, job_id: &str) -> String {
+        format!("*.{job_id}")
+    }
+    pub fn worker_key(&self, endpoint: &str, worker_id: &str) -> String {
+        format!("{endpoint}.{worker_id}")
+    }
+    pub fn idempotency_key(&self, endpoint: &str, key: &str) -> String {
+        format!("{endpoint}.{key}")
+    }
+
+    // ---- subjects ------------------------------------------------------------------------
+
+    /// Where a queued job waits: `<prefix>.jobs.<endpoint>.<priority>`.
+    pub fn job_subject(&self, endpoint: &str, priority: Priority) -> String {
+        format!("{}.jobs.{endpoint}.{}", self.prefix, priority.as_str())
+    }
+    pub fn jobs_subjects(&self) -> String {
+        format!("{}.jobs.>", self.prefix)
+    }
+    /// Partial outputs of a generator job, in order.
+    pub fn stream_subject(&self, job_id: &str) -> String {
+        format!("{}.stream.{job_id}", self.prefix)
+    }
+    pub fn stream_subjects(&self) -> String {
+        format!("{}.stream.>", self.prefix)
+    }
+    pub fn job_event_subject(&self, endpoint: &str, state: &str) -> String {
+        format!("{}.events.job.{endpoint}.{state}", self.prefix)
+    }
+    pub fn worker_event_subject(&self, endpoint: &str, state: &str) -> String {
+        format!("{}.events.worker.{endpoint}.{state}", self.prefix)
+    }
+    pub fn host_event_subject(&self, host: &str, event: &str) -> String {
+        format!("{}.events.host.{host}.{event}", self.prefix)
+    }
+    pub fn events_subjects(&self) -> String {
+        format!("{}.events.>", self.prefix)
+    }
+    /// All events of one kind (`job`, `worker`, `host`).
+    pub fn events_of_kind(&self, kind: &str) -> String {
+        format!("{}.events.{kind}.>", self.prefix)
+    }
+    /// An api operation's subject: `<prefix>.v1.api.<op>` (see [`op`]).
+    pub fn api_subject(&self, op: &str) -> String {
+        format!("{}.{API_VERSION}.api.{op}", self.prefix)
+    }
+    /// Command to a host: stop a job a worker of this host runs (cancel, timeout).
+    pub fn host_stop_job_subject(&self, host: &str) -> String {
+        format!("{}.{API_VERSION}.host.{host}.job.stop", self.prefix)
+    }
+
+    // ---- consumers -----------------------------------------------------------------------
+
+    /// The durable pull consumer all workers of an endpoint share, one per priority.
+    pub fn jobs_consumer(&self, endpoint: &str, priority: Priority) -> String {
+        format!("jobs_{endpoint}_{}", priority.as_str())
+    }
+    /// The one cursor of a job's stream, shared by all readers (consume-on-read).
+    pub fn stream_consumer(&self, job_id: &str) -> String {
+        format!("stream_{job_id}")
+    }
+
+    // ---- definitions ---------------------------------------------------------------------
+
+    /// Every stream, with its limits. `retention_s` bounds how long results and events live.
+    pub fn streams(&self, retention_s: u64) -> Vec<StreamDef> {
+        vec![
+            StreamDef {
+                name: self.jobs_stream(),
+                subjects: vec![self.jobs_subjects()],
+                retention: Retention::WorkQueue,
+                max_age_s: 0,
+                max_msgs: -1,
+                description: "queued jobs, one message per delivery token",
+            },
+            StreamDef {
+                name: self.events_stream(),
+                subjects: vec![self.events_subjects()],
+                retention: Retention::Limits,
+                max_age_s: 24 * 3600,
+                max_msgs: 1_000_000,
+                description: "every job, worker and host state change",
+            },
+            StreamDef {
+                name: self.stream_stream(),
+                subjects: vec![self.stream_subjects()],
+                retention: Retention::WorkQueue,
+                max_age_s: retention_s.max(60),
+                max_msgs: -1,
+                description: "partial outputs of generator jobs, consumed on read",
+            },
+        ]
+    }
+
+    pub fn buckets(&self, retention_s: u64, host_ttl_s: u64) -> Vec<BucketDef> {
+        vec![
+            BucketDef {
+                bucket: self.jobs_bucket(),
+                max_age_s: retention_s,
+                history: 1,
+                description: "job records: state, attempts, timestamps, output or error",
+            },
+            BucketDef {
+                bucket: self.endpoints_bucket(),
+                max_age_s: 0,
+                history: 5,
+                description: "endpoint specs, versioned",
+            },
+            BucketDef {
+                bucket: self.workers_bucket(),
+                max_age_s: 24 * 3600,
+                history: 1,
+                description: "worker records: state, host, version, current jobs",
+            },
+            BucketDef {
+                bucket: self.hosts_bucket(),
+                max_age_s: host_ttl_s,
+                history: 1,
+                description: "host inventories and heartbeats",
+            },
+            BucketDef {
+                bucket: self.idempotency_bucket(),
+                max_age_s: retention_s,
+                history: 1,
+                description: "idempotency key -> job id",
+            },
+        ]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_names_match_the_design() {
+        let n = Names::default();
+        assert_eq!(n.jobs_stream(), "SHOAL_JOBS");
+        assert_eq!(n.events_stream(), "SHOAL_EVENTS");
+        assert_eq!(n.stream_stream(), "SHOAL_STREAM");
+        assert_eq!(n.jobs_bucket(), "shoal-jobs");
+        assert_eq!(n.job_subject("ep1", Priority::Normal), "shoal.jobs.ep1.normal");
+        assert_eq!(n.job_subject("ep1", Priority::Low), "shoal.jobs.ep1.low");
+        assert_eq!(n.api_subject(op::JOB_RUN), "shoal.v1.api.job.run");
+        assert_eq!(n.host_stop_job_subject("h1"), "shoal.v1.host.h1.job.stop");
+    }
+
+    #[test]
+    fn prefixes_isolate_installations() {
+        let a = Names::new("t-17").expect("valid");
+        assert_eq!(a.jobs_stream(), "T_17_JOBS");
+        assert_eq!(a.jobs_bucket(), "t-17-jobs");
+        assert!(a.jobs_subjects().starts_with("t-17."));
+        assert!(Names::new("a.b").is_err());
+        assert!(Names::new("*").is_err());
+    }
+
+    #[test]
+    fn every_stream_subject_falls_under_its_prefix() {
+        let n = Names::new("p").expect("valid");
+        for s in n.streams(60) {
+            for subj in s.subjects {
+                assert!(subj.starts_with("p."), "{subj}");
+            }
+        }
+        for op in op::ALL {
+            assert!(n.api_subject(op).starts_with("p.v1.api."));
+        }
+    }
+}

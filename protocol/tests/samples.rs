@@ -1,0 +1,168 @@
+//! Encoded samples of every wire message. Each sample file was written by an earlier version
+//! of this crate; it must keep decoding, so peers of different versions interoperate.
+//! Regenerate (only when adding a message) with:
+//! `SHOAL_WRITE_SAMPLES=1 cargo test -p shoal-protocol --test samples`.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use serde::{Serialize, de::DeserializeOwned};
+use serde_json::json;
+use shoal_protocol::api::*;
+use shoal_protocol::codec::{from_msgpack, to_msgpack};
+use shoal_protocol::endpoint::EndpointSpec;
+use shoal_protocol::events::{HostEvent, JobEvent, WorkerEvent};
+use shoal_protocol::host::{Gpu, HostRecord, StopJob};
+use shoal_protocol::job::*;
+use shoal_protocol::worker::{WorkerRecord, WorkerState};
+use shoal_protocol::{ApiError, ErrorCode};
+
+fn record() -> JobRecord {
+    JobRecord {
+        id: "0b7e2c52-5f0e-4a43-9d9c-2b8a9a0e6b1f-u1".into(),
+        endpoint: "echo".into(),
+        state: JobState::Completed,
+        input: json!({"prompt": "hi", "n": [1, 2.5, null, true]}),
+        s3_config: Some(json!({"bucketName": "b"})),
+        policy: Policy { execution_timeout_ms: 600_000, ttl_ms: 86_400_000, priority: Priority::Low },
+        webhook: Some("http://hook".into()),
+        idempotency_key: Some("k1".into()),
+        attempts: 2,
+        max_attempts: 2,
+        retries: 1,
+        submitted_at_ms: 1_700_000_000_000,
+        queued_at_ms: 1_700_000_000_100,
+        started_at_ms: Some(1_700_000_000_200),
+        finished_at_ms: Some(1_700_000_000_900),
+        worker_id: Some("w-1".into()),
+        host_id: Some("h-1".into()),
+        output: Some(json!({"text": "hi"})),
+        error: None,
+        stop_pod: false,
+    }
+}
+
+fn check<T: Serialize + DeserializeOwned + PartialEq + std::fmt::Debug>(name: &str, value: T) {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/samples").join(format!("{name}.msgpack"));
+    if std::env::var_os("SHOAL_WRITE_SAMPLES").is_some() {
+        std::fs::write(&path, to_msgpack(&value).expect("encode")).expect("write sample");
+    }
+    let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("sample {name} is missing ({e}); regenerate it"));
+    let decoded: T = from_msgpack(&bytes).unwrap_or_else(|e| panic!("sample {name} no longer decodes: {e}"));
+    assert_eq!(decoded, value, "sample {name} decodes to something else");
+}
+
+#[test]
+fn every_message_sample_still_decodes() {
+    check("job_record", record());
+    check("job_token", JobToken { id: "j".into(), endpoint: "e".into() });
+    check("worker_job", WorkerJob { id: "j".into(), input: json!(null), s3_config: None });
+    check(
+        "run_request",
+        RunRequest {
+            endpoint: "echo".into(),
+            input: json!({"a": 1}),
+            policy: Some(PolicyRequest { execution_timeout_ms: Some(5000), ttl_ms: None, low_priority: true }),
+            webhook: None,
+            s3_config: None,
+            idempotency_key: Some("k".into()),
+            wait_ms: 0,
+            sync: false,
+        },
+    );
+    check("job_ref", JobRef { endpoint: Some("echo".into()), id: "j".into(), wait_ms: 10 });
+    check("job_status", JobStatus::from(&record()));
+    check(
+        "stream_reply",
+        StreamReply { id: "j".into(), status: JobState::InProgress, stream: vec![StreamChunk { output: json!({"i": 0}) }] },
+    );
+    check("endpoint_ref", EndpointRef { endpoint: "echo".into() });
+    check("purge_reply", PurgeReply { removed: 3, status: "completed".into() });
+    check(
+        "health_reply",
+        HealthReply {
+            jobs: JobCounts { completed: 1, failed: 2, cancelled: 3, timed_out: 4, in_progress: 5, in_queue: 6, retried: 7 },
+            workers: WorkerCounts { idle: 1, initializing: 2, ready: 3, running: 4, throttled: 5, unhealthy: 6, outdated: 7 },
+        },
+    );
+    let mut spec = EndpointSpec::with_command("echo", "python handler.py");
+    spec.env = BTreeMap::from([("A".to_string(), "1".to_string())]);
+    spec.gpu_types = vec!["NVIDIA H200".into()];
+    spec.version = 3;
+    check("endpoint_spec", spec.clone());
+    check("endpoint_list", EndpointList { endpoints: vec![spec] });
+    let worker = WorkerRecord {
+        id: "w-1".into(),
+        endpoint: "echo".into(),
+        host: "h-1".into(),
+        state: WorkerState::Unhealthy,
+        reason: Some("crash loop".into()),
+        spec_version: 3,
+        current_jobs: vec!["j".into()],
+        runtime_ref: Some("pid:42".into()),
+        restarts: 4,
+        failures: 3,
+        started_at_ms: 1,
+        updated_at_ms: 2,
+        jobs_done: 9,
+    };
+    check("worker_record", worker.clone());
+    check("worker_list", WorkerList { workers: vec![worker] });
+    check("workers_request", WorkersRequest { endpoint: Some("echo".into()) });
+    check("deleted", Deleted { deleted: true });
+    check(
+        "host_record",
+        HostRecord {
+            id: "h-1".into(),
+            runtime: "process".into(),
+            labels: BTreeMap::from([("zone".to_string(), "a".to_string())]),
+            gpus: vec![Gpu { name: "NVIDIA H200".into(), uuid: "GPU-1".into(), memory_mb: 141_000, healthy: true }],
+            bridge_url: "http://127.0.0.1:1".into(),
+            workers: 1,
+            started_at_ms: 1,
+            heartbeat_at_ms: 2,
+        },
+    );
+    check("stop_job", StopJob { endpoint: "e".into(), job_id: "j".into(), worker_id: "w".into(), reason: "cancelled".into() });
+    check(
+        "job_event",
+        JobEvent {
+            job_id: "j".into(),
+            endpoint: "e".into(),
+            state: JobState::TimedOut,
+            attempts: 1,
+            worker_id: None,
+            error: Some("ttl".into()),
+            at_ms: 5,
+        },
+    );
+    check(
+        "worker_event",
+        WorkerEvent {
+            worker_id: "w".into(),
+            endpoint: "e".into(),
+            host: "h".into(),
+            state: WorkerState::Idle,
+            reason: None,
+            restarts: 1,
+            failures: 0,
+            backoff_ms: Some(250),
+            at_ms: 6,
+        },
+    );
+    check("host_event", HostEvent { host: "h".into(), event: "started".into(), at_ms: 7 });
+    check("api_error", ApiError::new(ErrorCode::NotFound, "no such job"));
+}
+
+#[test]
+fn a_record_with_unknown_future_fields_still_decodes() {
+    #[derive(Serialize)]
+    struct Future {
+        #[serde(flatten)]
+        rec: JobRecord,
+        some_new_field: u32,
+    }
+    let bytes = to_msgpack(&Future { rec: record(), some_new_field: 1 }).expect("encode");
+    let rec: JobRecord = from_msgpack(&bytes).expect("decode");
+    assert_eq!(rec, record());
+}
