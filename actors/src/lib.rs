@@ -1,1 +1,20 @@
-//! placeholder
+//! shoal-actors: everything in shoal that runs.
+//!
+//! - [`control`]: the NATS API service, the endpoint manager and one endpoint actor per
+//!   endpoint (deadlines, counters).
+//! - [`host`]: the host actor (supervisor), worker actors (one per worker process or
+//!   container), the worker bridge (RunPod's worker HTTP protocol) and the backoff policy.
+//! - [`runtime`]: how a worker runs: a local process (and, later, Docker or nothing at all).
+//! - [`nats`], [`jobs`]: the JetStream topology and the job store (compare-and-set on records).
+//! - [`client`]: a typed client of the NATS API, used by the CLI and the tests.
+//!
+//! Actors own their state and talk to other processes only through NATS. Decisions (the job
+//! state machine, backoff) are pure functions, in `shoal-protocol` and [`host::backoff`].
+
+pub mod client;
+pub mod clock;
+pub mod control;
+pub mod host;
+pub mod jobs;
+pub mod nats;
+pub mod runtime;

@@ -99,6 +99,21 @@ pub fn worker_lost(rec: &JobRecord, now_ms: u64) -> Result<JobRecord, Transition
     Ok(next)
 }
 
+/// A worker took the job but could not hand it over (its take request was abandoned): undo
+/// the take without counting an attempt.
+pub fn release(rec: &JobRecord, worker_id: &str) -> Result<JobRecord, TransitionError> {
+    if rec.state != JobState::InProgress || rec.worker_id.as_deref() != Some(worker_id) {
+        return Err(not_running(rec));
+    }
+    let mut next = rec.clone();
+    next.state = JobState::InQueue;
+    next.attempts = rec.attempts.saturating_sub(1);
+    next.started_at_ms = None;
+    next.worker_id = None;
+    next.host_id = None;
+    Ok(next)
+}
+
 /// What a handler reported on job-done (RunPod's reading of the body).
 #[derive(Debug, Clone, PartialEq)]
 pub enum Outcome {

@@ -169,8 +169,12 @@ impl Names {
     pub fn stream_subjects(&self) -> String {
         format!("{}.stream.>", self.prefix)
     }
-    pub fn job_event_subject(&self, endpoint: &str, state: &str) -> String {
-        format!("{}.events.job.{endpoint}.{state}", self.prefix)
+    /// `<prefix>.events.job.<endpoint>.<job id>.<state>`: a waiter subscribes to one job.
+    pub fn job_event_subject(&self, endpoint: &str, job_id: &str, state: &str) -> String {
+        format!("{}.events.job.{endpoint}.{job_id}.{state}", self.prefix)
+    }
+    pub fn job_events_of(&self, endpoint: &str, job_id: &str) -> String {
+        format!("{}.events.job.{endpoint}.{job_id}.*", self.prefix)
     }
     pub fn worker_event_subject(&self, endpoint: &str, state: &str) -> String {
         format!("{}.events.worker.{endpoint}.{state}", self.prefix)

@@ -118,6 +118,15 @@ fn retry_only_from_failed_or_timed_out() {
 }
 
 #[test]
+fn release_undoes_a_take_without_counting_it() {
+    let q = queued(0);
+    let r = run(&q, 1);
+    let back = release(&r, "w1").expect("release");
+    assert_eq!((back.state, back.attempts, back.worker_id.clone()), (JobState::InQueue, 0, None));
+    assert!(release(&r, "other").is_err());
+}
+
+#[test]
 fn progress_keeps_the_job_running() {
     let r = run(&queued(0), 1);
     let p = finish(&r, Outcome::Progress(json!("half")), 2).expect("progress");

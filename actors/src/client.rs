@@ -1,0 +1,106 @@
+//! A typed client of shoal's NATS API, for the CLI, the gateway and the tests. It speaks
+//! MessagePack; any other NATS client can speak JSON instead (see the README).
+
+use std::time::Duration;
+
+use async_nats::HeaderMap;
+use bytes::Bytes;
+use serde::{Serialize, de::DeserializeOwned};
+use shoal_protocol::api::*;
+use shoal_protocol::codec::{CONTENT_TYPE, Encoding, decode, encode};
+use shoal_protocol::endpoint::EndpointSpec;
+use shoal_protocol::names::{Names, op};
+use shoal_protocol::{ApiError, ErrorCode};
+
+#[derive(Clone, Debug)]
+pub struct ApiClient {
+    client: async_nats::Client,
+    names: Names,
+    timeout: Duration,
+}
+
+impl ApiClient {
+    pub fn new(client: async_nats::Client, names: Names) -> ApiClient {
+        ApiClient { client, names, timeout: Duration::from_secs(10) }
+    }
+
+    /// The longest a request waits for its reply (plus any `wait_ms` it carries).
+    pub fn with_timeout(mut self, timeout: Duration) -> ApiClient {
+        self.timeout = timeout;
+        self
+    }
+
+    /// Sends one request and decodes the reply or the error.
+    pub async fn request<Req: Serialize, Resp: DeserializeOwned>(
+        &self,
+        operation: &str,
+        req: &Req,
+        extra_wait: Duration,
+    ) -> Result<Resp, ApiError> {
+        let body = encode(Encoding::MsgPack, req).map_err(ApiError::from)?;
+        let mut headers = HeaderMap::new();
+        headers.insert(CONTENT_TYPE, Encoding::MsgPack.content_type());
+        let request = async_nats::Request::new()
+            .payload(Bytes::from(body))
+            .headers(headers)
+            .timeout(Some(self.timeout + extra_wait));
+        let msg = self
+            .client
+            .send_request(self.names.api_subject(operation), request)
+            .await
+            .map_err(|e| match e.kind() {
+                async_nats::RequestErrorKind::NoResponders => {
+                    ApiError::unavailable("no shoal control plane answers on this NATS server (is `shoal control` or `shoal dev` running?)")
+                }
+                async_nats::RequestErrorKind::TimedOut => ApiError::new(ErrorCode::Timeout, "the control plane did not answer in time"),
+                _ => ApiError::unavailable(format!("request failed: {e}")),
+            })?;
+        if let Some(code) = msg.headers.as_ref().and_then(|h| h.get(ERROR_CODE_HEADER)) {
+            let status: u16 = code.as_str().parse().unwrap_or(500);
+            return Err(decode::<ApiError>(Encoding::MsgPack, &msg.payload)
+                .unwrap_or_else(|_| ApiError::new(ErrorCode::from_status(status), String::from_utf8_lossy(&msg.payload).to_string())));
+        }
+        decode(Encoding::MsgPack, &msg.payload).map_err(|e| ApiError::internal(format!("cannot decode the reply: {e}")))
+    }
+
+    pub async fn run(&self, req: &RunRequest) -> Result<JobStatus, ApiError> {
+        self.request(op::JOB_RUN, req, Duration::from_millis(req.wait_ms)).await
+    }
+    pub async fn status(&self, job: &JobRef) -> Result<JobStatus, ApiError> {
+        self.request(op::JOB_STATUS, job, Duration::from_millis(job.wait_ms)).await
+    }
+    pub async fn cancel(&self, job: &JobRef) -> Result<JobStatus, ApiError> {
+        self.request(op::JOB_CANCEL, job, Duration::ZERO).await
+    }
+    pub async fn retry(&self, job: &JobRef) -> Result<JobStatus, ApiError> {
+        self.request(op::JOB_RETRY, job, Duration::ZERO).await
+    }
+    pub async fn stream(&self, job: &JobRef) -> Result<StreamReply, ApiError> {
+        self.request(op::JOB_STREAM, job, Duration::ZERO).await
+    }
+    pub async fn purge(&self, endpoint: &str) -> Result<PurgeReply, ApiError> {
+        self.request(op::ENDPOINT_PURGE, &EndpointRef { endpoint: endpoint.into() }, Duration::ZERO).await
+    }
+    pub async fn health(&self, endpoint: &str) -> Result<HealthReply, ApiError> {
+        self.request(op::ENDPOINT_HEALTH, &EndpointRef { endpoint: endpoint.into() }, Duration::ZERO).await
+    }
+    pub async fn create_endpoint(&self, spec: &EndpointSpec) -> Result<EndpointSpec, ApiError> {
+        self.request(op::ENDPOINT_CREATE, spec, Duration::ZERO).await
+    }
+    /// Creates or updates (idempotent: an unchanged spec keeps its version).
+    pub async fn apply_endpoint(&self, spec: &EndpointSpec) -> Result<EndpointSpec, ApiError> {
+        self.request(op::ENDPOINT_UPDATE, spec, Duration::ZERO).await
+    }
+    pub async fn get_endpoint(&self, endpoint: &str) -> Result<EndpointSpec, ApiError> {
+        self.request(op::ENDPOINT_GET, &EndpointRef { endpoint: endpoint.into() }, Duration::ZERO).await
+    }
+    pub async fn list_endpoints(&self) -> Result<EndpointList, ApiError> {
+        self.request(op::ENDPOINT_LIST, &(), Duration::ZERO).await
+    }
+    pub async fn delete_endpoint(&self, endpoint: &str) -> Result<Deleted, ApiError> {
+        self.request(op::ENDPOINT_DELETE, &EndpointRef { endpoint: endpoint.into() }, Duration::ZERO).await
+    }
+    pub async fn workers(&self, endpoint: Option<&str>) -> Result<WorkerList, ApiError> {
+        self.request(op::WORKERS_LIST, &WorkersRequest { endpoint: endpoint.map(str::to_string) }, Duration::ZERO).await
+    }
+}

@@ -1,0 +1,181 @@
+//! The endpoint actor: one per endpoint. It watches the endpoint's job records (the key range
+//! `<endpoint>.>` of `shoal-jobs`), keeps the live index of queued and running jobs and the
+//! job counters, and on every tick ends the jobs whose ttl or execution timeout passed
+//! (TIMED_OUT by compare-and-set), telling the worker's host to stop a running one.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use async_nats::jetstream::kv;
+use bytes::Bytes;
+use futures::StreamExt;
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+use shoal_protocol::api::JobCounts;
+use shoal_protocol::codec::to_msgpack;
+use shoal_protocol::endpoint::EndpointSpec;
+use shoal_protocol::host::StopJob;
+use shoal_protocol::job::{JobRecord, JobState};
+use shoal_protocol::lifecycle;
+
+use crate::clock::now_ms;
+use crate::jobs::{Applied, JobStore, decode};
+use crate::nats::Nats;
+
+pub struct EndpointActor;
+
+pub struct EndpointArgs {
+    pub nats: Nats,
+    pub spec: EndpointSpec,
+    pub tick: Duration,
+}
+
+pub enum EndpointMsg {
+    RecordPut(Box<JobRecord>),
+    RecordGone(String),
+    SpecChanged(Box<EndpointSpec>),
+    Tick,
+    GetCounts(RpcReplyPort<JobCounts>),
+    /// Ids of the jobs waiting in the queue (for purge).
+    GetQueued(RpcReplyPort<Vec<String>>),
+}
+
+pub struct EndpointState {
+    nats: Nats,
+    store: JobStore,
+    spec: EndpointSpec,
+    /// Non-terminal jobs, by id.
+    open: HashMap<String, JobRecord>,
+    /// Last known state and retries of every retained job, for the counters.
+    seen: HashMap<String, (JobState, u32)>,
+    watch: tokio::task::JoinHandle<()>,
+}
+
+impl Actor for EndpointActor {
+    type Msg = EndpointMsg;
+    type State = EndpointState;
+    type Arguments = EndpointArgs;
+
+    async fn pre_start(&self, myself: ActorRef<EndpointMsg>, args: EndpointArgs) -> Result<EndpointState, ActorProcessingErr> {
+        let mut watch = args.nats.jobs.watch_with_history(args.nats.names.job_keys_of_endpoint(&args.spec.id)).await?;
+        let me = myself.clone();
+        let watch = tokio::spawn(async move {
+            while let Some(Ok(entry)) = watch.next().await {
+                let msg = match entry.operation {
+                    kv::Operation::Put => match decode(&entry.key, &entry.value) {
+                        Ok(rec) => EndpointMsg::RecordPut(Box::new(rec)),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "ignored");
+                            continue;
+                        }
+                    },
+                    _ => EndpointMsg::RecordGone(entry.key.rsplit('.').next().unwrap_or_default().to_string()),
+                };
+                if me.cast(msg).is_err() {
+                    break;
+                }
+            }
+        });
+        myself.send_interval(args.tick, || EndpointMsg::Tick);
+        tracing::info!(endpoint_id = %args.spec.id, "endpoint actor started");
+        Ok(EndpointState {
+            store: JobStore::new(args.nats.clone()),
+            nats: args.nats,
+            spec: args.spec,
+            open: HashMap::new(),
+            seen: HashMap::new(),
+            watch,
+        })
+    }
+
+    async fn handle(&self, _myself: ActorRef<EndpointMsg>, msg: EndpointMsg, st: &mut EndpointState) -> Result<(), ActorProcessingErr> {
+        match msg {
+            EndpointMsg::RecordPut(rec) => st.on_record(*rec),
+            EndpointMsg::RecordGone(id) => st.on_gone(&id),
+            EndpointMsg::SpecChanged(spec) => st.spec = *spec,
+            EndpointMsg::Tick => st.on_tick(),
+            EndpointMsg::GetCounts(reply) => {
+                let _ = reply.send(st.counts());
+            }
+            EndpointMsg::GetQueued(reply) => {
+                let ids = st.open.values().filter(|r| r.state == JobState::InQueue).map(|r| r.id.clone()).collect();
+                let _ = reply.send(ids);
+            }
+        }
+        Ok(())
+    }
+
+    async fn post_stop(&self, _myself: ActorRef<EndpointMsg>, st: &mut EndpointState) -> Result<(), ActorProcessingErr> {
+        st.watch.abort();
+        Ok(())
+    }
+}
+
+impl EndpointState {
+    fn on_record(&mut self, rec: JobRecord) {
+        self.seen.insert(rec.id.clone(), (rec.state, rec.retries));
+        if rec.state.is_terminal() {
+            self.open.remove(&rec.id);
+        } else {
+            self.open.insert(rec.id.clone(), rec);
+        }
+    }
+
+    fn on_gone(&mut self, id: &str) {
+        self.open.remove(id);
+        self.seen.remove(id);
+    }
+
+    fn counts(&self) -> JobCounts {
+        let mut c = JobCounts::default();
+        for (state, retries) in self.seen.values() {
+            match state {
+                JobState::InQueue => c.in_queue += 1,
+                JobState::InProgress => c.in_progress += 1,
+                JobState::Completed => c.completed += 1,
+                JobState::Failed => c.failed += 1,
+                JobState::Cancelled => c.cancelled += 1,
+                JobState::TimedOut => c.timed_out += 1,
+            }
+            c.retried += u64::from(*retries);
+        }
+        c
+    }
+
+    /// Ends overdue jobs. Each is a compare-and-set that re-checks the deadline on the record
+    /// it reads, so a job that finished meanwhile is left alone.
+    fn on_tick(&mut self) {
+        let now = now_ms();
+        for rec in self.open.values() {
+            if lifecycle::overdue(rec, now).is_none() {
+                continue;
+            }
+            let (store, nats) = (self.store.clone(), self.nats.clone());
+            let (endpoint, id) = (rec.endpoint.clone(), rec.id.clone());
+            tokio::spawn(async move {
+                let applied = store
+                    .transition(&endpoint, &id, |r| match lifecycle::overdue(r, now_ms()) {
+                        Some(reason) => lifecycle::time_out(r, reason, now_ms()),
+                        None => Err(lifecycle::TransitionError::NotRunning("not overdue")),
+                    })
+                    .await;
+                if let Ok(Applied::Changed { record, previous, .. }) = applied {
+                    tracing::info!(endpoint_id = %endpoint, job_id = %id, reason = ?record.error, "job timed out");
+                    if previous.state == JobState::InProgress {
+                        send_stop(&nats, &previous, record.error.as_deref().unwrap_or("timed out")).await;
+                    }
+                }
+            });
+        }
+    }
+}
+
+/// Tells the host running `rec` to stop it (cancel, timeout).
+pub async fn send_stop(nats: &Nats, rec: &JobRecord, reason: &str) {
+    let (Some(host), Some(worker)) = (&rec.host_id, &rec.worker_id) else { return };
+    let stop = StopJob { endpoint: rec.endpoint.clone(), job_id: rec.id.clone(), worker_id: worker.clone(), reason: reason.to_string() };
+    if let Ok(bytes) = to_msgpack(&stop) {
+        if let Err(e) = nats.client.publish(nats.names.host_stop_job_subject(host), Bytes::from(bytes)).await {
+            tracing::warn!(job_id = %rec.id, error = %e, "cannot send stop to host");
+        }
+    }
+}

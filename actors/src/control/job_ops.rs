@@ -1,0 +1,260 @@
+//! The job operations of the API: run, status, cancel, retry, stream, purge. Each reads the
+//! job record, applies a pure lifecycle transition by compare-and-set, and does what follows
+//! (queue a delivery token, tell a host to stop a job).
+
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::consumer::{AckPolicy, pull};
+use async_nats::jetstream::kv;
+use bytes::Bytes;
+use futures::StreamExt;
+use shoal_protocol::ApiError;
+use shoal_protocol::api::*;
+use shoal_protocol::codec::{from_msgpack, to_msgpack};
+use shoal_protocol::ids::validate_id;
+use shoal_protocol::job::*;
+use shoal_protocol::lifecycle::{self, TransitionError};
+
+use super::api::Ctx;
+use super::endpoint_actor::{EndpointMsg, send_stop};
+use crate::clock::now_ms;
+use crate::jobs::{Applied, StoreError};
+
+fn store_err(e: StoreError) -> ApiError {
+    ApiError::unavailable(e.to_string())
+}
+
+fn new_job_id(sync: bool) -> String {
+    let id = uuid::Uuid::new_v4();
+    if sync { format!("sync-{id}-u1") } else { format!("{id}-u1") }
+}
+
+pub(super) async fn run(ctx: &Ctx, req: RunRequest) -> Result<JobStatus, ApiError> {
+    let spec = ctx.spec(&req.endpoint).await?;
+    if req.input.is_null() {
+        return Err(ApiError::bad_request("input is required (any JSON value but null)"));
+    }
+    let policy = req.policy.clone().unwrap_or_default();
+    let execution_timeout_ms = policy.execution_timeout_ms.unwrap_or(spec.execution_timeout_ms);
+    if !(MIN_EXECUTION_TIMEOUT_MS..=MAX_EXECUTION_TIMEOUT_MS).contains(&execution_timeout_ms) {
+        return Err(ApiError::bad_request(format!(
+            "policy.execution_timeout_ms {execution_timeout_ms} is outside {MIN_EXECUTION_TIMEOUT_MS}..={MAX_EXECUTION_TIMEOUT_MS}"
+        )));
+    }
+    let ttl_ms = policy.ttl_ms.unwrap_or(DEFAULT_TTL_MS);
+    if !(MIN_TTL_MS..=MAX_TTL_MS).contains(&ttl_ms) {
+        return Err(ApiError::bad_request(format!("policy.ttl_ms {ttl_ms} is outside {MIN_TTL_MS}..={MAX_TTL_MS}")));
+    }
+    if let Some(hook) = &req.webhook {
+        if !(hook.starts_with("http://") || hook.starts_with("https://")) {
+            return Err(ApiError::bad_request(format!("webhook {hook:?} must be an http:// or https:// URL")));
+        }
+    }
+    let wait_ms = req.wait_ms.min(ctx.config.max_wait_ms);
+    let id = new_job_id(req.sync);
+    if let Some(key) = &req.idempotency_key {
+        validate_id("idempotency key", key)?;
+        let idem_key = ctx.nats.names.idempotency_key(&spec.id, key);
+        match ctx.nats.idempotency.create(&idem_key, Bytes::from(id.clone())).await {
+            Ok(_) => {}
+            Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {
+                let existing = ctx.nats.idempotency.get(&idem_key).await.map_err(|e| ApiError::unavailable(e.to_string()))?;
+                let existing = existing.map(|b| String::from_utf8_lossy(&b).to_string()).unwrap_or_default();
+                return status(ctx, JobRef { endpoint: Some(spec.id.clone()), id: existing, wait_ms }).await;
+            }
+            Err(e) => return Err(ApiError::unavailable(e.to_string())),
+        }
+    }
+    let now = now_ms();
+    let priority = if policy.low_priority { Priority::Low } else { Priority::Normal };
+    let record = JobRecord {
+        id: id.clone(),
+        endpoint: spec.id.clone(),
+        state: JobState::InQueue,
+        input: req.input,
+        s3_config: req.s3_config,
+        policy: Policy { execution_timeout_ms, ttl_ms, priority },
+        webhook: req.webhook,
+        idempotency_key: req.idempotency_key,
+        attempts: 0,
+        max_attempts: spec.max_attempts,
+        retries: 0,
+        submitted_at_ms: now,
+        queued_at_ms: now,
+        started_at_ms: None,
+        finished_at_ms: None,
+        worker_id: None,
+        host_id: None,
+        output: None,
+        error: None,
+        stop_pod: false,
+    };
+    // a waiter subscribes before the job can change
+    let events = if wait_ms > 0 { Some(subscribe(ctx, &spec.id, &id).await?) } else { None };
+    if ctx.store.create(&record).await.map_err(store_err)?.is_none() {
+        return Err(ApiError::conflict(format!("job id {id} exists")));
+    }
+    if let Err(e) = enqueue(ctx, &record).await {
+        let _ = ctx.store.delete(&record.endpoint, &record.id).await;
+        return Err(e);
+    }
+    match events {
+        Some(events) => wait_terminal(ctx, &spec.id, &id, events, wait_ms).await,
+        None => Ok(JobStatus::from(&record)),
+    }
+}
+
+/// Publishes the job's delivery token, awaiting JetStream's ack (the job is durable after it).
+async fn enqueue(ctx: &Ctx, rec: &JobRecord) -> Result<(), ApiError> {
+    let token = JobToken { id: rec.id.clone(), endpoint: rec.endpoint.clone() };
+    let bytes = to_msgpack(&token).map_err(|e| ApiError::internal(e.to_string()))?;
+    let subject = ctx.nats.names.job_subject(&rec.endpoint, rec.policy.priority);
+    let ack = ctx.nats.js.publish(subject, Bytes::from(bytes)).await.map_err(|e| ApiError::unavailable(format!("cannot queue the job: {e}")))?;
+    ack.await.map_err(|e| ApiError::unavailable(format!("cannot queue the job: {e}")))?;
+    Ok(())
+}
+
+async fn subscribe(ctx: &Ctx, endpoint: &str, id: &str) -> Result<async_nats::Subscriber, ApiError> {
+    ctx.nats.client.subscribe(ctx.nats.names.job_events_of(endpoint, id)).await.map_err(|e| ApiError::unavailable(e.to_string()))
+}
+
+/// Waits until the job is terminal or `wait_ms` passed; returns its status either way.
+async fn wait_terminal(
+    ctx: &Ctx,
+    endpoint: &str,
+    id: &str,
+    mut events: async_nats::Subscriber,
+    wait_ms: u64,
+) -> Result<JobStatus, ApiError> {
+    let deadline = Instant::now() + Duration::from_millis(wait_ms);
+    loop {
+        let (rec, _) = ctx.store.get(endpoint, id).await.map_err(store_err)?.ok_or_else(|| not_found(id))?;
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        if rec.state.is_terminal() || remaining.is_zero() {
+            return Ok(JobStatus::from(&rec));
+        }
+        // an event says something changed; re-read at least every second regardless
+        let _ = tokio::time::timeout(remaining.min(Duration::from_secs(1)), events.next()).await;
+    }
+}
+
+fn not_found(id: &str) -> ApiError {
+    ApiError::not_found(format!("job {id} not found (unknown, or its result expired)"))
+}
+
+/// The record of a job, by endpoint and id or by id alone.
+async fn find(ctx: &Ctx, job: &JobRef) -> Result<JobRecord, ApiError> {
+    validate_id("job id", &job.id)?;
+    let found = match &job.endpoint {
+        Some(ep) => {
+            ctx.spec(ep).await?;
+            ctx.store.get(ep, &job.id).await
+        }
+        None => ctx.store.find(&job.id).await,
+    };
+    found.map_err(store_err)?.map(|(r, _)| r).ok_or_else(|| not_found(&job.id))
+}
+
+pub(super) async fn status(ctx: &Ctx, job: JobRef) -> Result<JobStatus, ApiError> {
+    let rec = find(ctx, &job).await?;
+    let wait_ms = job.wait_ms.min(ctx.config.max_wait_ms);
+    if wait_ms == 0 || rec.state.is_terminal() {
+        return Ok(JobStatus::from(&rec));
+    }
+    let events = subscribe(ctx, &rec.endpoint, &rec.id).await?;
+    wait_terminal(ctx, &rec.endpoint, &rec.id, events, wait_ms).await
+}
+
+pub(super) async fn cancel(ctx: &Ctx, job: JobRef) -> Result<JobStatus, ApiError> {
+    let rec = find(ctx, &job).await?;
+    cancel_record(ctx, &rec, "cancelled by request").await
+}
+
+async fn cancel_record(ctx: &Ctx, rec: &JobRecord, reason: &str) -> Result<JobStatus, ApiError> {
+    match ctx.store.transition(&rec.endpoint, &rec.id, |r| lifecycle::cancel(r, reason, now_ms())).await.map_err(store_err)? {
+        Applied::Changed { record, previous, .. } => {
+            if previous.state == JobState::InProgress {
+                send_stop(&ctx.nats, &previous, reason).await;
+            }
+            Ok(JobStatus::from(&record))
+        }
+        // already over: the status is unchanged
+        Applied::Refused { record, .. } => Ok(JobStatus::from(&record)),
+        Applied::NotFound => Err(not_found(&rec.id)),
+    }
+}
+
+pub(super) async fn retry(ctx: &Ctx, job: JobRef) -> Result<JobStatus, ApiError> {
+    let rec = find(ctx, &job).await?;
+    match ctx.store.transition(&rec.endpoint, &rec.id, |r| lifecycle::retry(r, now_ms())).await.map_err(store_err)? {
+        Applied::Changed { record, previous, revision } => {
+            if let Err(e) = enqueue(ctx, &record).await {
+                // put it back as it was, so it stays retryable
+                let _ = ctx.store.write(&ctx.store.key(&record.endpoint, &record.id), &previous, revision).await;
+                return Err(e);
+            }
+            Ok(JobStatus::from(&record))
+        }
+        Applied::Refused { reason: reason @ TransitionError::NotRetryable(_), .. } => Err(ApiError::conflict(reason.to_string())),
+        Applied::Refused { reason, .. } => Err(ApiError::conflict(reason.to_string())),
+        Applied::NotFound => Err(not_found(&rec.id)),
+    }
+}
+
+/// Consume-on-read: the chunks posted since the previous read, through the job's one durable
+/// cursor (shared by all readers, so each chunk is delivered once).
+pub(super) async fn stream(ctx: &Ctx, job: JobRef) -> Result<StreamReply, ApiError> {
+    let rec = find(ctx, &job).await?;
+    let names = &ctx.nats.names;
+    let stream = ctx.nats.js.get_stream(names.stream_stream()).await.map_err(|e| ApiError::unavailable(e.to_string()))?;
+    let name = names.stream_consumer(&rec.id);
+    let consumer: async_nats::jetstream::consumer::PullConsumer = stream
+        .get_or_create_consumer(
+            &name,
+            pull::Config {
+                durable_name: Some(name.clone()),
+                filter_subject: names.stream_subject(&rec.id),
+                ack_policy: AckPolicy::Explicit,
+                inactive_threshold: Duration::from_secs(600),
+                ..Default::default()
+            },
+        )
+        .await
+        .map_err(|e| ApiError::unavailable(e.to_string()))?;
+    let mut chunks = Vec::new();
+    let mut batch = consumer.fetch().max_messages(1000).messages().await.map_err(|e| ApiError::unavailable(e.to_string()))?;
+    while let Some(Ok(msg)) = batch.next().await {
+        match from_msgpack(&msg.payload) {
+            Ok(output) => chunks.push(StreamChunk { output }),
+            Err(e) => tracing::warn!(job_id = %rec.id, error = %e, "undecodable stream chunk skipped"),
+        }
+        msg.double_ack().await.map_err(|e| ApiError::unavailable(format!("cannot consume a chunk: {e}")))?;
+    }
+    Ok(StreamReply { id: rec.id, status: rec.state, stream: chunks })
+}
+
+/// Cancels every queued job of the endpoint; running jobs continue.
+pub(super) async fn purge(ctx: &Ctx, r: EndpointRef) -> Result<PurgeReply, ApiError> {
+    ctx.spec(&r.endpoint).await?;
+    let queued = match ctx.directory.actor(&r.endpoint) {
+        Some(actor) => ractor::call!(actor, EndpointMsg::GetQueued).map_err(|e| ApiError::unavailable(format!("endpoint actor: {e}")))?,
+        None => vec![],
+    };
+    let mut removed = 0;
+    for id in queued {
+        let applied = ctx
+            .store
+            .transition(&r.endpoint, &id, |rec| {
+                if rec.state != JobState::InQueue {
+                    return Err(TransitionError::NotRunning("not queued"));
+                }
+                lifecycle::cancel(rec, "purged from the queue", now_ms())
+            })
+            .await
+            .map_err(store_err)?;
+        if matches!(applied, Applied::Changed { .. }) {
+            removed += 1;
+        }
+    }
+    Ok(PurgeReply { removed, status: "completed".into() })
+}

@@ -1,0 +1,291 @@
+//! The worker bridge: RunPod's worker HTTP protocol, served by the host to the workers it runs
+//! (see shared/reference/runpod.md §3). A worker needs no NATS credentials: it long-polls
+//! job-take, posts job-done and job-stream, polls job-stop and pings; each request carries the
+//! worker's own token and is routed to its worker actor.
+//!
+//! Replies follow what the runpod SDK accepts: 204 when there is nothing (it re-polls at once),
+//! 200 `{}` for every well-formed post (results for finished or cancelled jobs are dropped
+//! after a 200, never refused), 5xx only when nothing was stored (the SDK then retries).
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use ractor::rpc::CallResult;
+use ractor::{ActorRef, RpcReplyPort};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use tokio::sync::oneshot;
+
+use super::worker_actor::WorkerMsg;
+
+/// A worker the bridge knows: its endpoint, its token and its actor.
+#[derive(Clone)]
+pub struct Registered {
+    pub endpoint: String,
+    pub token: String,
+    pub actor: ActorRef<WorkerMsg>,
+}
+
+/// Worker id → registration, shared by the bridge and the worker actors (which register on
+/// start and unregister on stop).
+#[derive(Clone, Default)]
+pub struct Registry(Arc<RwLock<HashMap<String, Registered>>>);
+
+impl Registry {
+    pub fn register(&self, worker_id: &str, reg: Registered) {
+        if let Ok(mut m) = self.0.write() {
+            m.insert(worker_id.to_string(), reg);
+        }
+    }
+    pub fn unregister(&self, worker_id: &str, actor: &ActorRef<WorkerMsg>) {
+        if let Ok(mut m) = self.0.write() {
+            if m.get(worker_id).is_some_and(|r| r.actor.get_id() == actor.get_id()) {
+                m.remove(worker_id);
+            }
+        }
+    }
+    fn lookup(&self, worker_id: &str) -> Option<Registered> {
+        self.0.read().ok().and_then(|m| m.get(worker_id).cloned())
+    }
+}
+
+#[derive(Clone)]
+struct Bridge {
+    registry: Registry,
+    hold: Duration,
+}
+
+pub struct BridgeServer {
+    addr: SocketAddr,
+    shutdown: Option<oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl BridgeServer {
+    pub async fn bind(addr: SocketAddr, registry: Registry, hold: Duration) -> std::io::Result<BridgeServer> {
+        let listener = tokio::net::TcpListener::bind(addr).await?;
+        let addr = listener.local_addr()?;
+        let app = router(Bridge { registry, hold });
+        let (tx, rx) = oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            let served = axum::serve(listener, app).with_graceful_shutdown(async move {
+                let _ = rx.await;
+            });
+            if let Err(e) = served.await {
+                tracing::error!(error = %e, "worker bridge stopped");
+            }
+        });
+        Ok(BridgeServer { addr, shutdown: Some(tx), task })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        self.task.abort();
+    }
+}
+
+fn router(state: Bridge) -> Router {
+    Router::new()
+        .route("/v2/{endpoint}/job-take/{worker}", get(job_take))
+        .route("/v2/{endpoint}/job-take-batch/{worker}", get(job_take_batch))
+        .route("/v2/{endpoint}/job-done/{worker}/{job}", post(job_done))
+        .route("/v2/{endpoint}/job-stream/{worker}/{job}", post(job_stream))
+        .route("/v2/{endpoint}/job-stop/{worker}", get(job_stop))
+        .route("/v2/{endpoint}/ping/{worker}", get(ping))
+        .with_state(state)
+}
+
+fn error(status: StatusCode, message: impl Into<String>) -> Response {
+    (status, axum::Json(json!({ "error": message.into() }))).into_response()
+}
+
+impl Bridge {
+    /// Checks the worker's token. Unknown workers and bad tokens are answered after a short
+    /// hold, since the SDK re-polls at once on 401/404.
+    async fn authorize(&self, endpoint: &str, worker: &str, headers: &HeaderMap) -> Result<Registered, Response> {
+        let given = headers.get("authorization").and_then(|v| v.to_str().ok()).unwrap_or("");
+        let given = given.strip_prefix("Bearer ").or_else(|| given.strip_prefix("bearer ")).unwrap_or(given).trim();
+        match self.registry.lookup(worker) {
+            Some(reg) if reg.endpoint == endpoint && reg.token == given => Ok(reg),
+            Some(reg) if reg.endpoint == endpoint => {
+                tokio::time::sleep(self.hold.min(Duration::from_secs(5))).await;
+                Err(error(StatusCode::UNAUTHORIZED, "invalid worker token"))
+            }
+            _ => {
+                tokio::time::sleep(self.hold.min(Duration::from_secs(5))).await;
+                Err(error(StatusCode::NOT_FOUND, format!("no worker {worker} of endpoint {endpoint} on this host")))
+            }
+        }
+    }
+}
+
+#[derive(Deserialize, Default)]
+struct TakeQuery {
+    batch_size: Option<usize>,
+}
+
+async fn take(bridge: &Bridge, reg: &Registered, max: usize) -> Result<Vec<Value>, Response> {
+    let hold = bridge.hold;
+    let result = reg.actor.call(|reply| WorkerMsg::Take { max, hold, reply }, Some(hold + Duration::from_secs(10))).await;
+    match result {
+        Ok(CallResult::Success(jobs)) => {
+            Ok(jobs.into_iter().filter_map(|j| serde_json::to_value(j).ok()).collect())
+        }
+        Ok(CallResult::Timeout) => Ok(vec![]),
+        _ => Err(StatusCode::NO_CONTENT.into_response()),
+    }
+}
+
+async fn job_take(
+    State(bridge): State<Bridge>,
+    Path((endpoint, worker)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Response {
+    let reg = match bridge.authorize(&endpoint, &worker, &headers).await {
+        Ok(r) => r,
+        Err(resp) => return resp,
+    };
+    match take(&bridge, &reg, 1).await {
+        Ok(mut jobs) if !jobs.is_empty() => axum::Json(jobs.swap_remove(0)).into_response(),
+        Ok(_) => StatusCode::NO_CONTENT.into_response(),
+        Err(resp) => resp,
+    }
+}
+
+async fn job_take_batch(
+    State(bridge): State<Bridge>,
+    Path((endpoint, worker)): Path<(String, String)>,
+    Query(q): Query<TakeQuery>,
+    headers: HeaderMap,
+) -> Response {
+    let reg = match bridge.authorize(&endpoint, &worker, &headers).await {
+        Ok(r) => r,
+        Err(resp) => return resp,
+    };
+    let max = q.batch_size.unwrap_or(1).clamp(1, 256);
+    match take(&bridge, &reg, max).await {
+        Ok(jobs) if !jobs.is_empty() => axum::Json(Value::Array(jobs)).into_response(),
+        Ok(_) => StatusCode::NO_CONTENT.into_response(),
+        Err(resp) => resp,
+    }
+}
+
+/// The SDK posts JSON text whatever its content type says: parse the body as JSON.
+fn parse_body(body: &Bytes) -> Result<Value, Response> {
+    serde_json::from_slice(body).map_err(|e| error(StatusCode::BAD_REQUEST, format!("the body is not JSON: {e}")))
+}
+
+async fn post_to_actor<F>(reg: &Registered, make: F) -> Response
+where
+    F: FnOnce(RpcReplyPort<Result<(), String>>) -> WorkerMsg,
+{
+    match reg.actor.call(make, Some(Duration::from_secs(30))).await {
+        Ok(CallResult::Success(Ok(()))) => axum::Json(json!({})).into_response(),
+        Ok(CallResult::Success(Err(e))) => error(StatusCode::SERVICE_UNAVAILABLE, e),
+        _ => error(StatusCode::SERVICE_UNAVAILABLE, "worker is stopping; nothing was stored"),
+    }
+}
+
+async fn job_done(
+    State(bridge): State<Bridge>,
+    Path((endpoint, worker, job)): Path<(String, String, String)>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let reg = match bridge.authorize(&endpoint, &worker, &headers).await {
+        Ok(r) => r,
+        Err(resp) => return resp,
+    };
+    let body = match parse_body(&body) {
+        Ok(v) => v,
+        Err(resp) => return resp,
+    };
+    post_to_actor(&reg, |reply| WorkerMsg::Done { job_id: job, body, reply }).await
+}
+
+async fn job_stream(
+    State(bridge): State<Bridge>,
+    Path((endpoint, worker, job)): Path<(String, String, String)>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let reg = match bridge.authorize(&endpoint, &worker, &headers).await {
+        Ok(r) => r,
+        Err(resp) => return resp,
+    };
+    let body = match parse_body(&body) {
+        Ok(v) => v,
+        Err(resp) => return resp,
+    };
+    let chunk = match body {
+        Value::Object(mut m) if m.contains_key("output") => m.remove("output").unwrap_or(Value::Null),
+        other => other,
+    };
+    post_to_actor(&reg, |reply| WorkerMsg::Stream { job_id: job, chunk, reply }).await
+}
+
+async fn job_stop(
+    State(bridge): State<Bridge>,
+    Path((endpoint, worker)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Response {
+    let reg = match bridge.authorize(&endpoint, &worker, &headers).await {
+        Ok(r) => r,
+        Err(resp) => return resp,
+    };
+    let deadline = tokio::time::Instant::now() + bridge.hold;
+    loop {
+        match reg.actor.call(WorkerMsg::GetStops, Some(Duration::from_secs(5))).await {
+            Ok(CallResult::Success(stops)) if !stops.is_empty() => {
+                return axum::Json(json!({ "jobsToStop": stops })).into_response();
+            }
+            Ok(CallResult::Success(_)) => {}
+            _ => return StatusCode::NO_CONTENT.into_response(),
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return StatusCode::NO_CONTENT.into_response();
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[derive(Deserialize, Default)]
+struct PingQuery {
+    job_id: Option<String>,
+    status: Option<String>,
+    check: Option<String>,
+    reason: Option<String>,
+}
+
+async fn ping(
+    State(bridge): State<Bridge>,
+    Path((endpoint, worker)): Path<(String, String)>,
+    Query(q): Query<PingQuery>,
+    headers: HeaderMap,
+) -> Response {
+    let reg = match bridge.authorize(&endpoint, &worker, &headers).await {
+        Ok(r) => r,
+        Err(resp) => return resp,
+    };
+    let job_ids: Vec<String> =
+        q.job_id.unwrap_or_default().split(',').map(str::trim).filter(|s| !s.is_empty()).map(str::to_string).collect();
+    let unhealthy = (q.status.as_deref() == Some("unhealthy")).then(|| {
+        format!("fitness check {} failed: {}", q.check.unwrap_or_default(), q.reason.unwrap_or_default())
+    });
+    let _ = reg.actor.cast(WorkerMsg::Ping { job_ids, unhealthy });
+    axum::Json(json!({})).into_response()
+}

@@ -1,0 +1,561 @@
+//! The worker actor: one per worker process or container. It launches the worker through the
+//! runtime, takes jobs of its endpoint from JetStream when the worker asks (job-take through
+//! the bridge), records results with compare-and-set, streams partial outputs, relays stops,
+//! and reports its state. When the worker exits, the actor fails; its supervisor (the host
+//! actor) restarts it under backoff. Jobs it held go back to the queue.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::consumer::PullConsumer;
+use bytes::Bytes;
+use futures::StreamExt;
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+use serde_json::Value;
+use shoal_protocol::codec::{from_msgpack, to_msgpack};
+use shoal_protocol::endpoint::EndpointSpec;
+use shoal_protocol::events::WorkerEvent;
+use shoal_protocol::job::{JobRecord, JobToken, Priority, WorkerJob};
+use shoal_protocol::lifecycle::{self, Outcome, Take};
+use shoal_protocol::worker::{WorkerRecord, WorkerState};
+
+use super::HostConfig;
+use super::ack::AckGuard;
+use super::bridge::{Registered, Registry};
+use crate::clock::now_ms;
+use crate::jobs::{Applied, JobStore, jobs_consumer};
+use crate::nats::Nats;
+use crate::runtime::{Exit, Launch, Runtime, WorkerHandle};
+
+/// Why a worker actor stopped without failing; the supervisor restarts it at once.
+pub const STOP_REFRESH: &str = "refresh";
+
+pub struct WorkerActor;
+
+pub struct WorkerArgs {
+    pub nats: Nats,
+    pub host_id: String,
+    pub worker_id: String,
+    pub spec: EndpointSpec,
+    pub runtime: Arc<dyn Runtime>,
+    pub registry: Registry,
+    pub bridge_url: String,
+    pub config: Arc<HostConfig>,
+    pub restarts: u32,
+    pub failures: u32,
+}
+
+pub enum WorkerMsg {
+    /// job-take (batch when `max` > 1): long-poll up to `hold`.
+    Take { max: usize, hold: Duration, reply: RpcReplyPort<Vec<WorkerJob>> },
+    /// The fetch task took these jobs for a waiting job-take.
+    Taken { jobs: Vec<TakenJob>, reply: RpcReplyPort<Vec<WorkerJob>> },
+    /// job-done: a result or a progress update.
+    Done { job_id: String, body: Value, reply: RpcReplyPort<Result<(), String>> },
+    /// job-stream: one partial output.
+    Stream { job_id: String, chunk: Value, reply: RpcReplyPort<Result<(), String>> },
+    /// ping: the jobs the worker holds.
+    Ping { job_ids: Vec<String>, unhealthy: Option<String> },
+    /// job-stop poll: the jobs the worker must stop.
+    GetStops(RpcReplyPort<Vec<String>>),
+    /// A job this worker runs was cancelled or timed out.
+    StopJob { job_id: String, reason: String },
+    Tick,
+    Exited(Exit),
+}
+
+pub struct TakenJob {
+    job: WorkerJob,
+    record: JobRecord,
+    ack: AckGuard,
+}
+
+struct Inflight {
+    ack: AckGuard,
+    record: JobRecord,
+    last_progress: Instant,
+}
+
+pub struct WorkerState_ {
+    args: WorkerArgs,
+    store: JobStore,
+    handle: WorkerHandle,
+    consumers: Arc<(PullConsumer, PullConsumer)>,
+    state: WorkerState,
+    reason: Option<String>,
+    inflight: HashMap<String, Inflight>,
+    /// Jobs told to stop, and when.
+    stops: HashMap<String, Instant>,
+    last_ping: Option<(Instant, HashSet<String>)>,
+    started_at_ms: u64,
+    jobs_done: u64,
+    /// The worker asked to be replaced (`stopPod`), or was killed to stop a job: take nothing more.
+    draining: bool,
+    killed_for_stop: bool,
+}
+
+impl Actor for WorkerActor {
+    type Msg = WorkerMsg;
+    type State = WorkerState_;
+    type Arguments = WorkerArgs;
+
+    async fn pre_start(&self, myself: ActorRef<WorkerMsg>, args: WorkerArgs) -> Result<WorkerState_, ActorProcessingErr> {
+        let ack_wait = Duration::from_millis(args.config.ack_wait_ms);
+        let normal = jobs_consumer(&args.nats, &args.spec.id, Priority::Normal, ack_wait).await?;
+        let low = jobs_consumer(&args.nats, &args.spec.id, Priority::Low, ack_wait).await?;
+        let token = uuid::Uuid::new_v4().simple().to_string();
+        args.registry.register(
+            &args.worker_id,
+            Registered { endpoint: args.spec.id.clone(), token: token.clone(), actor: myself.clone() },
+        );
+        let launch = Launch {
+            worker_id: args.worker_id.clone(),
+            spec: args.spec.clone(),
+            env: worker_env(&args, &token),
+            log_file: args.config.state_dir.join("logs").join(&args.spec.id).join(format!("{}.log", args.worker_id)),
+            workdir: args.config.workdir.clone(),
+        };
+        let mut handle = match args.runtime.start(launch).await {
+            Ok(h) => h,
+            Err(e) => {
+                args.registry.unregister(&args.worker_id, &myself);
+                return Err(e.into());
+            }
+        };
+        if let Some(exit) = handle.take_exit() {
+            let me = myself.clone();
+            tokio::spawn(async move {
+                if let Ok(exit) = exit.await {
+                    let _ = me.cast(WorkerMsg::Exited(exit));
+                }
+            });
+        }
+        let tick = Duration::from_millis((args.config.ack_wait_ms / 4).clamp(50, 1000));
+        myself.send_interval(tick, || WorkerMsg::Tick);
+        let store = JobStore::new(args.nats.clone());
+        let mut st = WorkerState_ {
+            store,
+            handle,
+            consumers: Arc::new((normal, low)),
+            state: WorkerState::Initializing,
+            reason: Some("starting".into()),
+            inflight: HashMap::new(),
+            stops: HashMap::new(),
+            last_ping: None,
+            started_at_ms: now_ms(),
+            jobs_done: 0,
+            draining: false,
+            killed_for_stop: false,
+            args,
+        };
+        st.report(None).await;
+        Ok(st)
+    }
+
+    async fn handle(&self, myself: ActorRef<WorkerMsg>, msg: WorkerMsg, st: &mut WorkerState_) -> Result<(), ActorProcessingErr> {
+        match msg {
+            WorkerMsg::Take { max, hold, reply } => st.on_take(&myself, max, hold, reply).await,
+            WorkerMsg::Taken { jobs, reply } => st.on_taken(jobs, reply).await,
+            WorkerMsg::Done { job_id, body, reply } => st.on_done(&myself, job_id, body, reply).await,
+            WorkerMsg::Stream { job_id, chunk, reply } => st.on_stream(job_id, chunk, reply),
+            WorkerMsg::Ping { job_ids, unhealthy } => st.on_ping(job_ids, unhealthy).await,
+            WorkerMsg::GetStops(reply) => st.on_get_stops(reply),
+            WorkerMsg::StopJob { job_id, reason } => st.on_stop_job(job_id, reason).await,
+            WorkerMsg::Tick => st.on_tick().await,
+            WorkerMsg::Exited(exit) => return st.on_exited(&myself, exit),
+        }
+        Ok(())
+    }
+
+    async fn post_stop(&self, myself: ActorRef<WorkerMsg>, st: &mut WorkerState_) -> Result<(), ActorProcessingErr> {
+        st.args.registry.unregister(&st.args.worker_id, &myself);
+        st.handle.kill();
+        // jobs it held go back to the queue (or fail past their attempts), then redeliver
+        let me = st.args.worker_id.clone();
+        for (id, inflight) in st.inflight.drain() {
+            let attempt = inflight.record.attempts;
+            let lost = st
+                .store
+                .transition(&st.args.spec.id, &id, |r| {
+                    if r.worker_id.as_deref() != Some(me.as_str()) || r.attempts != attempt {
+                        return Err(lifecycle::TransitionError::NotRunning("held by another worker"));
+                    }
+                    lifecycle::worker_lost(r, now_ms())
+                })
+                .await;
+            match lost {
+                Ok(Applied::Changed { record, .. }) if record.state.is_terminal() => inflight.ack.ack().await,
+                _ => inflight.ack.nak().await,
+            }
+        }
+        Ok(())
+    }
+}
+
+fn worker_env(args: &WorkerArgs, token: &str) -> BTreeMap<String, String> {
+    let base = format!("{}/v2/{}", args.bridge_url.trim_end_matches('/'), args.spec.id);
+    let w = &args.worker_id;
+    let gpu = args.spec.gpu_types.first().map(|g| g.replace(' ', "+")).unwrap_or_else(|| "none".into());
+    BTreeMap::from([
+        ("RUNPOD_WEBHOOK_GET_JOB".into(), format!("{base}/job-take/{w}?gpu={gpu}")),
+        ("RUNPOD_WEBHOOK_POST_OUTPUT".into(), format!("{base}/job-done/{w}/$ID?gpu={gpu}")),
+        ("RUNPOD_WEBHOOK_POST_STREAM".into(), format!("{base}/job-stream/{w}/$ID?gpu={gpu}")),
+        ("RUNPOD_WEBHOOK_PING".into(), format!("{base}/ping/{w}")),
+        ("RUNPOD_PING_INTERVAL".into(), args.config.ping_interval_ms.to_string()),
+        ("RUNPOD_POD_ID".into(), w.clone()),
+        ("RUNPOD_AI_API_KEY".into(), token.to_string()),
+        ("RUNPOD_ENDPOINT_ID".into(), args.spec.id.clone()),
+        ("RUNPOD_SKIP_AUTO_SYSTEM_CHECKS".into(), "true".into()),
+        ("RUNPOD_SKIP_GPU_CHECK".into(), "true".into()),
+        ("RUNPOD_POD_HOSTNAME".into(), args.host_id.clone()),
+        ("RUNPOD_GPU_COUNT".into(), args.spec.gpu_count.to_string()),
+    ])
+}
+
+/// Reads a job-done body the way RunPod does (shared/reference/runpod.md §3.7).
+pub fn outcome_of(body: &Value) -> Outcome {
+    let output = body.get("output").cloned();
+    let stop_pod = body.get("stopPod").and_then(Value::as_bool).unwrap_or(false);
+    if body.get("status").and_then(Value::as_str) == Some("IN_PROGRESS") {
+        return Outcome::Progress(output.unwrap_or(Value::Null));
+    }
+    let error = match body.get("error") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) if s.is_empty() => None,
+        Some(Value::Bool(false)) => None,
+        Some(Value::String(s)) => Some(s.clone()),
+        Some(other) => Some(other.to_string()),
+    };
+    match error {
+        Some(error) => Outcome::Failed { error, output, stop_pod },
+        None => Outcome::Completed { output, stop_pod },
+    }
+}
+
+impl WorkerState_ {
+    fn endpoint(&self) -> &str {
+        &self.args.spec.id
+    }
+
+    /// Writes the worker record and publishes a worker event.
+    async fn report(&mut self, backoff_ms: Option<u64>) {
+        let now = now_ms();
+        let record = WorkerRecord {
+            id: self.args.worker_id.clone(),
+            endpoint: self.endpoint().to_string(),
+            host: self.args.host_id.clone(),
+            state: self.state,
+            reason: self.reason.clone(),
+            spec_version: self.args.spec.version,
+            current_jobs: self.inflight.keys().cloned().collect(),
+            runtime_ref: Some(self.handle.runtime_ref.clone()),
+            restarts: self.args.restarts,
+            failures: self.args.failures,
+            started_at_ms: self.started_at_ms,
+            updated_at_ms: now,
+            jobs_done: self.jobs_done,
+        };
+        put_worker_record(&self.args.nats, &record).await;
+        let event = WorkerEvent {
+            worker_id: record.id.clone(),
+            endpoint: record.endpoint.clone(),
+            host: record.host.clone(),
+            state: record.state,
+            reason: record.reason.clone(),
+            restarts: record.restarts,
+            failures: record.failures,
+            backoff_ms,
+            at_ms: now,
+        };
+        let subject = self.args.nats.names.worker_event_subject(&record.endpoint, record.state.as_str());
+        self.args.nats.publish_event(subject, &event).await;
+    }
+
+    async fn set_state(&mut self, state: WorkerState, reason: Option<String>) {
+        if self.state != state || self.reason != reason {
+            self.state = state;
+            self.reason = reason;
+            self.report(None).await;
+        }
+    }
+
+    async fn settle(&mut self) {
+        let state = if self.inflight.is_empty() { WorkerState::Idle } else { WorkerState::Running };
+        self.set_state(state, None).await;
+    }
+
+    async fn on_take(&mut self, myself: &ActorRef<WorkerMsg>, max: usize, hold: Duration, reply: RpcReplyPort<Vec<WorkerJob>>) {
+        if self.state == WorkerState::Initializing {
+            self.settle().await;
+        }
+        if self.draining {
+            // hold, then nothing: a draining worker is never refused outright (it would re-poll at once)
+            tokio::spawn(async move {
+                tokio::time::sleep(hold).await;
+                let _ = reply.send(vec![]);
+            });
+            return;
+        }
+        let consumers = self.consumers.clone();
+        let store = self.store.clone();
+        let (worker, host) = (self.args.worker_id.clone(), self.args.host_id.clone());
+        let me = myself.clone();
+        tokio::spawn(async move {
+            let jobs = fetch_and_take(&consumers, &store, &worker, &host, max, hold).await;
+            if let Err(e) = me.cast(WorkerMsg::Taken { jobs, reply }) {
+                tracing::warn!(worker_id = %worker, error = %e, "worker stopped while taking jobs; they will be redelivered");
+            }
+        });
+    }
+
+    async fn on_taken(&mut self, jobs: Vec<TakenJob>, reply: RpcReplyPort<Vec<WorkerJob>>) {
+        let handed: Vec<WorkerJob> = jobs.iter().map(|t| t.job.clone()).collect();
+        if reply.send(handed).is_err() {
+            // the worker gave up its request: undo the takes, without counting them
+            for t in jobs {
+                let store = self.store.clone();
+                let worker = self.args.worker_id.clone();
+                tokio::spawn(async move {
+                    let _ = store.transition(&t.record.endpoint, &t.record.id, |r| lifecycle::release(r, &worker)).await;
+                    t.ack.nak().await;
+                });
+            }
+            return;
+        }
+        for t in jobs {
+            self.inflight.insert(t.job.id.clone(), Inflight { ack: t.ack, record: t.record, last_progress: Instant::now() });
+        }
+        self.settle().await;
+    }
+
+    async fn on_done(&mut self, myself: &ActorRef<WorkerMsg>, job_id: String, body: Value, reply: RpcReplyPort<Result<(), String>>) {
+        let outcome = outcome_of(&body);
+        let progress = matches!(outcome, Outcome::Progress(_));
+        let stop_pod = matches!(outcome, Outcome::Completed { stop_pod: true, .. } | Outcome::Failed { stop_pod: true, .. });
+        let inflight = if progress { None } else { self.inflight.remove(&job_id) };
+        if shoal_protocol::ids::validate_id("job id", &job_id).is_err() {
+            let _ = reply.send(Ok(()));
+            return;
+        }
+        let store = self.store.clone();
+        let endpoint = self.endpoint().to_string();
+        let worker = self.args.worker_id.clone();
+        tokio::spawn(async move {
+            let applied = store.transition(&endpoint, &job_id, |r| lifecycle::finish(r, outcome.clone(), now_ms())).await;
+            let result = match applied {
+                Ok(Applied::Refused { reason, .. }) => {
+                    tracing::debug!(worker_id = %worker, job_id = %job_id, %reason, "result dropped");
+                    Ok(())
+                }
+                Ok(_) => Ok(()),
+                Err(e) => Err(e.to_string()),
+            };
+            if let Some(inflight) = inflight {
+                match &result {
+                    Ok(()) => inflight.ack.ack().await,
+                    Err(_) => inflight.ack.nak().await,
+                }
+            }
+            let _ = reply.send(result);
+        });
+        if !progress {
+            self.jobs_done += 1;
+            if stop_pod {
+                self.draining = true;
+            }
+            if self.draining && self.inflight.is_empty() {
+                myself.stop(Some(STOP_REFRESH.into()));
+                return;
+            }
+            self.settle().await;
+        }
+    }
+
+    fn on_stream(&mut self, job_id: String, chunk: Value, reply: RpcReplyPort<Result<(), String>>) {
+        if !self.inflight.contains_key(&job_id) {
+            let _ = reply.send(Ok(())); // cancelled or finished: dropped
+            return;
+        }
+        let nats = self.args.nats.clone();
+        tokio::spawn(async move {
+            let result = async {
+                let bytes = to_msgpack(&chunk).map_err(|e| e.to_string())?;
+                let ack = nats.js.publish(nats.names.stream_subject(&job_id), Bytes::from(bytes)).await.map_err(|e| e.to_string())?;
+                ack.await.map_err(|e| e.to_string()).map(|_| ())
+            }
+            .await;
+            let _ = reply.send(result);
+        });
+    }
+
+    async fn on_ping(&mut self, job_ids: Vec<String>, unhealthy: Option<String>) {
+        let listed: HashSet<String> = job_ids.into_iter().collect();
+        self.stops.retain(|id, _| listed.contains(id) || self.inflight.contains_key(id));
+        self.last_ping = Some((Instant::now(), listed));
+        if let Some(reason) = unhealthy {
+            self.set_state(WorkerState::Unhealthy, Some(reason)).await;
+        }
+    }
+
+    fn on_get_stops(&mut self, reply: RpcReplyPort<Vec<String>>) {
+        let _ = reply.send(self.stops.keys().cloned().collect());
+    }
+
+    async fn on_stop_job(&mut self, job_id: String, reason: String) {
+        if let Some(inflight) = self.inflight.remove(&job_id) {
+            tracing::info!(worker_id = %self.args.worker_id, job_id = %job_id, %reason, "stopping job");
+            inflight.ack.ack().await; // its record is terminal already
+            self.stops.insert(job_id, Instant::now());
+            self.settle().await;
+        }
+    }
+
+    async fn on_tick(&mut self) {
+        let every = Duration::from_millis(self.args.config.ack_wait_ms / 3);
+        for inflight in self.inflight.values_mut() {
+            if inflight.last_progress.elapsed() >= every {
+                inflight.ack.progress().await;
+                inflight.last_progress = Instant::now();
+            }
+        }
+        // a stopped job still listed in the worker's pings past the grace: only a kill stops it
+        let grace = Duration::from_millis(self.args.config.stop_grace_ms);
+        let stuck = self.stops.iter().any(|(id, since)| {
+            since.elapsed() >= grace
+                && match &self.last_ping {
+                    Some((at, listed)) if at > since => listed.contains(id),
+                    _ => true,
+                }
+        });
+        if stuck && !self.killed_for_stop {
+            tracing::warn!(worker_id = %self.args.worker_id, "worker did not stop a job within the grace; killing it");
+            self.killed_for_stop = true;
+            self.draining = true;
+            self.handle.kill();
+        }
+    }
+
+    fn on_exited(&mut self, myself: &ActorRef<WorkerMsg>, exit: Exit) -> Result<(), ActorProcessingErr> {
+        if self.killed_for_stop || (self.draining && exit.code == Some(0)) {
+            myself.stop(Some(STOP_REFRESH.into()));
+            return Ok(());
+        }
+        let mut reason = format!("worker process {}", exit.description);
+        if !exit.log_tail.is_empty() {
+            reason.push_str(": ");
+            reason.push_str(&exit.log_tail);
+        }
+        Err(reason.into())
+    }
+}
+
+pub async fn put_worker_record(nats: &Nats, record: &WorkerRecord) {
+    match to_msgpack(record) {
+        Ok(bytes) => {
+            let key = nats.names.worker_key(&record.endpoint, &record.id);
+            if let Err(e) = nats.workers.put(key, Bytes::from(bytes)).await {
+                tracing::warn!(worker_id = %record.id, error = %e, "cannot write worker record");
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "cannot encode worker record"),
+    }
+}
+
+/// Long-polls the endpoint's queues (normal first, low only when normal is empty) and takes
+/// what arrives: each token's record goes IN_PROGRESS on this worker by compare-and-set.
+async fn fetch_and_take(
+    consumers: &(PullConsumer, PullConsumer),
+    store: &JobStore,
+    worker: &str,
+    host: &str,
+    max: usize,
+    hold: Duration,
+) -> Vec<TakenJob> {
+    let deadline = Instant::now() + hold;
+    let mut taken = Vec::new();
+    while taken.is_empty() {
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        if remaining < Duration::from_millis(10) {
+            break;
+        }
+        // normal jobs first; low-priority ones only when no normal job waits
+        let mut msgs = drain(consumers.0.fetch().max_messages(max).messages().await.ok()).await;
+        if msgs.is_empty() {
+            msgs = drain(consumers.1.fetch().max_messages(max).messages().await.ok()).await;
+        }
+        if msgs.is_empty() {
+            // wait for a normal job; wake at least every second to look at the low queue
+            let wait = remaining.min(Duration::from_secs(1));
+            match consumers.0.batch().max_messages(max).expires(wait).messages().await {
+                Ok(b) => msgs = drain(Some(b)).await,
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+        for m in msgs {
+            let (message, acker) = m.split();
+            let ack = AckGuard::new(acker);
+            let Ok(token) = from_msgpack::<JobToken>(&message.payload) else {
+                tracing::warn!(subject = %message.subject, "undecodable job token dropped");
+                ack.ack().await;
+                continue;
+            };
+            if let Some(t) = take_one(store, &token, worker, host, ack).await {
+                taken.push(t);
+            }
+        }
+    }
+    taken
+}
+
+async fn take_one(store: &JobStore, token: &JobToken, worker: &str, host: &str, ack: AckGuard) -> Option<TakenJob> {
+    for _ in 0..16 {
+        let (rec, rev) = match store.get(&token.endpoint, &token.id).await {
+            Ok(Some(found)) => found,
+            Ok(None) => {
+                ack.ack().await; // record expired or purged: nothing to run
+                return None;
+            }
+            Err(e) => {
+                tracing::warn!(job_id = %token.id, error = %e, "cannot read job record; redelivering");
+                return None; // the guard naks
+            }
+        };
+        let key = store.key(&rec.endpoint, &rec.id);
+        let (next, run) = match lifecycle::take(&rec, worker, host, now_ms()) {
+            Take::Run(next) => (next, true),
+            Take::Expired(next) | Take::Exhausted(next) => (next, false),
+            Take::Skip => {
+                ack.ack().await;
+                return None;
+            }
+        };
+        match store.write(&key, &next, rev).await {
+            Ok(Some(_)) => {
+                store.publish_event(&next).await;
+                if !run {
+                    ack.ack().await;
+                    return None;
+                }
+                let job = WorkerJob { id: next.id.clone(), input: next.input.clone(), s3_config: next.s3_config.clone() };
+                return Some(TakenJob { job, record: next, ack });
+            }
+            Ok(None) => continue,
+            Err(e) => {
+                tracing::warn!(job_id = %token.id, error = %e, "cannot take job; redelivering");
+                return None;
+            }
+        }
+    }
+    None
+}
+
+async fn drain(batch: Option<async_nats::jetstream::consumer::pull::Batch>) -> Vec<async_nats::jetstream::Message> {
+    let mut out = Vec::new();
+    if let Some(mut b) = batch {
+        while let Some(Ok(m)) = b.next().await {
+            out.push(m);
+        }
+    }
+    out
+}

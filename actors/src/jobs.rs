@@ -1,0 +1,180 @@
+//! The job store: job records in the `shoal-jobs` KV, changed only by compare-and-set with the
+//! pure transitions of [`shoal_protocol::lifecycle`]. Each applied change publishes a job event.
+
+use std::time::Duration;
+
+use async_nats::jetstream::kv;
+use bytes::Bytes;
+use futures::StreamExt;
+use shoal_protocol::codec::{from_msgpack, to_msgpack};
+use shoal_protocol::events::JobEvent;
+use shoal_protocol::job::JobRecord;
+use shoal_protocol::lifecycle::TransitionError;
+
+use crate::clock::now_ms;
+use crate::nats::Nats;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("job store unavailable: {0}")]
+    Unavailable(String),
+    #[error("job record {key} is corrupt: {reason}")]
+    Corrupt { key: String, reason: String },
+    #[error("job record {0} keeps changing under us")]
+    Contended(String),
+}
+
+/// The result of [`JobStore::transition`].
+#[derive(Debug)]
+pub enum Applied {
+    /// Written: the new record and its revision.
+    Changed { record: JobRecord, previous: JobRecord, revision: u64 },
+    /// The transition refused the current record (already terminal, wrong state).
+    Refused { record: JobRecord, reason: TransitionError },
+    NotFound,
+}
+
+#[derive(Clone, Debug)]
+pub struct JobStore {
+    nats: Nats,
+}
+
+impl JobStore {
+    pub fn new(nats: Nats) -> JobStore {
+        JobStore { nats }
+    }
+
+    pub fn key(&self, endpoint: &str, id: &str) -> String {
+        self.nats.names.job_key(endpoint, id)
+    }
+
+    pub async fn get(&self, endpoint: &str, id: &str) -> Result<Option<(JobRecord, u64)>, StoreError> {
+        let key = self.key(endpoint, id);
+        let entry = self.nats.jobs.entry(&key).await.map_err(|e| StoreError::Unavailable(e.to_string()))?;
+        match entry {
+            Some(e) if e.operation == kv::Operation::Put => Ok(Some((decode(&key, &e.value)?, e.revision))),
+            _ => Ok(None),
+        }
+    }
+
+    /// Finds a job by id alone (the CLI may not know its endpoint): watches `*.<id>`.
+    pub async fn find(&self, id: &str) -> Result<Option<(JobRecord, u64)>, StoreError> {
+        let pattern = self.nats.names.job_key_any_endpoint(id);
+        let mut watch = self.nats.jobs.watch_with_history(&pattern).await.map_err(|e| StoreError::Unavailable(e.to_string()))?;
+        match tokio::time::timeout(Duration::from_millis(500), watch.next()).await {
+            Ok(Some(Ok(e))) if e.operation == kv::Operation::Put => Ok(Some((decode(&e.key, &e.value)?, e.revision))),
+            Ok(Some(Err(e))) => Err(StoreError::Unavailable(e.to_string())),
+            _ => Ok(None),
+        }
+    }
+
+    /// Creates a new record; `Ok(None)` if one with this id exists.
+    pub async fn create(&self, rec: &JobRecord) -> Result<Option<u64>, StoreError> {
+        let key = self.key(&rec.endpoint, &rec.id);
+        let bytes = encode(&key, rec)?;
+        match self.nats.jobs.create(&key, bytes).await {
+            Ok(rev) => {
+                self.publish_event(rec).await;
+                Ok(Some(rev))
+            }
+            Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => Ok(None),
+            Err(e) => Err(StoreError::Unavailable(e.to_string())),
+        }
+    }
+
+    pub async fn delete(&self, endpoint: &str, id: &str) -> Result<(), StoreError> {
+        self.nats.jobs.purge(self.key(endpoint, id)).await.map_err(|e| StoreError::Unavailable(e.to_string()))
+    }
+
+    /// Reads the record, applies `f`, writes the result if the revision did not move; on a
+    /// conflict reads again and re-applies. `f` is a pure lifecycle transition.
+    pub async fn transition<F>(&self, endpoint: &str, id: &str, f: F) -> Result<Applied, StoreError>
+    where
+        F: Fn(&JobRecord) -> Result<JobRecord, TransitionError>,
+    {
+        let key = self.key(endpoint, id);
+        for _ in 0..16 {
+            let Some((current, revision)) = self.get(endpoint, id).await? else {
+                return Ok(Applied::NotFound);
+            };
+            let next = match f(&current) {
+                Ok(next) => next,
+                Err(reason) => return Ok(Applied::Refused { record: current, reason }),
+            };
+            match self.write(&key, &next, revision).await? {
+                Some(rev) => {
+                    if next.state != current.state {
+                        self.publish_event(&next).await;
+                    }
+                    return Ok(Applied::Changed { record: next, previous: current, revision: rev });
+                }
+                None => continue,
+            }
+        }
+        Err(StoreError::Contended(key))
+    }
+
+    /// Compare-and-set of one record; `Ok(None)` when the revision moved.
+    pub async fn write(&self, key: &str, rec: &JobRecord, revision: u64) -> Result<Option<u64>, StoreError> {
+        let bytes = encode(key, rec)?;
+        match self.nats.jobs.update(key, bytes, revision).await {
+            Ok(rev) => Ok(Some(rev)),
+            Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => Ok(None),
+            Err(e) => Err(StoreError::Unavailable(e.to_string())),
+        }
+    }
+
+    pub async fn publish_event(&self, rec: &JobRecord) {
+        let event = JobEvent {
+            job_id: rec.id.clone(),
+            endpoint: rec.endpoint.clone(),
+            state: rec.state,
+            attempts: rec.attempts,
+            worker_id: rec.worker_id.clone(),
+            error: rec.error.clone(),
+            at_ms: now_ms(),
+        };
+        let subject = self.nats.names.job_event_subject(&rec.endpoint, &rec.id, rec.state.event_token());
+        self.nats.publish_event(subject, &event).await;
+    }
+}
+
+fn encode(key: &str, rec: &JobRecord) -> Result<Bytes, StoreError> {
+    to_msgpack(rec).map(Bytes::from).map_err(|e| StoreError::Corrupt { key: key.to_string(), reason: e.to_string() })
+}
+
+pub fn decode(key: &str, bytes: &[u8]) -> Result<JobRecord, StoreError> {
+    from_msgpack(bytes).map_err(|e| StoreError::Corrupt { key: key.to_string(), reason: e.to_string() })
+}
+
+/// The durable pull consumer the workers of an endpoint share for one priority. Created by
+/// whoever needs it first, always with the same config.
+pub async fn jobs_consumer(
+    nats: &Nats,
+    endpoint: &str,
+    priority: shoal_protocol::job::Priority,
+    ack_wait: Duration,
+) -> Result<async_nats::jetstream::consumer::PullConsumer, StoreError> {
+    use async_nats::jetstream::consumer::{AckPolicy, pull};
+    let name = nats.names.jobs_consumer(endpoint, priority);
+    let stream = nats
+        .js
+        .get_stream(nats.names.jobs_stream())
+        .await
+        .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+    stream
+        .get_or_create_consumer(
+            &name,
+            pull::Config {
+                durable_name: Some(name.clone()),
+                filter_subject: nats.names.job_subject(endpoint, priority),
+                ack_policy: AckPolicy::Explicit,
+                ack_wait,
+                max_ack_pending: 100_000,
+                max_waiting: 4096,
+                ..Default::default()
+            },
+        )
+        .await
+        .map_err(|e| StoreError::Unavailable(e.to_string()))
+}
