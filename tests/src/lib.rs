@@ -1,1 +1,249 @@
-//! placeholder
+//! The test harness: a real `nats-server -js` per test (random port, own store directory,
+//! killed and cleaned up on drop), a shoal control plane and host wired to it in-process, and
+//! helpers to find the runpod venv's Python and the Rust example worker.
+//!
+//! Each test gets its own server, and its own subject prefix besides, so tests run in parallel.
+
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use shoal_actors::client::ApiClient;
+use shoal_actors::control::{self, ControlConfig, ControlHandle};
+use shoal_actors::host::backoff::BackoffPolicy;
+use shoal_actors::host::{self, HostConfig, HostHandle};
+use shoal_actors::nats::{Nats, Topology};
+use shoal_actors::runtime::process::ProcessRuntime;
+use shoal_protocol::endpoint::EndpointSpec;
+use shoal_protocol::names::Names;
+
+/// The repository root (tests run from `tests/`).
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().map(PathBuf::from).unwrap_or_default()
+}
+
+fn find_tool(env: &str, pattern_dir: &str, name: &str) -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os(env) {
+        return Some(PathBuf::from(p));
+    }
+    let tools = std::env::var_os("SHOAL_TOOLS").map(PathBuf::from).unwrap_or_else(|| repo_root().join(".tools"));
+    let mut found: Vec<PathBuf> = std::fs::read_dir(&tools)
+        .ok()?
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .filter(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with(pattern_dir)))
+        .map(|p| p.join("bin").join(name))
+        .filter(|p| p.exists())
+        .collect();
+    found.sort();
+    found.pop()
+}
+
+/// The nats-server binary: `$SHOAL_NATS_SERVER`, `.tools/nats-*`, or `nats-server` on PATH.
+pub fn nats_server_bin() -> PathBuf {
+    find_tool("SHOAL_NATS_SERVER", "nats-", "nats-server").unwrap_or_else(|| PathBuf::from("nats-server"))
+}
+
+/// The runpod venv's Python: `$SHOAL_PYTHON` or `.tools/venv-runpod-*`.
+pub fn python_bin() -> Result<PathBuf> {
+    find_tool("SHOAL_PYTHON", "venv-runpod", "python").context("no runpod venv: run ./scripts/setup.sh (or set SHOAL_PYTHON)")
+}
+
+/// The Rust example worker: `$SHOAL_EXAMPLE_WORKER`, or built next to this test binary.
+pub fn example_worker_bin() -> Result<PathBuf> {
+    if let Some(p) = std::env::var_os("SHOAL_EXAMPLE_WORKER") {
+        return Ok(PathBuf::from(p));
+    }
+    let exe = std::env::current_exe()?;
+    let profile_dir = exe.parent().and_then(|p| p.parent()).context("no target dir")?;
+    let bin = profile_dir.join("shoal-example-worker");
+    if bin.exists() {
+        Ok(bin)
+    } else {
+        bail!("{} is missing: run `cargo build -p shoal-example-worker` (scripts/test does)", bin.display())
+    }
+}
+
+fn free_port() -> Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// A `nats-server -js` of this test's own.
+pub struct NatsServer {
+    child: Child,
+    pub port: u16,
+    pub url: String,
+    _store: tempfile::TempDir,
+    extra_args: Vec<String>,
+    store_dir: PathBuf,
+}
+
+impl NatsServer {
+    pub fn start() -> Result<NatsServer> {
+        Self::start_with(&[])
+    }
+
+    /// Starts with extra server flags (e.g. `["--max_payload", "2MB"]`).
+    pub fn start_with(extra: &[&str]) -> Result<NatsServer> {
+        let store = tempfile::tempdir()?;
+        let store_dir = store.path().to_path_buf();
+        let extra_args: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        // a free port may be taken between the probe and the bind: try a few
+        for _ in 0..5 {
+            let port = free_port()?;
+            let mut child = spawn_server(port, &store_dir, &extra_args)?;
+            if wait_ready(&mut child, port, Duration::from_secs(10)) {
+                return Ok(NatsServer { child, port, url: format!("nats://127.0.0.1:{port}"), _store: store, extra_args, store_dir });
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        bail!("nats-server did not start")
+    }
+
+    /// Kills the server (as a crash would) and starts it again on the same port and store.
+    pub fn restart(&mut self) -> Result<()> {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.child = spawn_server(self.port, &self.store_dir, &self.extra_args)?;
+        if !wait_ready(&mut self.child, self.port, Duration::from_secs(10)) {
+            bail!("nats-server did not restart");
+        }
+        Ok(())
+    }
+}
+
+fn wait_ready(child: &mut Child, port: u16, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            return false;
+        }
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    false
+}
+
+fn spawn_server(port: u16, store_dir: &std::path::Path, extra: &[String]) -> Result<Child> {
+    let bin = nats_server_bin();
+    Command::new(&bin)
+        .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
+        .arg(store_dir)
+        .args(extra)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .with_context(|| format!("cannot start {} (run ./scripts/setup.sh to install the pinned nats-server)", bin.display()))
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+static PREFIX_COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// A unique subject prefix for one test.
+pub fn test_prefix() -> String {
+    format!("t{}x{}", std::process::id(), PREFIX_COUNTER.fetch_add(1, Ordering::Relaxed))
+}
+
+/// Host settings that make tests fast: short holds, pings and ticks.
+pub fn fast_host_config(state_dir: &std::path::Path) -> HostConfig {
+    HostConfig {
+        hold_ms: 2_000,
+        ping_interval_ms: 1_000,
+        stop_grace_ms: 3_000,
+        ack_wait_ms: 5_000,
+        heartbeat_ms: 1_000,
+        state_dir: state_dir.to_path_buf(),
+        workdir: Some(repo_root()),
+        backoff: BackoffPolicy { base_ms: 300, factor: 2.0, cap_ms: 5_000, jitter: 0.1, stable_ms: 30_000, unhealthy_after: 3 },
+        ..HostConfig::default()
+    }
+}
+
+/// One shoal installation on a test's own server: control plane, one host, a client.
+pub struct Shoal {
+    pub server: NatsServer,
+    pub nats: Nats,
+    pub api: ApiClient,
+    pub control: Option<ControlHandle>,
+    pub host: Option<HostHandle>,
+    pub state_dir: tempfile::TempDir,
+}
+
+impl Shoal {
+    pub async fn start() -> Result<Shoal> {
+        Self::start_with(ControlConfig { tick_ms: 100, ..ControlConfig::default() }, |_| {}).await
+    }
+
+    pub async fn start_with(control_config: ControlConfig, tweak_host: impl FnOnce(&mut HostConfig)) -> Result<Shoal> {
+        let _ = tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::from_default_env()).with_test_writer().try_init();
+        let server = NatsServer::start()?;
+        let names = Names::new(&test_prefix())?;
+        let nats = Nats::connect(&server.url, names.clone(), &Topology::default()).await?;
+        let control = control::start(nats.clone(), control_config).await?;
+        let state_dir = tempfile::tempdir()?;
+        let mut host_config = fast_host_config(state_dir.path());
+        tweak_host(&mut host_config);
+        let host = host::start(nats.clone(), host_config, Arc::new(ProcessRuntime)).await?;
+        let api = ApiClient::new(nats.client.clone(), names);
+        Ok(Shoal { server, nats, api, control: Some(control), host: Some(host), state_dir })
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(h) = self.host.take() {
+            h.stop().await;
+        }
+        if let Some(c) = self.control.take() {
+            c.stop().await;
+        }
+    }
+}
+
+/// An endpoint running the runpod-SDK example handler (examples/python-worker/handler.py).
+pub fn python_endpoint(id: &str) -> Result<EndpointSpec> {
+    let python = python_bin()?;
+    let mut spec = EndpointSpec::with_command(id, &format!("exec {} examples/python-worker/handler.py", python.display()));
+    spec.workers_min = 1;
+    spec.workers_max = 1;
+    spec.env.insert("RUNPOD_LOG_LEVEL".into(), "INFO".into());
+    Ok(spec)
+}
+
+/// An endpoint running the Rust example worker.
+pub fn rust_endpoint(id: &str) -> Result<EndpointSpec> {
+    let bin = example_worker_bin()?;
+    let mut spec = EndpointSpec::with_command(id, &format!("exec {}", bin.display()));
+    spec.workers_min = 1;
+    spec.workers_max = 1;
+    Ok(spec)
+}
+
+/// Polls `check` until it returns `Some`, or fails after `timeout` with `what`.
+pub async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut check: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = check().await {
+            return Ok(v);
+        }
+        if Instant::now() >= deadline {
+            bail!("timed out after {timeout:?} waiting for: {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

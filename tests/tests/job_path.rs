@@ -1,0 +1,73 @@
+//! The core job path: a job submitted by a plain NATS client runs on a real worker process
+//! (the runpod SDK's Python handler, and the Rust example worker), and its result is read
+//! back with `status`.
+
+use std::time::Duration;
+
+use anyhow::{Context, Result, ensure};
+use bytes::Bytes;
+use serde_json::{Value, json};
+use shoal_tests::{Shoal, python_endpoint, rust_endpoint};
+
+/// What any NATS client can do, with no shoal code: JSON request, JSON reply.
+async fn bare_request(url: &str, subject: String, body: Value, timeout: Duration) -> Result<(Value, Option<String>)> {
+    let client = async_nats::connect(url).await?;
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("Content-Type", "application/json");
+    let request = async_nats::Request::new()
+        .payload(Bytes::from(serde_json::to_vec(&body)?))
+        .headers(headers)
+        .timeout(Some(timeout));
+    let reply = client.send_request(subject, request).await?;
+    let code = reply.headers.as_ref().and_then(|h| h.get("Nats-Service-Error-Code")).map(|v| v.to_string());
+    Ok((serde_json::from_slice(&reply.payload).context("reply is JSON")?, code))
+}
+
+async fn run_through_bare_client(shoal: &Shoal, endpoint: &str, input: Value) -> Result<Value> {
+    let prefix = shoal.nats.names.prefix().to_string();
+    let (submitted, err) =
+        bare_request(&shoal.server.url, format!("{prefix}.v1.api.job.run"), json!({"endpoint": endpoint, "input": input}), Duration::from_secs(10)).await?;
+    ensure!(err.is_none(), "run failed: {submitted}");
+    ensure!(submitted["status"] == "IN_QUEUE", "{submitted}");
+    let id = submitted["id"].as_str().context("id")?.to_string();
+    ensure!(id.ends_with("-u1"), "RunPod-style id: {id}");
+    let (status, err) = bare_request(
+        &shoal.server.url,
+        format!("{prefix}.v1.api.job.status"),
+        json!({"endpoint": endpoint, "id": id, "wait_ms": 60_000}),
+        Duration::from_secs(70),
+    )
+    .await?;
+    ensure!(err.is_none(), "status failed: {status}");
+    Ok(status)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bare_nats_client_runs_a_job_on_the_runpod_python_worker() -> Result<()> {
+    let shoal = Shoal::start().await?;
+    shoal.api.create_endpoint(&python_endpoint("echo-py")?).await?;
+    let input = json!({"mode": "echo", "text": "héllo", "n": [1, 2, 3]});
+    let status = run_through_bare_client(&shoal, "echo-py", input.clone()).await?;
+    assert_eq!(status["status"], "COMPLETED", "{status}");
+    assert_eq!(status["output"], input);
+    assert_eq!(status["attempts"], 1);
+    assert!(status["worker_id"].is_string());
+    assert!(status["execution_time_ms"].is_u64());
+    shoal.stop().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bare_nats_client_runs_a_job_on_the_rust_example_worker() -> Result<()> {
+    let shoal = Shoal::start().await?;
+    shoal.api.create_endpoint(&rust_endpoint("echo-rs")?).await?;
+    let status = run_through_bare_client(&shoal, "echo-rs", json!({"x": 1})).await?;
+    assert_eq!(status["status"], "COMPLETED", "{status}");
+    assert_eq!(status["output"], json!({"x": 1}));
+    // and a failing job reports the handler's error
+    let status = run_through_bare_client(&shoal, "echo-rs", json!({"fail": "bad input"})).await?;
+    assert_eq!(status["status"], "FAILED", "{status}");
+    assert_eq!(status["error"], "bad input");
+    shoal.stop().await;
+    Ok(())
+}
