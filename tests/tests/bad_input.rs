@@ -1,0 +1,102 @@
+//! Bad input gets a clear error (a code and a message) and the service keeps serving.
+
+use std::time::Duration;
+
+use anyhow::Result;
+use bytes::Bytes;
+use serde_json::{Value, json};
+use shoal_actors::control::ControlConfig;
+use shoal_protocol::api::{JobRef, RunRequest};
+use shoal_protocol::endpoint::EndpointSpec;
+use shoal_protocol::{ApiError, ErrorCode};
+use shoal_tests::{Shoal, rust_endpoint};
+
+async fn raw(shoal: &Shoal, op: &str, content_type: Option<&str>, body: Vec<u8>) -> Result<(Option<String>, Value)> {
+    let mut headers = async_nats::HeaderMap::new();
+    if let Some(ct) = content_type {
+        headers.insert("Content-Type", ct);
+    }
+    let req = async_nats::Request::new().payload(Bytes::from(body)).headers(headers).timeout(Some(Duration::from_secs(10)));
+    let reply = shoal.nats.client.send_request(shoal.nats.names.api_subject(op), req).await?;
+    let code = reply.headers.as_ref().and_then(|h| h.get("Nats-Service-Error-Code")).map(|v| v.to_string());
+    let body = if content_type == Some("application/json") {
+        serde_json::from_slice(&reply.payload)?
+    } else {
+        rmp_serde_value(&reply.payload)
+    };
+    Ok((code, body))
+}
+
+fn rmp_serde_value(bytes: &[u8]) -> Value {
+    shoal_protocol::codec::from_msgpack(bytes).unwrap_or(Value::Null)
+}
+
+fn run_req(endpoint: &str, input: Value) -> RunRequest {
+    RunRequest { endpoint: endpoint.into(), input, policy: None, webhook: None, s3_config: None, idempotency_key: None, wait_ms: 0, sync: false }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_requests_get_clear_errors_and_the_service_keeps_serving() -> Result<()> {
+    let shoal = Shoal::start_with(ControlConfig { tick_ms: 100, max_input_bytes: 64 * 1024, ..Default::default() }, |_| {}).await?;
+    shoal.api.create_endpoint(&rust_endpoint("ok")?).await?;
+
+    // malformed MessagePack
+    let (code, body) = raw(&shoal, "job.run", None, vec![0xc1, 0xff, 0x00]).await?;
+    assert_eq!(code.as_deref(), Some("400"));
+    assert_eq!(body["code"], "bad_request");
+    assert!(body["message"].as_str().unwrap_or_default().contains("MessagePack"), "{body}");
+    // malformed JSON
+    let (code, body) = raw(&shoal, "job.run", Some("application/json"), b"{not json".to_vec()).await?;
+    assert_eq!(code.as_deref(), Some("400"));
+    assert!(body["message"].as_str().unwrap_or_default().contains("JSON"), "{body}");
+    // missing input
+    let (code, body) = raw(&shoal, "job.run", Some("application/json"), serde_json::to_vec(&json!({"endpoint": "ok"}))?).await?;
+    assert_eq!(code.as_deref(), Some("400"));
+    assert!(body["message"].as_str().unwrap_or_default().contains("input"), "{body}");
+
+    // unknown endpoint
+    let err: ApiError = shoal.api.run(&run_req("nope", json!(1))).await.expect_err("unknown");
+    assert_eq!(err.code, ErrorCode::NotFound);
+    assert!(err.message.contains("nope"));
+    // wildcards and separators in ids
+    for bad in ["ep*", ">", "a.b", "a b", ""] {
+        let err = shoal.api.run(&run_req(bad, json!(1))).await.expect_err(bad);
+        assert_eq!(err.code, ErrorCode::BadRequest, "{bad}: {err}");
+        let err = shoal.api.status(&JobRef { endpoint: Some("ok".into()), id: bad.into(), wait_ms: 0 }).await.expect_err(bad);
+        assert_eq!(err.code, ErrorCode::BadRequest, "{bad}: {err}");
+        let err = shoal.api.health(bad).await.expect_err(bad);
+        assert_eq!(err.code, ErrorCode::BadRequest, "{bad}: {err}");
+    }
+    // unknown job
+    let err = shoal.api.status(&JobRef { endpoint: Some("ok".into()), id: "missing-u1".into(), wait_ms: 0 }).await.expect_err("missing");
+    assert_eq!(err.code, ErrorCode::NotFound);
+    // oversize payload
+    let big = "x".repeat(100 * 1024);
+    let err = shoal.api.run(&run_req("ok", json!({"blob": big}))).await.expect_err("too large");
+    assert_eq!(err.code, ErrorCode::TooLarge);
+    assert!(err.message.contains("max_input_bytes"), "{err}");
+    // invalid policy and spec
+    let mut req = run_req("ok", json!(1));
+    req.policy = Some(shoal_protocol::job::PolicyRequest { ttl_ms: Some(5), ..Default::default() });
+    assert_eq!(shoal.api.run(&req).await.expect_err("ttl").code, ErrorCode::BadRequest);
+    let mut spec = EndpointSpec::with_command("bad-spec", "true");
+    spec.workers_min = 9;
+    let err = shoal.api.create_endpoint(&spec).await.expect_err("invalid spec");
+    assert_eq!(err.code, ErrorCode::BadRequest);
+    assert!(err.message.contains("workers_min"), "{err}");
+    assert_eq!(shoal.api.create_endpoint(&rust_endpoint("ok")?).await.expect_err("exists").code, ErrorCode::Conflict);
+
+    // still serving
+    let mut req = run_req("ok", json!({"still": "alive"}));
+    req.wait_ms = 30_000;
+    let done = shoal.api.run(&req).await?;
+    assert_eq!(done.output, Some(json!({"still": "alive"})));
+    // idempotency: the same key returns the same job
+    let mut req = run_req("ok", json!({"once": true}));
+    req.idempotency_key = Some("order-42".into());
+    let a = shoal.api.run(&req).await?;
+    let b = shoal.api.run(&req).await?;
+    assert_eq!(a.id, b.id);
+    shoal.stop().await;
+    Ok(())
+}

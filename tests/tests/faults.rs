@@ -1,0 +1,117 @@
+//! Faults: a worker process killed mid-job (redelivery, exactly one result), and a handler
+//! that crashes at start (restarts under backoff, Unhealthy, recovery).
+
+use std::time::Duration;
+
+use anyhow::{Context, Result, ensure};
+use futures::StreamExt;
+use serde_json::json;
+use shoal_protocol::api::{JobRef, RunRequest};
+use shoal_protocol::codec::from_msgpack;
+use shoal_protocol::events::{JobEvent, WorkerEvent};
+use shoal_protocol::job::JobState;
+use shoal_protocol::worker::WorkerState;
+use shoal_tests::{Shoal, eventually, python_endpoint};
+
+fn run_req(endpoint: &str, input: serde_json::Value) -> RunRequest {
+    RunRequest {
+        endpoint: endpoint.into(),
+        input,
+        policy: None,
+        webhook: None,
+        s3_config: None,
+        idempotency_key: None,
+        wait_ms: 0,
+        sync: false,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_killed_mid_job_gets_its_job_redelivered_and_recorded_once() -> Result<()> {
+    let shoal = Shoal::start().await?;
+    shoal.api.create_endpoint(&python_endpoint("fragile")?).await?;
+    let mut events = shoal.nats.client.subscribe(shoal.nats.names.events_of_kind("job")).await?;
+
+    let submitted = shoal.api.run(&run_req("fragile", json!({"mode": "sleep", "seconds": 3}))).await?;
+    let jref = JobRef { endpoint: Some("fragile".into()), id: submitted.id.clone(), wait_ms: 0 };
+    let running = eventually(Duration::from_secs(60), "job running", || async {
+        shoal.api.status(&jref).await.ok().filter(|s| s.status == JobState::InProgress)
+    })
+    .await?;
+    let worker_id = running.worker_id.context("worker id")?;
+    let workers = shoal.api.workers(Some("fragile")).await?;
+    let worker = workers.workers.iter().find(|w| w.id == worker_id).context("worker record")?;
+    let pid = worker.runtime_ref.as_deref().and_then(|r| r.strip_prefix("pid:")).context("a process worker")?;
+    // `sh -c exec python ...`: the pid is the handler's own process
+    let killed = std::process::Command::new("kill").args(["-KILL", pid]).status()?;
+    ensure!(killed.success(), "kill failed");
+
+    let mut done = jref.clone();
+    done.wait_ms = 90_000;
+    let status = shoal.api.status(&done).await?;
+    assert_eq!(status.status, JobState::Completed, "{status:?}");
+    assert_eq!(status.attempts, 2);
+    assert_eq!(status.retries, 1);
+    assert_eq!(status.output, Some(json!({"slept": 3})));
+
+    // exactly one terminal event for the job
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut terminal = 0;
+    while let Ok(Some(msg)) = tokio::time::timeout(Duration::from_millis(200), events.next()).await {
+        let ev: JobEvent = from_msgpack(&msg.payload)?;
+        if ev.job_id == submitted.id && ev.state.is_terminal() {
+            terminal += 1;
+        }
+    }
+    assert_eq!(terminal, 1);
+    shoal.stop().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handler_crashing_at_start_backs_off_turns_unhealthy_and_recovers() -> Result<()> {
+    let shoal = Shoal::start().await?;
+    let marker = shoal.state_dir.path().join("crash");
+    std::fs::write(&marker, "crash")?;
+    let mut spec = python_endpoint("crashy")?;
+    spec.env.insert("SHOAL_EXAMPLE_CRASH_IF_EXISTS".into(), marker.display().to_string());
+    let mut events = shoal.nats.client.subscribe(shoal.nats.names.events_of_kind("worker")).await?;
+    shoal.api.create_endpoint(&spec).await?;
+    // a job waits for the worker meanwhile
+    let queued = shoal.api.run(&run_req("crashy", json!({"waited": true}))).await?;
+
+    // restarts follow the schedule: 300 ms, 600 ms, 1200 ms (±10 %) ...
+    let mut delays = Vec::new();
+    let mut unhealthy_reason = None;
+    while delays.len() < 4 {
+        let msg = tokio::time::timeout(Duration::from_secs(30), events.next()).await?.context("events")?;
+        let ev: WorkerEvent = from_msgpack(&msg.payload)?;
+        if let Some(d) = ev.backoff_ms {
+            delays.push(d);
+            if ev.state == WorkerState::Unhealthy {
+                unhealthy_reason = ev.reason.clone();
+            }
+        }
+    }
+    for (n, d) in delays.iter().enumerate() {
+        let nominal = 300.0 * 2f64.powi(n as i32);
+        ensure!((*d as f64) >= nominal * 0.89 && (*d as f64) <= nominal * 1.11, "delay {n} was {d} ms, expected about {nominal}: {delays:?}");
+    }
+    let reason = unhealthy_reason.context("reported Unhealthy after repeated failures")?;
+    assert!(reason.contains("crash loop") && reason.contains("exited with code 1"), "{reason}");
+    assert!(reason.contains("crashing at start"), "the reason carries the log tail: {reason}");
+    let listed = shoal.api.workers(Some("crashy")).await?;
+    assert!(listed.workers.iter().any(|w| w.state == WorkerState::Unhealthy));
+
+    // the handler is fixed: the next restart works, the worker turns idle and runs the job
+    std::fs::remove_file(&marker)?;
+    let status = shoal.api.status(&JobRef { endpoint: Some("crashy".into()), id: queued.id.clone(), wait_ms: 60_000 }).await?;
+    assert_eq!(status.status, JobState::Completed, "{status:?}");
+    eventually(Duration::from_secs(10), "worker healthy", || async {
+        let w = shoal.api.workers(Some("crashy")).await.ok()?;
+        w.workers.iter().any(|w| w.state == WorkerState::Idle).then_some(())
+    })
+    .await?;
+    shoal.stop().await;
+    Ok(())
+}

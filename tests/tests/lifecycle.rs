@@ -1,0 +1,147 @@
+//! Job lifecycle against real workers: cancel (queued and running), ttl expiry, execution
+//! timeout, retry, and generator streaming consumed on read.
+
+use std::time::Duration;
+
+use anyhow::Result;
+use serde_json::{Value, json};
+use shoal_protocol::api::{JobRef, JobStatus, RunRequest};
+use shoal_protocol::job::{JobState, PolicyRequest};
+use shoal_protocol::{ApiError, ErrorCode};
+use shoal_tests::{Shoal, eventually, python_endpoint, rust_endpoint};
+
+fn run_req(endpoint: &str, input: Value) -> RunRequest {
+    RunRequest {
+        endpoint: endpoint.into(),
+        input,
+        policy: None,
+        webhook: None,
+        s3_config: None,
+        idempotency_key: None,
+        wait_ms: 0,
+        sync: false,
+    }
+}
+
+fn job(endpoint: &str, id: &str) -> JobRef {
+    JobRef { endpoint: Some(endpoint.into()), id: id.into(), wait_ms: 0 }
+}
+
+async fn wait_state(shoal: &Shoal, endpoint: &str, id: &str, state: JobState, timeout: Duration) -> Result<JobStatus> {
+    eventually(timeout, &format!("job {id} to be {state:?}"), || async {
+        shoal.api.status(&job(endpoint, id)).await.ok().filter(|s| s.status == state)
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_a_queued_job_and_ttl_expiry_without_workers() -> Result<()> {
+    let shoal = Shoal::start().await?;
+    let mut spec = rust_endpoint("idle")?;
+    spec.workers_min = 0; // nobody will take its jobs
+    shoal.api.create_endpoint(&spec).await?;
+
+    let queued = shoal.api.run(&run_req("idle", json!({"a": 1}))).await?;
+    let cancelled = shoal.api.cancel(&job("idle", &queued.id)).await?;
+    assert_eq!(cancelled.status, JobState::Cancelled);
+    // cancelling again leaves it as it is
+    assert_eq!(shoal.api.cancel(&job("idle", &queued.id)).await?.status, JobState::Cancelled);
+
+    let mut req = run_req("idle", json!({"b": 2}));
+    req.policy = Some(PolicyRequest { ttl_ms: Some(1_000), ..Default::default() });
+    let expiring = shoal.api.run(&req).await?;
+    let timed_out = wait_state(&shoal, "idle", &expiring.id, JobState::TimedOut, Duration::from_secs(10)).await?;
+    assert!(timed_out.error.unwrap_or_default().contains("ttl"), "reason names the ttl");
+    assert_eq!(timed_out.attempts, 0, "it never ran");
+
+    // retry re-queues the timed-out job under the same id; a worker then runs it
+    let retried = shoal.api.retry(&job("idle", &expiring.id)).await?;
+    assert_eq!((retried.id.as_str(), retried.status), (expiring.id.as_str(), JobState::InQueue));
+    spec.workers_min = 1;
+    shoal.api.apply_endpoint(&spec).await?;
+    let done = wait_state(&shoal, "idle", &expiring.id, JobState::Completed, Duration::from_secs(30)).await?;
+    assert_eq!(done.output, Some(json!({"b": 2})));
+    // the cancelled job never ran
+    assert_eq!(shoal.api.status(&job("idle", &queued.id)).await?.status, JobState::Cancelled);
+    // retry of a completed job is a conflict
+    let err: ApiError = shoal.api.retry(&job("idle", &expiring.id)).await.expect_err("not retryable");
+    assert_eq!(err.code, ErrorCode::Conflict);
+    shoal.stop().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_and_time_out_running_jobs_on_the_python_worker() -> Result<()> {
+    let shoal = Shoal::start().await?;
+    shoal.api.create_endpoint(&python_endpoint("slow")?).await?;
+
+    // cancel while it runs: the worker is told to stop and is free again at once
+    let running = shoal.api.run(&run_req("slow", json!({"mode": "sleep", "seconds": 60}))).await?;
+    wait_state(&shoal, "slow", &running.id, JobState::InProgress, Duration::from_secs(60)).await?;
+    let cancelled = shoal.api.cancel(&job("slow", &running.id)).await?;
+    assert_eq!(cancelled.status, JobState::Cancelled);
+
+    let mut next = run_req("slow", json!({"mode": "echo", "after": "cancel"}));
+    next.wait_ms = 30_000;
+    let after = shoal.api.run(&next).await?;
+    assert_eq!(after.status, JobState::Completed, "the worker was freed by the stop: {after:?}");
+
+    // execution timeout: TIMED_OUT, and the worker is stopped from running it
+    let mut req = run_req("slow", json!({"mode": "sleep", "seconds": 60}));
+    req.policy = Some(PolicyRequest { execution_timeout_ms: Some(1_500), ..Default::default() });
+    let slow = shoal.api.run(&req).await?;
+    let timed_out = wait_state(&shoal, "slow", &slow.id, JobState::TimedOut, Duration::from_secs(30)).await?;
+    assert_eq!(timed_out.error.as_deref(), Some("execution timeout exceeded"));
+    let mut next = run_req("slow", json!({"mode": "echo", "after": "timeout"}));
+    next.wait_ms = 30_000;
+    assert_eq!(shoal.api.run(&next).await?.status, JobState::Completed);
+
+    // the late results never land: both stay as they ended
+    assert_eq!(shoal.api.status(&job("slow", &running.id)).await?.status, JobState::Cancelled);
+    assert_eq!(shoal.api.status(&job("slow", &slow.id)).await?.status, JobState::TimedOut);
+    shoal.stop().await;
+    Ok(())
+}
+
+async fn collect_stream(shoal: &Shoal, endpoint: &str, id: &str) -> Result<(Vec<Value>, JobState)> {
+    let mut chunks = Vec::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let reply = shoal.api.stream(&job(endpoint, id)).await?;
+        let drained = reply.stream.is_empty();
+        chunks.extend(reply.stream.into_iter().map(|c| c.output));
+        if reply.status.is_terminal() && drained {
+            return Ok((chunks, reply.status));
+        }
+        anyhow::ensure!(std::time::Instant::now() < deadline, "stream did not end");
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn generator_chunks_stream_in_order_each_once() -> Result<()> {
+    let shoal = Shoal::start().await?;
+    let mut plain = python_endpoint("gen")?;
+    plain.env.insert("SHOAL_EXAMPLE_HANDLER".into(), "generator".into());
+    shoal.api.create_endpoint(&plain).await?;
+    let mut aggregate = plain.clone();
+    aggregate.id = "gen-agg".into();
+    aggregate.env.insert("SHOAL_EXAMPLE_AGGREGATE".into(), "true".into());
+    shoal.api.create_endpoint(&aggregate).await?;
+
+    let expected: Vec<Value> = (0..6).map(|i| json!({"i": i})).collect();
+    let a = shoal.api.run(&run_req("gen", json!({"chunks": 6, "chunk_delay_s": 0.2}))).await?;
+    let (chunks, state) = collect_stream(&shoal, "gen", &a.id).await?;
+    assert_eq!(state, JobState::Completed);
+    assert_eq!(chunks, expected, "every chunk once, in order");
+    // consumed: a later read returns nothing
+    assert!(shoal.api.stream(&job("gen", &a.id)).await?.stream.is_empty());
+    assert_eq!(shoal.api.status(&job("gen", &a.id)).await?.output, Some(json!([])));
+
+    let b = shoal.api.run(&run_req("gen-agg", json!({"chunks": 6}))).await?;
+    let (chunks, _) = collect_stream(&shoal, "gen-agg", &b.id).await?;
+    assert_eq!(chunks, expected);
+    assert_eq!(shoal.api.status(&job("gen-agg", &b.id)).await?.output, Some(Value::Array(expected)));
+    shoal.stop().await;
+    Ok(())
+}
