@@ -44,21 +44,21 @@ impl ApiClient {
             .payload(Bytes::from(body))
             .headers(headers)
             .timeout(Some(self.timeout + extra_wait));
-        let msg = self
-            .client
-            .send_request(self.names.api_subject(operation), request)
-            .await
-            .map_err(|e| match e.kind() {
-                async_nats::RequestErrorKind::NoResponders => {
-                    ApiError::unavailable("no shoal control plane answers on this NATS server (is `shoal control` or `shoal dev` running?)")
+        let msg =
+            self.client.send_request(self.names.api_subject(operation), request).await.map_err(|e| match e.kind() {
+                async_nats::RequestErrorKind::NoResponders => ApiError::unavailable(
+                    "no shoal control plane answers on this NATS server (is `shoal control` or `shoal dev` running?)",
+                ),
+                async_nats::RequestErrorKind::TimedOut => {
+                    ApiError::new(ErrorCode::Timeout, "the control plane did not answer in time")
                 }
-                async_nats::RequestErrorKind::TimedOut => ApiError::new(ErrorCode::Timeout, "the control plane did not answer in time"),
                 _ => ApiError::unavailable(format!("request failed: {e}")),
             })?;
         if let Some(code) = msg.headers.as_ref().and_then(|h| h.get(ERROR_CODE_HEADER)) {
             let status: u16 = code.as_str().parse().unwrap_or(500);
-            return Err(decode::<ApiError>(Encoding::MsgPack, &msg.payload)
-                .unwrap_or_else(|_| ApiError::new(ErrorCode::from_status(status), String::from_utf8_lossy(&msg.payload).to_string())));
+            return Err(decode::<ApiError>(Encoding::MsgPack, &msg.payload).unwrap_or_else(|_| {
+                ApiError::new(ErrorCode::from_status(status), String::from_utf8_lossy(&msg.payload).to_string())
+            }));
         }
         decode(Encoding::MsgPack, &msg.payload).map_err(|e| ApiError::internal(format!("cannot decode the reply: {e}")))
     }

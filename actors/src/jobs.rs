@@ -28,9 +28,16 @@ pub enum StoreError {
 #[derive(Debug)]
 pub enum Applied {
     /// Written: the new record and its revision.
-    Changed { record: JobRecord, previous: JobRecord, revision: u64 },
+    Changed {
+        record: Box<JobRecord>,
+        previous: Box<JobRecord>,
+        revision: u64,
+    },
     /// The transition refused the current record (already terminal, wrong state).
-    Refused { record: JobRecord, reason: TransitionError },
+    Refused {
+        record: Box<JobRecord>,
+        reason: TransitionError,
+    },
     NotFound,
 }
 
@@ -60,7 +67,8 @@ impl JobStore {
     /// Finds a job by id alone (the CLI may not know its endpoint): watches `*.<id>`.
     pub async fn find(&self, id: &str) -> Result<Option<(JobRecord, u64)>, StoreError> {
         let pattern = self.nats.names.job_key_any_endpoint(id);
-        let mut watch = self.nats.jobs.watch_with_history(&pattern).await.map_err(|e| StoreError::Unavailable(e.to_string()))?;
+        let mut watch =
+            self.nats.jobs.watch_with_history(&pattern).await.map_err(|e| StoreError::Unavailable(e.to_string()))?;
         match tokio::time::timeout(Duration::from_millis(500), watch.next()).await {
             Ok(Some(Ok(e))) if e.operation == kv::Operation::Put => Ok(Some((decode(&e.key, &e.value)?, e.revision))),
             Ok(Some(Err(e))) => Err(StoreError::Unavailable(e.to_string())),
@@ -99,14 +107,14 @@ impl JobStore {
             };
             let next = match f(&current) {
                 Ok(next) => next,
-                Err(reason) => return Ok(Applied::Refused { record: current, reason }),
+                Err(reason) => return Ok(Applied::Refused { record: Box::new(current), reason }),
             };
             match self.write(&key, &next, revision).await? {
                 Some(rev) => {
                     if next.state != current.state {
                         self.publish_event(&next).await;
                     }
-                    return Ok(Applied::Changed { record: next, previous: current, revision: rev });
+                    return Ok(Applied::Changed { record: Box::new(next), previous: Box::new(current), revision: rev });
                 }
                 None => continue,
             }
@@ -157,11 +165,8 @@ pub async fn jobs_consumer(
 ) -> Result<async_nats::jetstream::consumer::PullConsumer, StoreError> {
     use async_nats::jetstream::consumer::{AckPolicy, pull};
     let name = nats.names.jobs_consumer(endpoint, priority);
-    let stream = nats
-        .js
-        .get_stream(nats.names.jobs_stream())
-        .await
-        .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+    let stream =
+        nats.js.get_stream(nats.names.jobs_stream()).await.map_err(|e| StoreError::Unavailable(e.to_string()))?;
     stream
         .get_or_create_consumer(
             &name,

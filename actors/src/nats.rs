@@ -63,7 +63,11 @@ impl Nats {
         Self::with_client(client, names, topology).await
     }
 
-    pub async fn with_client(client: async_nats::Client, names: Names, topology: &Topology) -> Result<Nats, ConnectError> {
+    pub async fn with_client(
+        client: async_nats::Client,
+        names: Names,
+        topology: &Topology,
+    ) -> Result<Nats, ConnectError> {
         let js = jetstream::new(client.clone());
         for def in names.streams(topology.retention_s) {
             let config = stream::Config {

@@ -93,7 +93,8 @@ mod tests {
 
     #[test]
     fn malformed_input_is_a_bad_request_naming_both_encodings() {
-        let err: ApiError = decode::<serde_json::Value>(Encoding::MsgPack, &[0xc1]).expect_err("0xc1 is never valid").into();
+        let err: ApiError =
+            decode::<serde_json::Value>(Encoding::MsgPack, &[0xc1]).expect_err("0xc1 is never valid").into();
         assert_eq!(err.code, crate::ErrorCode::BadRequest);
         assert!(err.message.contains("application/json"), "{}", err.message);
         let err: ApiError = decode::<serde_json::Value>(Encoding::Json, b"{").expect_err("bad json").into();

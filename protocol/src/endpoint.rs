@@ -124,7 +124,9 @@ impl EndpointSpec {
 
     /// Checks every field; the error names the field and the reason.
     pub fn validate(&self) -> Result<(), ApiError> {
-        let bad = |field: &str, reason: String| Err(ApiError::bad_request(format!("endpoint {}: {field}: {reason}", self.id)));
+        let bad = |field: &str, reason: String| {
+            Err(ApiError::bad_request(format!("endpoint {}: {field}: {reason}", self.id)))
+        };
         validate_id("endpoint id", &self.id)?;
         if self.image.is_none() && self.command.is_none() {
             return bad("image/command", "set `image` (Docker runtime) or `command` (process runtime)".into());
@@ -150,7 +152,10 @@ impl EndpointSpec {
         if !(MIN_EXECUTION_TIMEOUT_MS..=MAX_EXECUTION_TIMEOUT_MS).contains(&self.execution_timeout_ms) {
             return bad(
                 "execution_timeout_ms",
-                format!("{} is outside {MIN_EXECUTION_TIMEOUT_MS}..={MAX_EXECUTION_TIMEOUT_MS}", self.execution_timeout_ms),
+                format!(
+                    "{} is outside {MIN_EXECUTION_TIMEOUT_MS}..={MAX_EXECUTION_TIMEOUT_MS}",
+                    self.execution_timeout_ms
+                ),
             );
         }
         if self.gpu_count == 0 || self.gpu_count > 16 {

@@ -119,8 +119,15 @@ pub fn release(rec: &JobRecord, worker_id: &str) -> Result<JobRecord, Transition
 pub enum Outcome {
     /// `{"status": "IN_PROGRESS", "output": v}`: a progress update.
     Progress(Value),
-    Completed { output: Option<Value>, stop_pod: bool },
-    Failed { error: String, output: Option<Value>, stop_pod: bool },
+    Completed {
+        output: Option<Value>,
+        stop_pod: bool,
+    },
+    Failed {
+        error: String,
+        output: Option<Value>,
+        stop_pod: bool,
+    },
 }
 
 /// Records a result. A result counts while the job is not terminal, from whichever attempt

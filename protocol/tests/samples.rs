@@ -74,15 +74,35 @@ fn every_message_sample_still_decodes() {
     check("job_status", JobStatus::from(&record()));
     check(
         "stream_reply",
-        StreamReply { id: "j".into(), status: JobState::InProgress, stream: vec![StreamChunk { output: json!({"i": 0}) }] },
+        StreamReply {
+            id: "j".into(),
+            status: JobState::InProgress,
+            stream: vec![StreamChunk { output: json!({"i": 0}) }],
+        },
     );
     check("endpoint_ref", EndpointRef { endpoint: "echo".into() });
     check("purge_reply", PurgeReply { removed: 3, status: "completed".into() });
     check(
         "health_reply",
         HealthReply {
-            jobs: JobCounts { completed: 1, failed: 2, cancelled: 3, timed_out: 4, in_progress: 5, in_queue: 6, retried: 7 },
-            workers: WorkerCounts { idle: 1, initializing: 2, ready: 3, running: 4, throttled: 5, unhealthy: 6, outdated: 7 },
+            jobs: JobCounts {
+                completed: 1,
+                failed: 2,
+                cancelled: 3,
+                timed_out: 4,
+                in_progress: 5,
+                in_queue: 6,
+                retried: 7,
+            },
+            workers: WorkerCounts {
+                idle: 1,
+                initializing: 2,
+                ready: 3,
+                running: 4,
+                throttled: 5,
+                unhealthy: 6,
+                outdated: 7,
+            },
         },
     );
     let mut spec = EndpointSpec::with_command("echo", "python handler.py");
@@ -123,7 +143,10 @@ fn every_message_sample_still_decodes() {
             heartbeat_at_ms: 2,
         },
     );
-    check("stop_job", StopJob { endpoint: "e".into(), job_id: "j".into(), worker_id: "w".into(), reason: "cancelled".into() });
+    check(
+        "stop_job",
+        StopJob { endpoint: "e".into(), job_id: "j".into(), worker_id: "w".into(), reason: "cancelled".into() },
+    );
     check(
         "job_event",
         JobEvent {

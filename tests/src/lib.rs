@@ -50,7 +50,8 @@ pub fn nats_server_bin() -> PathBuf {
 
 /// The runpod venv's Python: `$SHOAL_PYTHON` or `.tools/venv-runpod-*`.
 pub fn python_bin() -> Result<PathBuf> {
-    find_tool("SHOAL_PYTHON", "venv-runpod", "python").context("no runpod venv: run ./scripts/setup.sh (or set SHOAL_PYTHON)")
+    find_tool("SHOAL_PYTHON", "venv-runpod", "python")
+        .context("no runpod venv: run ./scripts/setup.sh (or set SHOAL_PYTHON)")
 }
 
 /// The Rust example worker: `$SHOAL_EXAMPLE_WORKER`, or built next to this test binary.
@@ -97,7 +98,14 @@ impl NatsServer {
             let port = free_port()?;
             let mut child = spawn_server(port, &store_dir, &extra_args)?;
             if wait_ready(&mut child, port, Duration::from_secs(10)) {
-                return Ok(NatsServer { child, port, url: format!("nats://127.0.0.1:{port}"), _store: store, extra_args, store_dir });
+                return Ok(NatsServer {
+                    child,
+                    port,
+                    url: format!("nats://127.0.0.1:{port}"),
+                    _store: store,
+                    extra_args,
+                    store_dir,
+                });
             }
             let _ = child.kill();
             let _ = child.wait();
@@ -140,7 +148,9 @@ fn spawn_server(port: u16, store_dir: &std::path::Path, extra: &[String]) -> Res
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
-        .with_context(|| format!("cannot start {} (run ./scripts/setup.sh to install the pinned nats-server)", bin.display()))
+        .with_context(|| {
+            format!("cannot start {} (run ./scripts/setup.sh to install the pinned nats-server)", bin.display())
+        })
 }
 
 impl Drop for NatsServer {
@@ -167,7 +177,14 @@ pub fn fast_host_config(state_dir: &std::path::Path) -> HostConfig {
         heartbeat_ms: 1_000,
         state_dir: state_dir.to_path_buf(),
         workdir: Some(repo_root()),
-        backoff: BackoffPolicy { base_ms: 300, factor: 2.0, cap_ms: 5_000, jitter: 0.1, stable_ms: 30_000, unhealthy_after: 3 },
+        backoff: BackoffPolicy {
+            base_ms: 300,
+            factor: 2.0,
+            cap_ms: 5_000,
+            jitter: 0.1,
+            stable_ms: 30_000,
+            unhealthy_after: 3,
+        },
         ..HostConfig::default()
     }
 }
@@ -188,7 +205,10 @@ impl Shoal {
     }
 
     pub async fn start_with(control_config: ControlConfig, tweak_host: impl FnOnce(&mut HostConfig)) -> Result<Shoal> {
-        let _ = tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::from_default_env()).with_test_writer().try_init();
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_test_writer()
+            .try_init();
         let server = NatsServer::start()?;
         let names = Names::new(&test_prefix())?;
         let nats = Nats::connect(&server.url, names.clone(), &Topology::default()).await?;
@@ -214,7 +234,8 @@ impl Shoal {
 /// An endpoint running the runpod-SDK example handler (examples/python-worker/handler.py).
 pub fn python_endpoint(id: &str) -> Result<EndpointSpec> {
     let python = python_bin()?;
-    let mut spec = EndpointSpec::with_command(id, &format!("exec {} examples/python-worker/handler.py", python.display()));
+    let mut spec =
+        EndpointSpec::with_command(id, &format!("exec {} examples/python-worker/handler.py", python.display()));
     spec.workers_min = 1;
     spec.workers_max = 1;
     spec.env.insert("RUNPOD_LOG_LEVEL".into(), "INFO".into());

@@ -16,7 +16,8 @@ async fn raw(shoal: &Shoal, op: &str, content_type: Option<&str>, body: Vec<u8>)
     if let Some(ct) = content_type {
         headers.insert("Content-Type", ct);
     }
-    let req = async_nats::Request::new().payload(Bytes::from(body)).headers(headers).timeout(Some(Duration::from_secs(10)));
+    let req =
+        async_nats::Request::new().payload(Bytes::from(body)).headers(headers).timeout(Some(Duration::from_secs(10)));
     let reply = shoal.nats.client.send_request(shoal.nats.names.api_subject(op), req).await?;
     let code = reply.headers.as_ref().and_then(|h| h.get("Nats-Service-Error-Code")).map(|v| v.to_string());
     let body = if content_type == Some("application/json") {
@@ -32,12 +33,23 @@ fn rmp_serde_value(bytes: &[u8]) -> Value {
 }
 
 fn run_req(endpoint: &str, input: Value) -> RunRequest {
-    RunRequest { endpoint: endpoint.into(), input, policy: None, webhook: None, s3_config: None, idempotency_key: None, wait_ms: 0, sync: false }
+    RunRequest {
+        endpoint: endpoint.into(),
+        input,
+        policy: None,
+        webhook: None,
+        s3_config: None,
+        idempotency_key: None,
+        wait_ms: 0,
+        sync: false,
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_requests_get_clear_errors_and_the_service_keeps_serving() -> Result<()> {
-    let shoal = Shoal::start_with(ControlConfig { tick_ms: 100, max_input_bytes: 64 * 1024, ..Default::default() }, |_| {}).await?;
+    let shoal =
+        Shoal::start_with(ControlConfig { tick_ms: 100, max_input_bytes: 64 * 1024, ..Default::default() }, |_| {})
+            .await?;
     shoal.api.create_endpoint(&rust_endpoint("ok")?).await?;
 
     // malformed MessagePack
@@ -50,7 +62,8 @@ async fn bad_requests_get_clear_errors_and_the_service_keeps_serving() -> Result
     assert_eq!(code.as_deref(), Some("400"));
     assert!(body["message"].as_str().unwrap_or_default().contains("JSON"), "{body}");
     // missing input
-    let (code, body) = raw(&shoal, "job.run", Some("application/json"), serde_json::to_vec(&json!({"endpoint": "ok"}))?).await?;
+    let (code, body) =
+        raw(&shoal, "job.run", Some("application/json"), serde_json::to_vec(&json!({"endpoint": "ok"}))?).await?;
     assert_eq!(code.as_deref(), Some("400"));
     assert!(body["message"].as_str().unwrap_or_default().contains("input"), "{body}");
 
@@ -62,13 +75,18 @@ async fn bad_requests_get_clear_errors_and_the_service_keeps_serving() -> Result
     for bad in ["ep*", ">", "a.b", "a b", ""] {
         let err = shoal.api.run(&run_req(bad, json!(1))).await.expect_err(bad);
         assert_eq!(err.code, ErrorCode::BadRequest, "{bad}: {err}");
-        let err = shoal.api.status(&JobRef { endpoint: Some("ok".into()), id: bad.into(), wait_ms: 0 }).await.expect_err(bad);
+        let err =
+            shoal.api.status(&JobRef { endpoint: Some("ok".into()), id: bad.into(), wait_ms: 0 }).await.expect_err(bad);
         assert_eq!(err.code, ErrorCode::BadRequest, "{bad}: {err}");
         let err = shoal.api.health(bad).await.expect_err(bad);
         assert_eq!(err.code, ErrorCode::BadRequest, "{bad}: {err}");
     }
     // unknown job
-    let err = shoal.api.status(&JobRef { endpoint: Some("ok".into()), id: "missing-u1".into(), wait_ms: 0 }).await.expect_err("missing");
+    let err = shoal
+        .api
+        .status(&JobRef { endpoint: Some("ok".into()), id: "missing-u1".into(), wait_ms: 0 })
+        .await
+        .expect_err("missing");
     assert_eq!(err.code, ErrorCode::NotFound);
     // oversize payload
     let big = "x".repeat(100 * 1024);

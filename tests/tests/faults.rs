@@ -95,7 +95,10 @@ async fn a_handler_crashing_at_start_backs_off_turns_unhealthy_and_recovers() ->
     }
     for (n, d) in delays.iter().enumerate() {
         let nominal = 300.0 * 2f64.powi(n as i32);
-        ensure!((*d as f64) >= nominal * 0.89 && (*d as f64) <= nominal * 1.11, "delay {n} was {d} ms, expected about {nominal}: {delays:?}");
+        ensure!(
+            (*d as f64) >= nominal * 0.89 && (*d as f64) <= nominal * 1.11,
+            "delay {n} was {d} ms, expected about {nominal}: {delays:?}"
+        );
     }
     let reason = unhealthy_reason.context("reported Unhealthy after repeated failures")?;
     assert!(reason.contains("crash loop") && reason.contains("exited with code 1"), "{reason}");
@@ -105,7 +108,8 @@ async fn a_handler_crashing_at_start_backs_off_turns_unhealthy_and_recovers() ->
 
     // the handler is fixed: the next restart works, the worker turns idle and runs the job
     std::fs::remove_file(&marker)?;
-    let status = shoal.api.status(&JobRef { endpoint: Some("crashy".into()), id: queued.id.clone(), wait_ms: 60_000 }).await?;
+    let status =
+        shoal.api.status(&JobRef { endpoint: Some("crashy".into()), id: queued.id.clone(), wait_ms: 60_000 }).await?;
     assert_eq!(status.status, JobState::Completed, "{status:?}");
     eventually(Duration::from_secs(10), "worker healthy", || async {
         let w = shoal.api.workers(Some("crashy")).await.ok()?;

@@ -25,8 +25,13 @@ async fn bare_request(url: &str, subject: String, body: Value, timeout: Duration
 
 async fn run_through_bare_client(shoal: &Shoal, endpoint: &str, input: Value) -> Result<Value> {
     let prefix = shoal.nats.names.prefix().to_string();
-    let (submitted, err) =
-        bare_request(&shoal.server.url, format!("{prefix}.v1.api.job.run"), json!({"endpoint": endpoint, "input": input}), Duration::from_secs(10)).await?;
+    let (submitted, err) = bare_request(
+        &shoal.server.url,
+        format!("{prefix}.v1.api.job.run"),
+        json!({"endpoint": endpoint, "input": input}),
+        Duration::from_secs(10),
+    )
+    .await?;
     ensure!(err.is_none(), "run failed: {submitted}");
     ensure!(submitted["status"] == "IN_QUEUE", "{submitted}");
     let id = submitted["id"].as_str().context("id")?.to_string();

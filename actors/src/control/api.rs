@@ -58,7 +58,8 @@ pub async fn start(nats: Nats, config: ControlConfig, directory: Directory) -> R
     let ctx = Arc::new(Ctx { store: JobStore::new(nats.clone()), nats: nats.clone(), config, directory });
     let mut tasks = Vec::new();
     for operation in op::ALL {
-        let mut endpoint = service.endpoint_builder().name(operation.replace('.', "_")).add(nats.names.api_subject(operation)).await?;
+        let mut endpoint =
+            service.endpoint_builder().name(operation.replace('.', "_")).add(nats.names.api_subject(operation)).await?;
         let ctx = ctx.clone();
         tasks.push(tokio::spawn(async move {
             while let Some(request) = endpoint.next().await {
@@ -72,7 +73,8 @@ pub async fn start(nats: Nats, config: ControlConfig, directory: Directory) -> R
 
 async fn serve(ctx: &Ctx, operation: &'static str, request: async_nats::service::Request) {
     let Some(reply) = request.message.reply.clone() else { return };
-    let content_type = request.message.headers.as_ref().and_then(|h| h.get(CONTENT_TYPE)).map(|v| v.as_str().to_string());
+    let content_type =
+        request.message.headers.as_ref().and_then(|h| h.get(CONTENT_TYPE)).map(|v| v.as_str().to_string());
     let enc = Encoding::from_content_type(content_type.as_deref());
     let result = dispatch(ctx, operation, enc, &request.message.payload).await;
     let mut headers = HeaderMap::new();
@@ -107,7 +109,11 @@ async fn dispatch(ctx: &Ctx, operation: &str, enc: Encoding, payload: &[u8]) -> 
             if payload.len() > ctx.config.max_input_bytes {
                 return Err(ApiError::new(
                     ErrorCode::TooLarge,
-                    format!("request is {} bytes; the limit is {} bytes (control.max_input_bytes)", payload.len(), ctx.config.max_input_bytes),
+                    format!(
+                        "request is {} bytes; the limit is {} bytes (control.max_input_bytes)",
+                        payload.len(),
+                        ctx.config.max_input_bytes
+                    ),
                 ));
             }
             rep(enc, &job_ops::run(ctx, req(enc, payload)?).await?)
@@ -144,9 +150,8 @@ impl Ctx {
             return Ok(spec);
         }
         match self.nats.endpoints.entry(endpoint).await.map_err(unavailable)? {
-            Some(e) if e.operation == kv::Operation::Put => {
-                from_msgpack(&e.value).map_err(|e| ApiError::internal(format!("stored spec of {endpoint} is corrupt: {e}")))
-            }
+            Some(e) if e.operation == kv::Operation::Put => from_msgpack(&e.value)
+                .map_err(|e| ApiError::internal(format!("stored spec of {endpoint} is corrupt: {e}"))),
             _ => Err(ApiError::not_found(format!("endpoint {endpoint} does not exist"))),
         }
     }
@@ -182,7 +187,10 @@ async fn create_endpoint(ctx: &Ctx, mut spec: EndpointSpec) -> Result<EndpointSp
     match ctx.nats.endpoints.create(&spec.id, Bytes::from(bytes)).await {
         Ok(_) => {}
         Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {
-            return Err(ApiError::conflict(format!("endpoint {} already exists (use update/apply to change it)", spec.id)));
+            return Err(ApiError::conflict(format!(
+                "endpoint {} already exists (use update/apply to change it)",
+                spec.id
+            )));
         }
         Err(e) => return Err(unavailable(e)),
     }

@@ -55,7 +55,11 @@ impl Actor for EndpointActor {
     type State = EndpointState;
     type Arguments = EndpointArgs;
 
-    async fn pre_start(&self, myself: ActorRef<EndpointMsg>, args: EndpointArgs) -> Result<EndpointState, ActorProcessingErr> {
+    async fn pre_start(
+        &self,
+        myself: ActorRef<EndpointMsg>,
+        args: EndpointArgs,
+    ) -> Result<EndpointState, ActorProcessingErr> {
         let mut watch = args.nats.jobs.watch_with_history(args.nats.names.job_keys_of_endpoint(&args.spec.id)).await?;
         let me = myself.clone();
         let watch = tokio::spawn(async move {
@@ -87,7 +91,12 @@ impl Actor for EndpointActor {
         })
     }
 
-    async fn handle(&self, _myself: ActorRef<EndpointMsg>, msg: EndpointMsg, st: &mut EndpointState) -> Result<(), ActorProcessingErr> {
+    async fn handle(
+        &self,
+        _myself: ActorRef<EndpointMsg>,
+        msg: EndpointMsg,
+        st: &mut EndpointState,
+    ) -> Result<(), ActorProcessingErr> {
         match msg {
             EndpointMsg::RecordPut(rec) => st.on_record(*rec),
             EndpointMsg::RecordGone(id) => st.on_gone(&id),
@@ -104,7 +113,11 @@ impl Actor for EndpointActor {
         Ok(())
     }
 
-    async fn post_stop(&self, _myself: ActorRef<EndpointMsg>, st: &mut EndpointState) -> Result<(), ActorProcessingErr> {
+    async fn post_stop(
+        &self,
+        _myself: ActorRef<EndpointMsg>,
+        st: &mut EndpointState,
+    ) -> Result<(), ActorProcessingErr> {
         st.watch.abort();
         Ok(())
     }
@@ -172,10 +185,15 @@ impl EndpointState {
 /// Tells the host running `rec` to stop it (cancel, timeout).
 pub async fn send_stop(nats: &Nats, rec: &JobRecord, reason: &str) {
     let (Some(host), Some(worker)) = (&rec.host_id, &rec.worker_id) else { return };
-    let stop = StopJob { endpoint: rec.endpoint.clone(), job_id: rec.id.clone(), worker_id: worker.clone(), reason: reason.to_string() };
-    if let Ok(bytes) = to_msgpack(&stop) {
-        if let Err(e) = nats.client.publish(nats.names.host_stop_job_subject(host), Bytes::from(bytes)).await {
-            tracing::warn!(job_id = %rec.id, error = %e, "cannot send stop to host");
-        }
+    let stop = StopJob {
+        endpoint: rec.endpoint.clone(),
+        job_id: rec.id.clone(),
+        worker_id: worker.clone(),
+        reason: reason.to_string(),
+    };
+    if let Ok(bytes) = to_msgpack(&stop)
+        && let Err(e) = nats.client.publish(nats.names.host_stop_job_subject(host), Bytes::from(bytes)).await
+    {
+        tracing::warn!(job_id = %rec.id, error = %e, "cannot send stop to host");
     }
 }

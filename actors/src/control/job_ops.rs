@@ -45,10 +45,10 @@ pub(super) async fn run(ctx: &Ctx, req: RunRequest) -> Result<JobStatus, ApiErro
     if !(MIN_TTL_MS..=MAX_TTL_MS).contains(&ttl_ms) {
         return Err(ApiError::bad_request(format!("policy.ttl_ms {ttl_ms} is outside {MIN_TTL_MS}..={MAX_TTL_MS}")));
     }
-    if let Some(hook) = &req.webhook {
-        if !(hook.starts_with("http://") || hook.starts_with("https://")) {
-            return Err(ApiError::bad_request(format!("webhook {hook:?} must be an http:// or https:// URL")));
-        }
+    if let Some(hook) = &req.webhook
+        && !(hook.starts_with("http://") || hook.starts_with("https://"))
+    {
+        return Err(ApiError::bad_request(format!("webhook {hook:?} must be an http:// or https:// URL")));
     }
     let wait_ms = req.wait_ms.min(ctx.config.max_wait_ms);
     let id = new_job_id(req.sync);
@@ -58,7 +58,8 @@ pub(super) async fn run(ctx: &Ctx, req: RunRequest) -> Result<JobStatus, ApiErro
         match ctx.nats.idempotency.create(&idem_key, Bytes::from(id.clone())).await {
             Ok(_) => {}
             Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {
-                let existing = ctx.nats.idempotency.get(&idem_key).await.map_err(|e| ApiError::unavailable(e.to_string()))?;
+                let existing =
+                    ctx.nats.idempotency.get(&idem_key).await.map_err(|e| ApiError::unavailable(e.to_string()))?;
                 let existing = existing.map(|b| String::from_utf8_lossy(&b).to_string()).unwrap_or_default();
                 return status(ctx, JobRef { endpoint: Some(spec.id.clone()), id: existing, wait_ms }).await;
             }
@@ -109,13 +110,22 @@ async fn enqueue(ctx: &Ctx, rec: &JobRecord) -> Result<(), ApiError> {
     let token = JobToken { id: rec.id.clone(), endpoint: rec.endpoint.clone() };
     let bytes = to_msgpack(&token).map_err(|e| ApiError::internal(e.to_string()))?;
     let subject = ctx.nats.names.job_subject(&rec.endpoint, rec.policy.priority);
-    let ack = ctx.nats.js.publish(subject, Bytes::from(bytes)).await.map_err(|e| ApiError::unavailable(format!("cannot queue the job: {e}")))?;
+    let ack = ctx
+        .nats
+        .js
+        .publish(subject, Bytes::from(bytes))
+        .await
+        .map_err(|e| ApiError::unavailable(format!("cannot queue the job: {e}")))?;
     ack.await.map_err(|e| ApiError::unavailable(format!("cannot queue the job: {e}")))?;
     Ok(())
 }
 
 async fn subscribe(ctx: &Ctx, endpoint: &str, id: &str) -> Result<async_nats::Subscriber, ApiError> {
-    ctx.nats.client.subscribe(ctx.nats.names.job_events_of(endpoint, id)).await.map_err(|e| ApiError::unavailable(e.to_string()))
+    ctx.nats
+        .client
+        .subscribe(ctx.nats.names.job_events_of(endpoint, id))
+        .await
+        .map_err(|e| ApiError::unavailable(e.to_string()))
 }
 
 /// Waits until the job is terminal or `wait_ms` passed; returns its status either way.
@@ -171,15 +181,20 @@ pub(super) async fn cancel(ctx: &Ctx, job: JobRef) -> Result<JobStatus, ApiError
 }
 
 async fn cancel_record(ctx: &Ctx, rec: &JobRecord, reason: &str) -> Result<JobStatus, ApiError> {
-    match ctx.store.transition(&rec.endpoint, &rec.id, |r| lifecycle::cancel(r, reason, now_ms())).await.map_err(store_err)? {
+    match ctx
+        .store
+        .transition(&rec.endpoint, &rec.id, |r| lifecycle::cancel(r, reason, now_ms()))
+        .await
+        .map_err(store_err)?
+    {
         Applied::Changed { record, previous, .. } => {
             if previous.state == JobState::InProgress {
                 send_stop(&ctx.nats, &previous, reason).await;
             }
-            Ok(JobStatus::from(&record))
+            Ok(JobStatus::from(record.as_ref()))
         }
         // already over: the status is unchanged
-        Applied::Refused { record, .. } => Ok(JobStatus::from(&record)),
+        Applied::Refused { record, .. } => Ok(JobStatus::from(record.as_ref())),
         Applied::NotFound => Err(not_found(&rec.id)),
     }
 }
@@ -190,12 +205,15 @@ pub(super) async fn retry(ctx: &Ctx, job: JobRef) -> Result<JobStatus, ApiError>
         Applied::Changed { record, previous, revision } => {
             if let Err(e) = enqueue(ctx, &record).await {
                 // put it back as it was, so it stays retryable
-                let _ = ctx.store.write(&ctx.store.key(&record.endpoint, &record.id), &previous, revision).await;
+                let _ =
+                    ctx.store.write(&ctx.store.key(&record.endpoint, &record.id), previous.as_ref(), revision).await;
                 return Err(e);
             }
-            Ok(JobStatus::from(&record))
+            Ok(JobStatus::from(record.as_ref()))
         }
-        Applied::Refused { reason: reason @ TransitionError::NotRetryable(_), .. } => Err(ApiError::conflict(reason.to_string())),
+        Applied::Refused { reason: reason @ TransitionError::NotRetryable(_), .. } => {
+            Err(ApiError::conflict(reason.to_string()))
+        }
         Applied::Refused { reason, .. } => Err(ApiError::conflict(reason.to_string())),
         Applied::NotFound => Err(not_found(&rec.id)),
     }
@@ -206,7 +224,8 @@ pub(super) async fn retry(ctx: &Ctx, job: JobRef) -> Result<JobStatus, ApiError>
 pub(super) async fn stream(ctx: &Ctx, job: JobRef) -> Result<StreamReply, ApiError> {
     let rec = find(ctx, &job).await?;
     let names = &ctx.nats.names;
-    let stream = ctx.nats.js.get_stream(names.stream_stream()).await.map_err(|e| ApiError::unavailable(e.to_string()))?;
+    let stream =
+        ctx.nats.js.get_stream(names.stream_stream()).await.map_err(|e| ApiError::unavailable(e.to_string()))?;
     let name = names.stream_consumer(&rec.id);
     let consumer: async_nats::jetstream::consumer::PullConsumer = stream
         .get_or_create_consumer(
@@ -222,7 +241,8 @@ pub(super) async fn stream(ctx: &Ctx, job: JobRef) -> Result<StreamReply, ApiErr
         .await
         .map_err(|e| ApiError::unavailable(e.to_string()))?;
     let mut chunks = Vec::new();
-    let mut batch = consumer.fetch().max_messages(1000).messages().await.map_err(|e| ApiError::unavailable(e.to_string()))?;
+    let mut batch =
+        consumer.fetch().max_messages(1000).messages().await.map_err(|e| ApiError::unavailable(e.to_string()))?;
     while let Some(Ok(msg)) = batch.next().await {
         match from_msgpack(&msg.payload) {
             Ok(output) => chunks.push(StreamChunk { output }),
@@ -237,7 +257,8 @@ pub(super) async fn stream(ctx: &Ctx, job: JobRef) -> Result<StreamReply, ApiErr
 pub(super) async fn purge(ctx: &Ctx, r: EndpointRef) -> Result<PurgeReply, ApiError> {
     ctx.spec(&r.endpoint).await?;
     let queued = match ctx.directory.actor(&r.endpoint) {
-        Some(actor) => ractor::call!(actor, EndpointMsg::GetQueued).map_err(|e| ApiError::unavailable(format!("endpoint actor: {e}")))?,
+        Some(actor) => ractor::call!(actor, EndpointMsg::GetQueued)
+            .map_err(|e| ApiError::unavailable(format!("endpoint actor: {e}")))?,
         None => vec![],
     };
     let mut removed = 0;

@@ -19,7 +19,10 @@ use crate::nats::Nats;
 
 /// Known endpoints: spec and endpoint actor, shared with the API.
 #[derive(Clone, Default)]
-pub struct Directory(Arc<RwLock<HashMap<String, (EndpointSpec, Option<ActorRef<EndpointMsg>>)>>>);
+pub struct Directory(Arc<RwLock<HashMap<String, Known>>>);
+
+/// An endpoint's spec and, once started, its actor.
+type Known = (EndpointSpec, Option<ActorRef<EndpointMsg>>);
 
 impl Directory {
     pub fn spec(&self, id: &str) -> Option<EndpointSpec> {
@@ -35,10 +38,10 @@ impl Directory {
         }
     }
     fn set_actor(&self, id: &str, actor: Option<ActorRef<EndpointMsg>>) {
-        if let Ok(mut m) = self.0.write() {
-            if let Some(entry) = m.get_mut(id) {
-                entry.1 = actor;
-            }
+        if let Ok(mut m) = self.0.write()
+            && let Some(entry) = m.get_mut(id)
+        {
+            entry.1 = actor;
         }
     }
     fn remove(&self, id: &str) -> Option<ActorRef<EndpointMsg>> {
@@ -71,7 +74,11 @@ impl Actor for Manager {
     type State = ManagerState;
     type Arguments = ManagerArgs;
 
-    async fn pre_start(&self, myself: ActorRef<ManagerMsg>, args: ManagerArgs) -> Result<ManagerState, ActorProcessingErr> {
+    async fn pre_start(
+        &self,
+        myself: ActorRef<ManagerMsg>,
+        args: ManagerArgs,
+    ) -> Result<ManagerState, ActorProcessingErr> {
         let mut watch = args.nats.endpoints.watch_with_history(">").await?;
         let me = myself.clone();
         let watch = tokio::spawn(async move {
@@ -94,7 +101,12 @@ impl Actor for Manager {
         Ok(ManagerState { nats: args.nats, config: args.config, directory: args.directory, watch })
     }
 
-    async fn handle(&self, myself: ActorRef<ManagerMsg>, msg: ManagerMsg, st: &mut ManagerState) -> Result<(), ActorProcessingErr> {
+    async fn handle(
+        &self,
+        myself: ActorRef<ManagerMsg>,
+        msg: ManagerMsg,
+        st: &mut ManagerState,
+    ) -> Result<(), ActorProcessingErr> {
         match msg {
             ManagerMsg::Put(spec) => st.on_put(&myself, *spec).await,
             ManagerMsg::Deleted(id) => st.on_deleted(&id),
@@ -102,11 +114,18 @@ impl Actor for Manager {
         Ok(())
     }
 
-    async fn handle_supervisor_evt(&self, myself: ActorRef<ManagerMsg>, evt: SupervisionEvent, st: &mut ManagerState) -> Result<(), ActorProcessingErr> {
+    async fn handle_supervisor_evt(
+        &self,
+        myself: ActorRef<ManagerMsg>,
+        evt: SupervisionEvent,
+        st: &mut ManagerState,
+    ) -> Result<(), ActorProcessingErr> {
         if let SupervisionEvent::ActorFailed(cell, err) = evt {
             // an endpoint actor failed (its watch broke): start it again from its spec
             let id = st.directory.0.read().ok().and_then(|m| {
-                m.iter().find(|(_, (_, a))| a.as_ref().is_some_and(|a| a.get_id() == cell.get_id())).map(|(k, _)| k.clone())
+                m.iter()
+                    .find(|(_, (_, a))| a.as_ref().is_some_and(|a| a.get_id() == cell.get_id()))
+                    .map(|(k, _)| k.clone())
             });
             if let Some(id) = id {
                 tracing::warn!(endpoint_id = %id, error = %err, "endpoint actor failed; restarting");
@@ -137,7 +156,8 @@ impl ManagerState {
                 let _ = actor.cast(EndpointMsg::SpecChanged(Box::new(spec)));
             }
             None => {
-                let args = EndpointArgs { nats: self.nats.clone(), spec, tick: Duration::from_millis(self.config.tick_ms) };
+                let args =
+                    EndpointArgs { nats: self.nats.clone(), spec, tick: Duration::from_millis(self.config.tick_ms) };
                 match Actor::spawn_linked(None, EndpointActor, args, myself.get_cell()).await {
                     Ok((actor, _)) => self.directory.set_actor(&id, Some(actor)),
                     Err(e) => tracing::error!(endpoint_id = %id, error = %e, "cannot start endpoint actor"),

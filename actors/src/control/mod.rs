@@ -6,8 +6,8 @@
 //! all their writes are compare-and-set, so replicas that overlap cannot corrupt a record.
 
 pub mod api;
-mod job_ops;
 pub mod endpoint_actor;
+mod job_ops;
 pub mod manager;
 
 use std::time::Duration;

@@ -15,10 +15,10 @@ impl AckGuard {
 
     /// The job is done (recorded, or nothing is left to do with it): remove the token.
     pub async fn ack(mut self) {
-        if let Some(a) = self.acker.take() {
-            if let Err(e) = a.double_ack().await {
-                tracing::warn!(error = %e, "ack failed; the token will be redelivered and skipped");
-            }
+        if let Some(a) = self.acker.take()
+            && let Err(e) = a.double_ack().await
+        {
+            tracing::warn!(error = %e, "ack failed; the token will be redelivered and skipped");
         }
     }
 
@@ -39,12 +39,12 @@ impl AckGuard {
 
 impl Drop for AckGuard {
     fn drop(&mut self) {
-        if let Some(a) = self.acker.take() {
-            if let Ok(rt) = tokio::runtime::Handle::try_current() {
-                rt.spawn(async move {
-                    let _ = a.ack_with(AckKind::Nak(None)).await;
-                });
-            }
+        if let Some(a) = self.acker.take()
+            && let Ok(rt) = tokio::runtime::Handle::try_current()
+        {
+            rt.spawn(async move {
+                let _ = a.ack_with(AckKind::Nak(None)).await;
+            });
         }
     }
 }

@@ -24,7 +24,14 @@ pub struct BackoffPolicy {
 
 impl Default for BackoffPolicy {
     fn default() -> Self {
-        BackoffPolicy { base_ms: 1_000, factor: 2.0, cap_ms: 3_600_000, jitter: 0.2, stable_ms: 60_000, unhealthy_after: 3 }
+        BackoffPolicy {
+            base_ms: 1_000,
+            factor: 2.0,
+            cap_ms: 3_600_000,
+            jitter: 0.2,
+            stable_ms: 60_000,
+            unhealthy_after: 3,
+        }
     }
 }
 
@@ -82,7 +89,14 @@ mod tests {
 
     #[test]
     fn doubles_from_base_up_to_the_cap() {
-        let p = BackoffPolicy { base_ms: 100, factor: 2.0, cap_ms: 1000, jitter: 0.0, stable_ms: 10_000, unhealthy_after: 3 };
+        let p = BackoffPolicy {
+            base_ms: 100,
+            factor: 2.0,
+            cap_ms: 1000,
+            jitter: 0.0,
+            stable_ms: 10_000,
+            unhealthy_after: 3,
+        };
         let delays: Vec<u64> = (1..=6).map(|n| p.nominal_delay_ms(n)).collect();
         assert_eq!(delays, vec![100, 200, 400, 800, 1000, 1000]);
         let r = p.on_failure(0, 5, 0.5);

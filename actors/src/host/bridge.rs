@@ -46,10 +46,10 @@ impl Registry {
         }
     }
     pub fn unregister(&self, worker_id: &str, actor: &ActorRef<WorkerMsg>) {
-        if let Ok(mut m) = self.0.write() {
-            if m.get(worker_id).is_some_and(|r| r.actor.get_id() == actor.get_id()) {
-                m.remove(worker_id);
-            }
+        if let Ok(mut m) = self.0.write()
+            && m.get(worker_id).is_some_and(|r| r.actor.get_id() == actor.get_id())
+        {
+            m.remove(worker_id);
         }
     }
     fn lookup(&self, worker_id: &str) -> Option<Registered> {
@@ -140,11 +140,10 @@ struct TakeQuery {
 
 async fn take(bridge: &Bridge, reg: &Registered, max: usize) -> Result<Vec<Value>, Response> {
     let hold = bridge.hold;
-    let result = reg.actor.call(|reply| WorkerMsg::Take { max, hold, reply }, Some(hold + Duration::from_secs(10))).await;
+    let result =
+        reg.actor.call(|reply| WorkerMsg::Take { max, hold, reply }, Some(hold + Duration::from_secs(10))).await;
     match result {
-        Ok(CallResult::Success(jobs)) => {
-            Ok(jobs.into_iter().filter_map(|j| serde_json::to_value(j).ok()).collect())
-        }
+        Ok(CallResult::Success(jobs)) => Ok(jobs.into_iter().filter_map(|j| serde_json::to_value(j).ok()).collect()),
         Ok(CallResult::Timeout) => Ok(vec![]),
         _ => Err(StatusCode::NO_CONTENT.into_response()),
     }
@@ -185,6 +184,7 @@ async fn job_take_batch(
 }
 
 /// The SDK posts JSON text whatever its content type says: parse the body as JSON.
+#[allow(clippy::result_large_err)] // the error is the reply itself, built once per bad request
 fn parse_body(body: &Bytes) -> Result<Value, Response> {
     serde_json::from_slice(body).map_err(|e| error(StatusCode::BAD_REQUEST, format!("the body is not JSON: {e}")))
 }
@@ -283,9 +283,8 @@ async fn ping(
     };
     let job_ids: Vec<String> =
         q.job_id.unwrap_or_default().split(',').map(str::trim).filter(|s| !s.is_empty()).map(str::to_string).collect();
-    let unhealthy = (q.status.as_deref() == Some("unhealthy")).then(|| {
-        format!("fitness check {} failed: {}", q.check.unwrap_or_default(), q.reason.unwrap_or_default())
-    });
+    let unhealthy = (q.status.as_deref() == Some("unhealthy"))
+        .then(|| format!("fitness check {} failed: {}", q.check.unwrap_or_default(), q.reason.unwrap_or_default()));
     let _ = reg.actor.cast(WorkerMsg::Ping { job_ids, unhealthy });
     axum::Json(json!({})).into_response()
 }

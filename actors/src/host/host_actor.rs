@@ -102,10 +102,10 @@ impl Actor for HostActor {
         let me = myself.clone();
         tasks.push(tokio::spawn(async move {
             while let Some(msg) = stops.next().await {
-                if let Ok(stop) = from_msgpack::<StopJob>(&msg.payload) {
-                    if me.cast(HostMsg::StopJob(stop)).is_err() {
-                        break;
-                    }
+                if let Ok(stop) = from_msgpack::<StopJob>(&msg.payload)
+                    && me.cast(HostMsg::StopJob(stop)).is_err()
+                {
+                    break;
                 }
             }
         }));
@@ -130,7 +130,12 @@ impl Actor for HostActor {
         Ok(st)
     }
 
-    async fn handle(&self, myself: ActorRef<HostMsg>, msg: HostMsg, st: &mut HostState) -> Result<(), ActorProcessingErr> {
+    async fn handle(
+        &self,
+        myself: ActorRef<HostMsg>,
+        msg: HostMsg,
+        st: &mut HostState,
+    ) -> Result<(), ActorProcessingErr> {
         match msg {
             HostMsg::EndpointPut(spec) => st.on_endpoint_put(&myself, *spec).await,
             HostMsg::EndpointDeleted(id) => st.on_endpoint_deleted(&id),
@@ -145,7 +150,12 @@ impl Actor for HostActor {
         Ok(())
     }
 
-    async fn handle_supervisor_evt(&self, myself: ActorRef<HostMsg>, evt: SupervisionEvent, st: &mut HostState) -> Result<(), ActorProcessingErr> {
+    async fn handle_supervisor_evt(
+        &self,
+        myself: ActorRef<HostMsg>,
+        evt: SupervisionEvent,
+        st: &mut HostState,
+    ) -> Result<(), ActorProcessingErr> {
         match evt {
             SupervisionEvent::ActorFailed(cell, err) => st.on_worker_ended(&myself, cell, Some(err.to_string())).await,
             SupervisionEvent::ActorTerminated(cell, _, reason) => {
@@ -180,10 +190,10 @@ impl HostState {
             started_at_ms: self.started_at_ms,
             heartbeat_at_ms: now_ms(),
         };
-        if let Ok(bytes) = to_msgpack(&record) {
-            if let Err(e) = self.nats.hosts.put(&self.id, Bytes::from(bytes)).await {
-                tracing::warn!(host_id = %self.id, error = %e, "heartbeat failed");
-            }
+        if let Ok(bytes) = to_msgpack(&record)
+            && let Err(e) = self.nats.hosts.put(&self.id, Bytes::from(bytes)).await
+        {
+            tracing::warn!(host_id = %self.id, error = %e, "heartbeat failed");
         }
     }
 
@@ -225,7 +235,8 @@ impl HostState {
             return;
         }
         let want = spec.workers_min as usize;
-        let mut have: Vec<String> = self.slots.iter().filter(|(_, s)| s.endpoint == endpoint && s.wanted).map(|(k, _)| k.clone()).collect();
+        let mut have: Vec<String> =
+            self.slots.iter().filter(|(_, s)| s.endpoint == endpoint && s.wanted).map(|(k, _)| k.clone()).collect();
         have.sort();
         for extra in have.iter().skip(want) {
             if let Some(slot) = self.slots.get_mut(extra) {
@@ -239,7 +250,14 @@ impl HostState {
             let worker_id = format!("w{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
             self.slots.insert(
                 worker_id.clone(),
-                Slot { endpoint: endpoint.to_string(), actor: None, failures: 0, restarts: 0, started: Instant::now(), wanted: true },
+                Slot {
+                    endpoint: endpoint.to_string(),
+                    actor: None,
+                    failures: 0,
+                    restarts: 0,
+                    started: Instant::now(),
+                    wanted: true,
+                },
             );
             self.spawn_worker(myself, &worker_id).await;
         }
@@ -277,7 +295,9 @@ impl HostState {
 
     async fn on_restart(&mut self, myself: &ActorRef<HostMsg>, worker_id: String) {
         match self.slots.get(&worker_id) {
-            Some(s) if s.wanted && s.actor.is_none() && !self.shutting_down => self.spawn_worker(myself, &worker_id).await,
+            Some(s) if s.wanted && s.actor.is_none() && !self.shutting_down => {
+                self.spawn_worker(myself, &worker_id).await
+            }
             _ => {}
         }
     }
@@ -314,11 +334,15 @@ impl HostState {
             let _ = myself.cast(HostMsg::Restart(worker_id.to_string()));
             return;
         };
-        let decision = policy.on_failure(slot.failures, slot.started.elapsed().as_millis() as u64, rand::random::<f64>());
+        let decision =
+            policy.on_failure(slot.failures, slot.started.elapsed().as_millis() as u64, rand::random::<f64>());
         slot.failures = decision.failures;
         let state = if decision.unhealthy { WorkerState::Unhealthy } else { WorkerState::Initializing };
         let reason = if decision.unhealthy {
-            format!("crash loop ({} failures in a row), retrying in {} ms: {reason}", decision.failures, decision.delay_ms)
+            format!(
+                "crash loop ({} failures in a row), retrying in {} ms: {reason}",
+                decision.failures, decision.delay_ms
+            )
         } else {
             format!("restarting in {} ms after: {reason}", decision.delay_ms)
         };
@@ -363,16 +387,22 @@ impl HostState {
             Some(actor) => {
                 let _ = actor.cast(WorkerMsg::StopJob { job_id: stop.job_id, reason: stop.reason });
             }
-            None => tracing::debug!(worker_id = %stop.worker_id, job_id = %stop.job_id, "stop for a worker not running here"),
+            None => {
+                tracing::debug!(worker_id = %stop.worker_id, job_id = %stop.job_id, "stop for a worker not running here")
+            }
         }
     }
 
     async fn on_shutdown(&mut self) {
         self.shutting_down = true;
-        let actors: Vec<ActorRef<WorkerMsg>> = self.slots.values_mut().filter_map(|s| {
-            s.wanted = false;
-            s.actor.clone()
-        }).collect();
+        let actors: Vec<ActorRef<WorkerMsg>> = self
+            .slots
+            .values_mut()
+            .filter_map(|s| {
+                s.wanted = false;
+                s.actor.clone()
+            })
+            .collect();
         for actor in actors {
             let _ = actor.stop_and_wait(None, Some(Duration::from_secs(10))).await;
         }

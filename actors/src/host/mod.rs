@@ -68,7 +68,11 @@ impl HostConfig {
         if let Some(id) = &self.id {
             shoal_protocol::ids::validate_id("host.id", id).map_err(|e| e.message)?;
         }
-        for (key, v) in [("host.hold_ms", self.hold_ms), ("host.ack_wait_ms", self.ack_wait_ms), ("host.heartbeat_ms", self.heartbeat_ms)] {
+        for (key, v) in [
+            ("host.hold_ms", self.hold_ms),
+            ("host.ack_wait_ms", self.ack_wait_ms),
+            ("host.heartbeat_ms", self.heartbeat_ms),
+        ] {
             if v == 0 {
                 return Err(format!("{key}: must be above 0"));
             }
@@ -127,9 +131,10 @@ pub async fn start(nats: Nats, config: HostConfig, runtime: Arc<dyn Runtime>) ->
     config.validate().map_err(StartHostError::Config)?;
     let id = config.id.clone().unwrap_or_else(default_host_id);
     let registry = bridge::Registry::default();
-    let bridge = bridge::BridgeServer::bind(config.bridge_listen, registry.clone(), Duration::from_millis(config.hold_ms))
-        .await
-        .map_err(|source| StartHostError::Bind { addr: config.bridge_listen, source })?;
+    let bridge =
+        bridge::BridgeServer::bind(config.bridge_listen, registry.clone(), Duration::from_millis(config.hold_ms))
+            .await
+            .map_err(|source| StartHostError::Bind { addr: config.bridge_listen, source })?;
     let bridge_url = config.bridge_url.clone().unwrap_or_else(|| format!("http://{}", bridge.local_addr()));
     let (actor, _) = Actor::spawn(
         None,

@@ -48,19 +48,40 @@ pub struct WorkerArgs {
 
 pub enum WorkerMsg {
     /// job-take (batch when `max` > 1): long-poll up to `hold`.
-    Take { max: usize, hold: Duration, reply: RpcReplyPort<Vec<WorkerJob>> },
+    Take {
+        max: usize,
+        hold: Duration,
+        reply: RpcReplyPort<Vec<WorkerJob>>,
+    },
     /// The fetch task took these jobs for a waiting job-take.
-    Taken { jobs: Vec<TakenJob>, reply: RpcReplyPort<Vec<WorkerJob>> },
+    Taken {
+        jobs: Vec<TakenJob>,
+        reply: RpcReplyPort<Vec<WorkerJob>>,
+    },
     /// job-done: a result or a progress update.
-    Done { job_id: String, body: Value, reply: RpcReplyPort<Result<(), String>> },
+    Done {
+        job_id: String,
+        body: Value,
+        reply: RpcReplyPort<Result<(), String>>,
+    },
     /// job-stream: one partial output.
-    Stream { job_id: String, chunk: Value, reply: RpcReplyPort<Result<(), String>> },
+    Stream {
+        job_id: String,
+        chunk: Value,
+        reply: RpcReplyPort<Result<(), String>>,
+    },
     /// ping: the jobs the worker holds.
-    Ping { job_ids: Vec<String>, unhealthy: Option<String> },
+    Ping {
+        job_ids: Vec<String>,
+        unhealthy: Option<String>,
+    },
     /// job-stop poll: the jobs the worker must stop.
     GetStops(RpcReplyPort<Vec<String>>),
     /// A job this worker runs was cancelled or timed out.
-    StopJob { job_id: String, reason: String },
+    StopJob {
+        job_id: String,
+        reason: String,
+    },
     Tick,
     Exited(Exit),
 }
@@ -100,7 +121,11 @@ impl Actor for WorkerActor {
     type State = WorkerState_;
     type Arguments = WorkerArgs;
 
-    async fn pre_start(&self, myself: ActorRef<WorkerMsg>, args: WorkerArgs) -> Result<WorkerState_, ActorProcessingErr> {
+    async fn pre_start(
+        &self,
+        myself: ActorRef<WorkerMsg>,
+        args: WorkerArgs,
+    ) -> Result<WorkerState_, ActorProcessingErr> {
         let ack_wait = Duration::from_millis(args.config.ack_wait_ms);
         let normal = jobs_consumer(&args.nats, &args.spec.id, Priority::Normal, ack_wait).await?;
         let low = jobs_consumer(&args.nats, &args.spec.id, Priority::Low, ack_wait).await?;
@@ -153,7 +178,12 @@ impl Actor for WorkerActor {
         Ok(st)
     }
 
-    async fn handle(&self, myself: ActorRef<WorkerMsg>, msg: WorkerMsg, st: &mut WorkerState_) -> Result<(), ActorProcessingErr> {
+    async fn handle(
+        &self,
+        myself: ActorRef<WorkerMsg>,
+        msg: WorkerMsg,
+        st: &mut WorkerState_,
+    ) -> Result<(), ActorProcessingErr> {
         match msg {
             WorkerMsg::Take { max, hold, reply } => st.on_take(&myself, max, hold, reply).await,
             WorkerMsg::Taken { jobs, reply } => st.on_taken(jobs, reply).await,
@@ -285,7 +315,13 @@ impl WorkerState_ {
         self.set_state(state, None).await;
     }
 
-    async fn on_take(&mut self, myself: &ActorRef<WorkerMsg>, max: usize, hold: Duration, reply: RpcReplyPort<Vec<WorkerJob>>) {
+    async fn on_take(
+        &mut self,
+        myself: &ActorRef<WorkerMsg>,
+        max: usize,
+        hold: Duration,
+        reply: RpcReplyPort<Vec<WorkerJob>>,
+    ) {
         if self.state == WorkerState::Initializing {
             self.settle().await;
         }
@@ -317,22 +353,31 @@ impl WorkerState_ {
                 let store = self.store.clone();
                 let worker = self.args.worker_id.clone();
                 tokio::spawn(async move {
-                    let _ = store.transition(&t.record.endpoint, &t.record.id, |r| lifecycle::release(r, &worker)).await;
+                    let _ =
+                        store.transition(&t.record.endpoint, &t.record.id, |r| lifecycle::release(r, &worker)).await;
                     t.ack.nak().await;
                 });
             }
             return;
         }
         for t in jobs {
-            self.inflight.insert(t.job.id.clone(), Inflight { ack: t.ack, record: t.record, last_progress: Instant::now() });
+            self.inflight
+                .insert(t.job.id.clone(), Inflight { ack: t.ack, record: t.record, last_progress: Instant::now() });
         }
         self.settle().await;
     }
 
-    async fn on_done(&mut self, myself: &ActorRef<WorkerMsg>, job_id: String, body: Value, reply: RpcReplyPort<Result<(), String>>) {
+    async fn on_done(
+        &mut self,
+        myself: &ActorRef<WorkerMsg>,
+        job_id: String,
+        body: Value,
+        reply: RpcReplyPort<Result<(), String>>,
+    ) {
         let outcome = outcome_of(&body);
         let progress = matches!(outcome, Outcome::Progress(_));
-        let stop_pod = matches!(outcome, Outcome::Completed { stop_pod: true, .. } | Outcome::Failed { stop_pod: true, .. });
+        let stop_pod =
+            matches!(outcome, Outcome::Completed { stop_pod: true, .. } | Outcome::Failed { stop_pod: true, .. });
         let inflight = if progress { None } else { self.inflight.remove(&job_id) };
         if shoal_protocol::ids::validate_id("job id", &job_id).is_err() {
             let _ = reply.send(Ok(()));
@@ -342,7 +387,8 @@ impl WorkerState_ {
         let endpoint = self.endpoint().to_string();
         let worker = self.args.worker_id.clone();
         tokio::spawn(async move {
-            let applied = store.transition(&endpoint, &job_id, |r| lifecycle::finish(r, outcome.clone(), now_ms())).await;
+            let applied =
+                store.transition(&endpoint, &job_id, |r| lifecycle::finish(r, outcome.clone(), now_ms())).await;
             let result = match applied {
                 Ok(Applied::Refused { reason, .. }) => {
                     tracing::debug!(worker_id = %worker, job_id = %job_id, %reason, "result dropped");
@@ -381,7 +427,11 @@ impl WorkerState_ {
         tokio::spawn(async move {
             let result = async {
                 let bytes = to_msgpack(&chunk).map_err(|e| e.to_string())?;
-                let ack = nats.js.publish(nats.names.stream_subject(&job_id), Bytes::from(bytes)).await.map_err(|e| e.to_string())?;
+                let ack = nats
+                    .js
+                    .publish(nats.names.stream_subject(&job_id), Bytes::from(bytes))
+                    .await
+                    .map_err(|e| e.to_string())?;
                 ack.await.map_err(|e| e.to_string()).map(|_| ())
             }
             .await;
@@ -537,7 +587,8 @@ async fn take_one(store: &JobStore, token: &JobToken, worker: &str, host: &str, 
                     ack.ack().await;
                     return None;
                 }
-                let job = WorkerJob { id: next.id.clone(), input: next.input.clone(), s3_config: next.s3_config.clone() };
+                let job =
+                    WorkerJob { id: next.id.clone(), input: next.input.clone(), s3_config: next.s3_config.clone() };
                 return Some(TakenJob { job, record: next, ack });
             }
             Ok(None) => continue,

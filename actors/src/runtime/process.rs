@@ -72,7 +72,13 @@ async fn kill_group(pid: u32) {
     }
     let _ = tokio::time::timeout(
         Duration::from_secs(5),
-        Command::new("kill").arg("-KILL").arg("--").arg(format!("-{pid}")).stdout(Stdio::null()).stderr(Stdio::null()).status(),
+        Command::new("kill")
+            .arg("-KILL")
+            .arg("--")
+            .arg(format!("-{pid}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status(),
     )
     .await;
 }

@@ -45,17 +45,14 @@ impl Config {
     fn from_env() -> Result<Self> {
         let pod_id = required("RUNPOD_POD_ID")?;
         let interval_ms: u64 = match std::env::var("RUNPOD_PING_INTERVAL") {
-            Ok(v) => v
-                .trim()
-                .parse()
-                .with_context(|| format!("RUNPOD_PING_INTERVAL must be milliseconds, got {v:?}"))?,
+            Ok(v) => {
+                v.trim().parse().with_context(|| format!("RUNPOD_PING_INTERVAL must be milliseconds, got {v:?}"))?
+            }
             Err(_) => 10_000,
         };
         // Same substitutions as the SDK: in GET_JOB `$ID` is the worker id; in the post and ping templates
         // `$RUNPOD_POD_ID` is the worker id and (posts only) `$ID` is replaced per job later.
-        let with_pod = |name: &str| -> Result<String> {
-            Ok(required(name)?.replace("$RUNPOD_POD_ID", &pod_id))
-        };
+        let with_pod = |name: &str| -> Result<String> { Ok(required(name)?.replace("$RUNPOD_POD_ID", &pod_id)) };
         let get_job = required("RUNPOD_WEBHOOK_GET_JOB")?.replace("$ID", &pod_id);
         let post_output = with_pod("RUNPOD_WEBHOOK_POST_OUTPUT")?;
         let post_stream = with_pod("RUNPOD_WEBHOOK_POST_STREAM")?;
@@ -168,10 +165,7 @@ impl Worker {
     }
 
     async fn done(&self, id: &str, stream: bool, body: &Value) -> Result<()> {
-        let url = format!(
-            "{}&isStream={stream}",
-            self.cfg.post_output.replace("$ID", id)
-        );
+        let url = format!("{}&isStream={stream}", self.cfg.post_output.replace("$ID", id));
         self.post(&url, body).await
     }
 
@@ -199,12 +193,7 @@ impl Worker {
 }
 
 /// Heartbeat: `GET {PING}?job_id=<id>&runpod_version=…` (no `job_id` when idle), then sleep the interval.
-async fn ping_loop(
-    http: reqwest::Client,
-    base: String,
-    interval: Duration,
-    current: Arc<Mutex<Option<String>>>,
-) {
+async fn ping_loop(http: reqwest::Client, base: String, interval: Duration, current: Arc<Mutex<Option<String>>>) {
     let sep = if base.contains('?') { '&' } else { '?' };
     loop {
         let job = current.lock().unwrap_or_else(|e| e.into_inner()).clone();
@@ -223,9 +212,7 @@ async fn main_loop(cfg: Config) -> Result<()> {
     let mut headers = reqwest::header::HeaderMap::new();
     headers.insert(
         reqwest::header::AUTHORIZATION,
-        cfg.api_key
-            .parse()
-            .context("RUNPOD_AI_API_KEY is not a valid header value")?,
+        cfg.api_key.parse().context("RUNPOD_AI_API_KEY is not a valid header value")?,
     );
     let http = reqwest::Client::builder()
         .default_headers(headers)
@@ -233,12 +220,7 @@ async fn main_loop(cfg: Config) -> Result<()> {
         .build()
         .context("building the HTTP client")?;
     let current = Arc::new(Mutex::new(None));
-    tokio::spawn(ping_loop(
-        http.clone(),
-        cfg.ping.clone(),
-        cfg.ping_interval,
-        current.clone(),
-    ));
+    tokio::spawn(ping_loop(http.clone(), cfg.ping.clone(), cfg.ping_interval, current.clone()));
     let worker = Worker { cfg, http, current };
 
     // SIGTERM/SIGINT: like the SDK, finish the current long-poll and job, then exit 0.
