@@ -76,3 +76,41 @@ async fn bare_nats_client_runs_a_job_on_the_rust_example_worker() -> Result<()> 
     shoal.stop().await;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_concurrent_python_worker_takes_jobs_in_batches() -> Result<()> {
+    use shoal_protocol::api::{JobRef, RunRequest};
+    use shoal_protocol::job::JobState;
+    let shoal = Shoal::start().await?;
+    let mut spec = python_endpoint("multi")?;
+    spec.env.insert("SHOAL_EXAMPLE_CONCURRENCY".into(), "3".into());
+    spec.concurrency = 3;
+    shoal.api.create_endpoint(&spec).await?;
+    let mut ids = Vec::new();
+    for n in 0..6 {
+        let req = RunRequest {
+            endpoint: "multi".into(),
+            input: json!({"mode": "sleep", "seconds": 1.5, "n": n}),
+            policy: None,
+            webhook: None,
+            s3_config: None,
+            idempotency_key: None,
+            wait_ms: 0,
+            sync: false,
+        };
+        ids.push(shoal.api.run(&req).await?.id);
+    }
+    // one worker holds several jobs at once
+    let most = shoal_tests::eventually(Duration::from_secs(60), "several jobs on one worker", || async {
+        let w = shoal.api.workers(Some("multi")).await.ok()?;
+        w.workers.iter().map(|w| w.current_jobs.len()).max().filter(|n| *n >= 2)
+    })
+    .await?;
+    assert!(most >= 2);
+    for id in ids {
+        let s = shoal.api.status(&JobRef { endpoint: Some("multi".into()), id, wait_ms: 60_000 }).await?;
+        assert_eq!(s.status, JobState::Completed, "{s:?}");
+    }
+    shoal.stop().await;
+    Ok(())
+}

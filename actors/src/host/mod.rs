@@ -6,6 +6,7 @@ pub mod ack;
 pub mod backoff;
 pub mod bridge;
 pub mod host_actor;
+pub mod take;
 pub mod worker_actor;
 
 use std::net::SocketAddr;

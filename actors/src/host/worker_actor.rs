@@ -10,19 +10,19 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream::consumer::PullConsumer;
 use bytes::Bytes;
-use futures::StreamExt;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use serde_json::Value;
-use shoal_protocol::codec::{from_msgpack, to_msgpack};
+use shoal_protocol::codec::to_msgpack;
 use shoal_protocol::endpoint::EndpointSpec;
 use shoal_protocol::events::WorkerEvent;
-use shoal_protocol::job::{JobRecord, JobToken, Priority, WorkerJob};
-use shoal_protocol::lifecycle::{self, Outcome, Take};
+use shoal_protocol::job::{JobRecord, Priority, WorkerJob};
+use shoal_protocol::lifecycle::{self, Outcome};
 use shoal_protocol::worker::{WorkerRecord, WorkerState};
 
 use super::HostConfig;
 use super::ack::AckGuard;
 use super::bridge::{Registered, Registry};
+use super::take::{TakenJob, fetch_and_take};
 use crate::clock::now_ms;
 use crate::jobs::{Applied, JobStore, jobs_consumer};
 use crate::nats::Nats;
@@ -86,12 +86,6 @@ pub enum WorkerMsg {
     Exited(Exit),
 }
 
-pub struct TakenJob {
-    job: WorkerJob,
-    record: JobRecord,
-    ack: AckGuard,
-}
-
 struct Inflight {
     ack: AckGuard,
     record: JobRecord,
@@ -114,6 +108,8 @@ pub struct WorkerState_ {
     /// The worker asked to be replaced (`stopPod`), or was killed to stop a job: take nothing more.
     draining: bool,
     killed_for_stop: bool,
+    /// How many jobs the last worker record listed.
+    reported_jobs: usize,
 }
 
 impl Actor for WorkerActor {
@@ -172,6 +168,7 @@ impl Actor for WorkerActor {
             jobs_done: 0,
             draining: false,
             killed_for_stop: false,
+            reported_jobs: 0,
             args,
         };
         st.report(None).await;
@@ -271,6 +268,7 @@ impl WorkerState_ {
     /// Writes the worker record and publishes a worker event.
     async fn report(&mut self, backoff_ms: Option<u64>) {
         let now = now_ms();
+        self.reported_jobs = self.inflight.len();
         let record = WorkerRecord {
             id: self.args.worker_id.clone(),
             endpoint: self.endpoint().to_string(),
@@ -310,9 +308,15 @@ impl WorkerState_ {
         }
     }
 
+    /// Idle or Running, by the jobs it holds; the record follows every change of those jobs.
     async fn settle(&mut self) {
         let state = if self.inflight.is_empty() { WorkerState::Idle } else { WorkerState::Running };
-        self.set_state(state, None).await;
+        if self.state == state && self.reason.is_none() && self.reported_jobs == self.inflight.len() {
+            return;
+        }
+        self.state = state;
+        self.reason = None;
+        self.report(None).await;
     }
 
     async fn on_take(
@@ -512,101 +516,35 @@ pub async fn put_worker_record(nats: &Nats, record: &WorkerRecord) {
     }
 }
 
-/// Long-polls the endpoint's queues (normal first, low only when normal is empty) and takes
-/// what arrives: each token's record goes IN_PROGRESS on this worker by compare-and-set.
-async fn fetch_and_take(
-    consumers: &(PullConsumer, PullConsumer),
-    store: &JobStore,
-    worker: &str,
-    host: &str,
-    max: usize,
-    hold: Duration,
-) -> Vec<TakenJob> {
-    let deadline = Instant::now() + hold;
-    let mut taken = Vec::new();
-    while taken.is_empty() {
-        let remaining = deadline.saturating_duration_since(Instant::now());
-        if remaining < Duration::from_millis(10) {
-            break;
-        }
-        // normal jobs first; low-priority ones only when no normal job waits
-        let mut msgs = drain(consumers.0.fetch().max_messages(max).messages().await.ok()).await;
-        if msgs.is_empty() {
-            msgs = drain(consumers.1.fetch().max_messages(max).messages().await.ok()).await;
-        }
-        if msgs.is_empty() {
-            // wait for a normal job; wake at least every second to look at the low queue
-            let wait = remaining.min(Duration::from_secs(1));
-            match consumers.0.batch().max_messages(max).expires(wait).messages().await {
-                Ok(b) => msgs = drain(Some(b)).await,
-                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
-            }
-        }
-        for m in msgs {
-            let (message, acker) = m.split();
-            let ack = AckGuard::new(acker);
-            let Ok(token) = from_msgpack::<JobToken>(&message.payload) else {
-                tracing::warn!(subject = %message.subject, "undecodable job token dropped");
-                ack.ack().await;
-                continue;
-            };
-            if let Some(t) = take_one(store, &token, worker, host, ack).await {
-                taken.push(t);
-            }
-        }
-    }
-    taken
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
 
-async fn take_one(store: &JobStore, token: &JobToken, worker: &str, host: &str, ack: AckGuard) -> Option<TakenJob> {
-    for _ in 0..16 {
-        let (rec, rev) = match store.get(&token.endpoint, &token.id).await {
-            Ok(Some(found)) => found,
-            Ok(None) => {
-                ack.ack().await; // record expired or purged: nothing to run
-                return None;
-            }
-            Err(e) => {
-                tracing::warn!(job_id = %token.id, error = %e, "cannot read job record; redelivering");
-                return None; // the guard naks
-            }
-        };
-        let key = store.key(&rec.endpoint, &rec.id);
-        let (next, run) = match lifecycle::take(&rec, worker, host, now_ms()) {
-            Take::Run(next) => (next, true),
-            Take::Expired(next) | Take::Exhausted(next) => (next, false),
-            Take::Skip => {
-                ack.ack().await;
-                return None;
-            }
-        };
-        match store.write(&key, &next, rev).await {
-            Ok(Some(_)) => {
-                store.publish_event(&next).await;
-                if !run {
-                    ack.ack().await;
-                    return None;
-                }
-                let job =
-                    WorkerJob { id: next.id.clone(), input: next.input.clone(), s3_config: next.s3_config.clone() };
-                return Some(TakenJob { job, record: next, ack });
-            }
-            Ok(None) => continue,
-            Err(e) => {
-                tracing::warn!(job_id = %token.id, error = %e, "cannot take job; redelivering");
-                return None;
-            }
-        }
+    #[test]
+    fn job_done_bodies_read_as_runpod_reads_them() {
+        assert_eq!(
+            outcome_of(&json!({"output": {"a": 1}})),
+            Outcome::Completed { output: Some(json!({"a": 1})), stop_pod: false }
+        );
+        assert_eq!(outcome_of(&json!({})), Outcome::Completed { output: None, stop_pod: false });
+        assert_eq!(
+            outcome_of(&json!({"error": "nope"})),
+            Outcome::Failed { error: "nope".into(), output: None, stop_pod: false }
+        );
+        assert_eq!(
+            outcome_of(&json!({"output": {"ok": true}, "stopPod": true})),
+            Outcome::Completed { output: Some(json!({"ok": true})), stop_pod: true }
+        );
+        assert_eq!(outcome_of(&json!({"status": "IN_PROGRESS", "output": "half"})), Outcome::Progress(json!("half")));
+        // a non-string error is kept as its JSON text; an empty one is no error
+        assert_eq!(
+            outcome_of(&json!({"error": {"code": 3}, "output": 1})),
+            Outcome::Failed { error: "{\"code\":3}".into(), output: Some(json!(1)), stop_pod: false }
+        );
+        assert_eq!(
+            outcome_of(&json!({"error": "", "output": 2})),
+            Outcome::Completed { output: Some(json!(2)), stop_pod: false }
+        );
     }
-    None
-}
-
-async fn drain(batch: Option<async_nats::jetstream::consumer::pull::Batch>) -> Vec<async_nats::jetstream::Message> {
-    let mut out = Vec::new();
-    if let Some(mut b) = batch {
-        while let Some(Ok(m)) = b.next().await {
-            out.push(m);
-        }
-    }
-    out
 }
