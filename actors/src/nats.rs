@@ -19,11 +19,13 @@ pub struct Topology {
     pub host_ttl_s: u64,
     /// Replicas of every stream and bucket (3 on a NATS cluster).
     pub replicas: usize,
+    /// An endpoint lease not renewed for this long expires and another replica takes over.
+    pub lease_ttl_s: u64,
 }
 
 impl Default for Topology {
     fn default() -> Self {
-        Topology { retention_s: 1800, host_ttl_s: 30, replicas: 1 }
+        Topology { retention_s: 1800, host_ttl_s: 30, replicas: 1, lease_ttl_s: 10 }
     }
 }
 
@@ -47,6 +49,7 @@ pub struct Nats {
     pub endpoints: kv::Store,
     pub workers: kv::Store,
     pub hosts: kv::Store,
+    pub leases: kv::Store,
     pub idempotency: kv::Store,
 }
 
@@ -86,7 +89,7 @@ impl Nats {
             js.get_or_create_stream(config).await.map_err(|source| ConnectError::Stream { name: def.name, source })?;
         }
         let mut stores = Vec::new();
-        for def in names.buckets(topology.retention_s, topology.host_ttl_s) {
+        for def in names.buckets(topology.retention_s, topology.host_ttl_s, topology.lease_ttl_s) {
             let store = match js.get_key_value(&def.bucket).await {
                 Ok(store) => store,
                 Err(_) => js
@@ -110,6 +113,7 @@ impl Nats {
             endpoints: next(),
             workers: next(),
             hosts: next(),
+            leases: next(),
             idempotency: next(),
             client,
             js,

@@ -139,11 +139,23 @@ pub struct WorkerCounts {
     pub outdated: u64,
 }
 
-/// `endpoint.health`: RunPod's `/health` shape.
+/// Progress of a rolling update: workers on the latest spec version out of all.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rollout {
+    pub version: u64,
+    pub workers_on_latest: u64,
+    pub workers_total: u64,
+}
+
+/// `endpoint.health`: RunPod's `/health` shape, plus the rollout and the owning replica.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HealthReply {
     pub jobs: JobCounts,
     pub workers: WorkerCounts,
+    #[serde(default)]
+    pub rollout: Rollout,
+    #[serde(default)]
+    pub owner: Option<String>,
 }
 
 /// `endpoint.list`.

@@ -13,6 +13,9 @@ pub struct Gpu {
     /// GPUs reporting errors are never placed on.
     #[serde(default)]
     pub healthy: bool,
+    /// The worker this GPU is given to, if any.
+    #[serde(default)]
+    pub worker_id: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -27,8 +30,52 @@ pub struct HostRecord {
     pub bridge_url: String,
     #[serde(default)]
     pub workers: u32,
+    /// Most workers without GPUs this host runs (CPU endpoints); 0 = no limit.
+    #[serde(default)]
+    pub max_workers: u32,
+    /// `<endpoint>@<version>` of endpoint versions this host has warm (a stopped container or
+    /// the image): placement prefers these hosts (the FlashBoot effect).
+    #[serde(default)]
+    pub warm: Vec<String>,
     pub started_at_ms: u64,
     pub heartbeat_at_ms: u64,
+}
+
+impl HostRecord {
+    /// Healthy GPUs of type `name` not given to any worker.
+    pub fn free_gpus(&self, name: &str) -> usize {
+        self.gpus.iter().filter(|g| g.healthy && g.worker_id.is_none() && g.name == name).count()
+    }
+}
+
+/// Start a worker of an endpoint on this host (request/reply). Carries the spec it runs, so a
+/// host needs nothing else, and the epoch of the endpoint lease its sender holds.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StartWorker {
+    pub spec: crate::endpoint::EndpointSpec,
+    pub worker_id: String,
+    /// The GPU type to give it (`gpu_count` of them); none for CPU endpoints.
+    #[serde(default)]
+    pub gpu_type: Option<String>,
+    pub epoch: u64,
+}
+
+/// Stop a worker: at once, or after its current jobs (`drain`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StopWorker {
+    pub endpoint: String,
+    pub worker_id: String,
+    pub drain: bool,
+    pub epoch: u64,
+    pub reason: String,
+}
+
+/// A host's answer to a command.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CommandReply {
+    pub ok: bool,
+    #[serde(default)]
+    pub error: Option<String>,
 }
 
 /// Stop a job a worker on this host runs: it was cancelled or timed out.

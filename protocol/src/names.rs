@@ -128,6 +128,9 @@ impl Names {
     pub fn hosts_bucket(&self) -> String {
         format!("{}-hosts", self.prefix)
     }
+    pub fn leases_bucket(&self) -> String {
+        format!("{}-leases", self.prefix)
+    }
     pub fn idempotency_bucket(&self) -> String {
         format!("{}-idempotency", self.prefix)
     }
@@ -148,6 +151,20 @@ impl Names {
     }
     pub fn worker_key(&self, endpoint: &str, worker_id: &str) -> String {
         format!("{endpoint}.{worker_id}")
+    }
+    /// The lease that makes one control replica the owner of an endpoint.
+    pub fn lease_key(&self, endpoint: &str) -> String {
+        format!("endpoint.{endpoint}")
+    }
+    pub fn lease_keys(&self) -> String {
+        "endpoint.>".to_string()
+    }
+    /// A control replica's presence (the lease managers share endpoints among the live ones).
+    pub fn replica_key(&self, replica: &str) -> String {
+        format!("replica.{replica}")
+    }
+    pub fn replica_keys(&self) -> String {
+        "replica.>".to_string()
     }
     pub fn idempotency_key(&self, endpoint: &str, key: &str) -> String {
         format!("{endpoint}.{key}")
@@ -198,6 +215,19 @@ impl Names {
         format!("{}.{API_VERSION}.host.{host}.job.stop", self.prefix)
     }
 
+    /// Command to a host: start a worker (request/reply).
+    pub fn host_start_worker_subject(&self, host: &str) -> String {
+        format!("{}.{API_VERSION}.host.{host}.worker.start", self.prefix)
+    }
+    /// Command to a host: stop or drain a worker (request/reply).
+    pub fn host_stop_worker_subject(&self, host: &str) -> String {
+        format!("{}.{API_VERSION}.host.{host}.worker.stop", self.prefix)
+    }
+    /// Queries answered by the control replica owning an endpoint: `health`, `queued`.
+    pub fn owner_subject(&self, endpoint: &str, query: &str) -> String {
+        format!("{}.{API_VERSION}.owner.{endpoint}.{query}", self.prefix)
+    }
+
     // ---- consumers -----------------------------------------------------------------------
 
     /// The durable pull consumer all workers of an endpoint share, one per priority.
@@ -241,7 +271,7 @@ impl Names {
         ]
     }
 
-    pub fn buckets(&self, retention_s: u64, host_ttl_s: u64) -> Vec<BucketDef> {
+    pub fn buckets(&self, retention_s: u64, host_ttl_s: u64, lease_ttl_s: u64) -> Vec<BucketDef> {
         vec![
             BucketDef {
                 bucket: self.jobs_bucket(),
@@ -266,6 +296,12 @@ impl Names {
                 max_age_s: host_ttl_s,
                 history: 1,
                 description: "host inventories and heartbeats",
+            },
+            BucketDef {
+                bucket: self.leases_bucket(),
+                max_age_s: lease_ttl_s,
+                history: 1,
+                description: "endpoint leases (owner replica, epoch) and replica presence",
             },
             BucketDef {
                 bucket: self.idempotency_bucket(),

@@ -103,6 +103,7 @@ fn every_message_sample_still_decodes() {
                 unhealthy: 6,
                 outdated: 7,
             },
+            ..Default::default()
         },
     );
     let mut spec = EndpointSpec::with_command("echo", "python handler.py");
@@ -136,9 +137,17 @@ fn every_message_sample_still_decodes() {
             id: "h-1".into(),
             runtime: "process".into(),
             labels: BTreeMap::from([("zone".to_string(), "a".to_string())]),
-            gpus: vec![Gpu { name: "NVIDIA H200".into(), uuid: "GPU-1".into(), memory_mb: 141_000, healthy: true }],
+            gpus: vec![Gpu {
+                name: "NVIDIA H200".into(),
+                uuid: "GPU-1".into(),
+                memory_mb: 141_000,
+                healthy: true,
+                worker_id: None,
+            }],
             bridge_url: "http://127.0.0.1:1".into(),
             workers: 1,
+            max_workers: 0,
+            warm: vec![],
             started_at_ms: 1,
             heartbeat_at_ms: 2,
         },

@@ -177,7 +177,7 @@ async fn health(ctx: &Ctx, r: EndpointRef) -> Result<HealthReply, ApiError> {
         }
     }
     workers.ready = workers.idle + workers.running;
-    Ok(HealthReply { jobs, workers })
+    Ok(HealthReply { jobs, workers, ..Default::default() })
 }
 
 async fn create_endpoint(ctx: &Ctx, mut spec: EndpointSpec) -> Result<EndpointSpec, ApiError> {

@@ -9,6 +9,8 @@ pub mod api;
 pub mod endpoint_actor;
 mod job_ops;
 pub mod manager;
+pub mod placement;
+pub mod scaling;
 
 use std::time::Duration;
 

@@ -187,6 +187,8 @@ impl HostState {
             gpus: vec![],
             bridge_url: self.bridge_url.clone(),
             workers: self.slots.values().filter(|s| s.actor.is_some()).count() as u32,
+            max_workers: 0,
+            warm: vec![],
             started_at_ms: self.started_at_ms,
             heartbeat_at_ms: now_ms(),
         };

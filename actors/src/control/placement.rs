@@ -1,0 +1,153 @@
+//! Placement: which host a new worker goes to. Pure: the scaler passes the live hosts'
+//! inventories (as it knows them this tick) and gets a host and a GPU type back, or the
+//! reason the worker must wait (Throttled).
+//!
+//! GPU types are tried in the endpoint's priority order; within a type, hosts that have this
+//! endpoint version warm come first (the FlashBoot effect), then the hosts running the fewest
+//! workers of this endpoint (spreading), then the most free GPUs. Endpoints without GPU types
+//! go to any host with room.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use shoal_protocol::endpoint::EndpointSpec;
+use shoal_protocol::host::HostRecord;
+
+/// A host as placement sees it; updated in place as workers are placed within one tick.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostView {
+    pub id: String,
+    /// Free GPUs by type name.
+    pub free_gpus: BTreeMap<String, usize>,
+    /// Workers it runs in all.
+    pub workers: u32,
+    /// Most GPU-less workers; 0 = no limit.
+    pub max_workers: u32,
+    /// Workers of the endpoint being placed.
+    pub endpoint_workers: u32,
+    /// `<endpoint>@<version>` warm on this host.
+    pub warm: BTreeSet<String>,
+}
+
+impl HostView {
+    pub fn from_record(rec: &HostRecord, endpoint_workers: u32) -> HostView {
+        let mut free_gpus = BTreeMap::new();
+        for g in rec.gpus.iter().filter(|g| g.healthy && g.worker_id.is_none()) {
+            *free_gpus.entry(g.name.clone()).or_insert(0) += 1;
+        }
+        HostView {
+            id: rec.id.clone(),
+            free_gpus,
+            workers: rec.workers,
+            max_workers: rec.max_workers,
+            endpoint_workers,
+            warm: rec.warm.iter().cloned().collect(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Placement {
+    pub host: String,
+    pub gpu_type: Option<String>,
+}
+
+/// Picks a host for one more worker of `spec`, and books it in `hosts`.
+pub fn place(spec: &EndpointSpec, hosts: &mut [HostView]) -> Result<Placement, String> {
+    let warm_key = format!("{}@{}", spec.id, spec.version);
+    let rank = |h: &HostView, free: usize| (!h.warm.contains(&warm_key), h.endpoint_workers, usize::MAX - free, h.workers, h.id.clone());
+    if spec.gpu_types.is_empty() {
+        let best = hosts
+            .iter_mut()
+            .filter(|h| h.max_workers == 0 || h.workers < h.max_workers)
+            .min_by_key(|h| rank(h, 0))
+            .ok_or_else(|| "no live host has room for another worker".to_string())?;
+        best.workers += 1;
+        best.endpoint_workers += 1;
+        return Ok(Placement { host: best.id.clone(), gpu_type: None });
+    }
+    let need = spec.gpu_count as usize;
+    for gpu in &spec.gpu_types {
+        let best = hosts
+            .iter_mut()
+            .filter(|h| h.free_gpus.get(gpu).copied().unwrap_or(0) >= need)
+            .min_by_key(|h| rank(h, h.free_gpus.get(gpu).copied().unwrap_or(0)));
+        if let Some(h) = best {
+            if let Some(free) = h.free_gpus.get_mut(gpu) {
+                *free -= need;
+            }
+            h.workers += 1;
+            h.endpoint_workers += 1;
+            return Ok(Placement { host: h.id.clone(), gpu_type: Some(gpu.clone()) });
+        }
+    }
+    Err(format!("no capacity: no live host has {need} free GPU(s) of type {}", spec.gpu_types.join(" or ")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn host(id: &str, gpus: &[(&str, usize)]) -> HostView {
+        HostView {
+            id: id.into(),
+            free_gpus: gpus.iter().map(|(n, c)| (n.to_string(), *c)).collect(),
+            workers: 0,
+            max_workers: 0,
+            endpoint_workers: 0,
+            warm: BTreeSet::new(),
+        }
+    }
+
+    fn gpu_spec(types: &[&str]) -> EndpointSpec {
+        let mut s = EndpointSpec::with_command("ep", "true");
+        s.gpu_types = types.iter().map(|t| t.to_string()).collect();
+        s.version = 1;
+        s
+    }
+
+    #[test]
+    fn priority_order_first_then_the_next_type_then_throttled() {
+        let spec = gpu_spec(&["H200", "A100"]);
+        let mut hosts = vec![host("a", &[("A100", 2)]), host("b", &[("H200", 1)])];
+        let picks: Vec<_> = (0..3).map(|_| place(&spec, &mut hosts).map(|p| (p.host, p.gpu_type))).collect();
+        assert_eq!(picks[0], Ok(("b".into(), Some("H200".into()))));
+        assert_eq!(picks[1], Ok(("a".into(), Some("A100".into()))));
+        assert_eq!(picks[2], Ok(("a".into(), Some("A100".into()))));
+        let err = place(&spec, &mut hosts).expect_err("full");
+        assert!(err.contains("no capacity"), "{err}");
+    }
+
+    #[test]
+    fn warm_hosts_win_then_spreading() {
+        let spec = gpu_spec(&[]);
+        let mut hosts = vec![host("a", &[]), host("b", &[]), host("c", &[])];
+        hosts[2].warm.insert("ep@1".into());
+        assert_eq!(place(&spec, &mut hosts).map(|p| p.host), Ok("c".into()));
+        hosts[2].warm.clear();
+        // c has one of ours now: the next goes elsewhere
+        assert_eq!(place(&spec, &mut hosts).map(|p| p.host), Ok("a".into()));
+        assert_eq!(place(&spec, &mut hosts).map(|p| p.host), Ok("b".into()));
+    }
+
+    #[test]
+    fn cpu_hosts_respect_max_workers() {
+        let spec = gpu_spec(&[]);
+        let mut hosts = vec![host("a", &[])];
+        hosts[0].max_workers = 1;
+        assert!(place(&spec, &mut hosts).is_ok());
+        assert!(place(&spec, &mut hosts).is_err());
+    }
+
+    proptest! {
+        #[test]
+        fn never_books_more_gpus_than_free(free in proptest::collection::vec(0usize..4, 1..5), count in 1u32..3, n in 0usize..20) {
+            let mut spec = gpu_spec(&["T"]);
+            spec.gpu_count = count;
+            let mut hosts: Vec<HostView> = free.iter().enumerate().map(|(i, f)| host(&format!("h{i}"), &[("T", *f)])).collect();
+            let total: usize = free.iter().map(|f| f / count as usize).sum();
+            let placed = (0..n).filter(|_| place(&spec, &mut hosts).is_ok()).count();
+            prop_assert_eq!(placed, n.min(total));
+        }
+    }
+}
