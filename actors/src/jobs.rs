@@ -51,6 +51,11 @@ impl JobStore {
         JobStore { nats }
     }
 
+    /// The object store of inputs and outputs too large to inline in a record.
+    pub fn blobs(&self) -> &crate::blobs::Blobs {
+        &self.nats.blobs
+    }
+
     pub fn key(&self, endpoint: &str, id: &str) -> String {
         self.nats.names.job_key(endpoint, id)
     }
@@ -122,12 +127,43 @@ impl JobStore {
         Err(StoreError::Contended(key))
     }
 
-    /// Compare-and-set of one record; `Ok(None)` when the revision moved.
+    /// Compare-and-set of one record; `Ok(None)` when the revision moved. A terminal record is
+    /// the last write of a job (unless it is retried): it carries the record's retention as
+    /// its per-key TTL, after which the record is gone and `status` says not found.
     pub async fn write(&self, key: &str, rec: &JobRecord, revision: u64) -> Result<Option<u64>, StoreError> {
         let bytes = encode(key, rec)?;
+        if rec.state.is_terminal() && self.nats.job_ttl {
+            return self.write_with_ttl(key, bytes, revision, rec.retention_s()).await;
+        }
         match self.nats.jobs.update(key, bytes, revision).await {
             Ok(rev) => Ok(Some(rev)),
             Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => Ok(None),
+            Err(e) => Err(StoreError::Unavailable(e.to_string())),
+        }
+    }
+
+    /// `kv::Store::update` with a `Nats-TTL` (async-nats has TTLs only on create and purge).
+    async fn write_with_ttl(
+        &self,
+        key: &str,
+        bytes: Bytes,
+        revision: u64,
+        ttl_s: u64,
+    ) -> Result<Option<u64>, StoreError> {
+        use async_nats::jetstream::context::PublishErrorKind;
+        let store = &self.nats.jobs;
+        let subject = format!("{}{key}", store.put_prefix.as_deref().unwrap_or(&store.prefix));
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert(async_nats::header::NATS_EXPECTED_LAST_SUBJECT_SEQUENCE, revision.to_string().as_str());
+        // the server's minimum TTL is one second
+        headers.insert(async_nats::header::NATS_MESSAGE_TTL, ttl_s.max(1).to_string().as_str());
+        let ack = match self.nats.js.publish_with_headers(subject, headers, bytes).await {
+            Ok(ack) => ack.await,
+            Err(e) => Err(e),
+        };
+        match ack {
+            Ok(ack) => Ok(Some(ack.sequence)),
+            Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => Ok(None),
             Err(e) => Err(StoreError::Unavailable(e.to_string())),
         }
     }

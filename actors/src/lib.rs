@@ -6,11 +6,14 @@
 //!   container), the worker bridge (RunPod's worker HTTP protocol) and the backoff policy.
 //! - [`runtime`]: how a worker runs: a local process (and, later, Docker or nothing at all).
 //! - [`nats`], [`jobs`]: the JetStream topology and the job store (compare-and-set on records).
+//! - [`blobs`]: payloads too large for a NATS message, in the JetStream object store.
+//! - [`webhook`]: the webhook dispatcher (one delivery per terminal state, across replicas).
 //! - [`client`]: a typed client of the NATS API, used by the CLI and the tests.
 //!
 //! Actors own their state and talk to other processes only through NATS. Decisions (the job
 //! state machine, backoff) are pure functions, in `shoal-protocol` and [`host::backoff`].
 
+pub mod blobs;
 pub mod client;
 pub mod clock;
 pub mod control;
@@ -18,3 +21,5 @@ pub mod host;
 pub mod jobs;
 pub mod nats;
 pub mod runtime;
+pub mod spawn;
+pub mod webhook;

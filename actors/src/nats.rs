@@ -7,10 +7,16 @@ use async_nats::jetstream::{self, kv, stream};
 use bytes::Bytes;
 use serde::Serialize;
 use shoal_protocol::codec::to_msgpack;
+use shoal_protocol::job::MAX_TTL_MS;
 use shoal_protocol::names::{Names, Retention};
 
+use crate::blobs::Blobs;
+
+/// How long the delete marker of an expired job record stays (KV `limit_markers`).
+const JOB_MARKER_TTL: Duration = Duration::from_secs(60);
+
 /// Sizes of the topology: how long results live, how fast a silent host disappears.
-#[derive(Debug, Clone, serde::Deserialize)]
+#[derive(Debug, Clone, PartialEq, serde::Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Topology {
     /// How long job records (and their results) are kept after the last change.
@@ -37,6 +43,8 @@ pub enum ConnectError {
     Stream { name: String, source: async_nats::jetstream::context::CreateStreamError },
     #[error("cannot create bucket {name}: {source}")]
     Bucket { name: String, source: async_nats::jetstream::context::CreateKeyValueError },
+    #[error("cannot create object store {name}: {source}")]
+    ObjectStore { name: String, source: async_nats::jetstream::context::CreateObjectStoreError },
 }
 
 /// Everything a shoal process needs to talk to NATS, cheap to clone.
@@ -45,12 +53,20 @@ pub struct Nats {
     pub client: async_nats::Client,
     pub js: jetstream::Context,
     pub names: Names,
+    pub topology: Topology,
     pub jobs: kv::Store,
     pub endpoints: kv::Store,
     pub workers: kv::Store,
     pub hosts: kv::Store,
     pub leases: kv::Store,
     pub idempotency: kv::Store,
+    /// API keys of the HTTP gateway (`shoal-keys`).
+    pub keys: kv::Store,
+    /// Payloads above what a NATS message carries (`shoal-blobs`).
+    pub blobs: Blobs,
+    /// Whether terminal job records carry a per-key TTL (NATS >= 2.11); without it they live
+    /// as long as the jobs bucket's max age.
+    pub job_ttl: bool,
 }
 
 impl Nats {
@@ -106,18 +122,51 @@ impl Nats {
             };
             stores.push(store);
         }
+        let keys = match js.get_key_value(names.keys_bucket()).await {
+            Ok(store) => store,
+            Err(_) => js
+                .create_key_value(kv::Config {
+                    bucket: names.keys_bucket(),
+                    description: "API keys of the HTTP gateway, by the SHA-256 of the key".into(),
+                    history: 1,
+                    num_replicas: topology.replicas,
+                    ..Default::default()
+                })
+                .await
+                .map_err(|source| ConnectError::Bucket { name: names.keys_bucket(), source })?,
+        };
+        let blobs = match js.get_object_store(names.blobs_bucket()).await {
+            Ok(store) => store,
+            Err(_) => js
+                .create_object_store(async_nats::jetstream::object_store::Config {
+                    bucket: names.blobs_bucket(),
+                    description: Some("job inputs and outputs above the NATS message size".into()),
+                    max_age: longest_job_life(topology),
+                    num_replicas: topology.replicas,
+                    ..Default::default()
+                })
+                .await
+                .map_err(|source| ConnectError::ObjectStore { name: names.blobs_bucket(), source })?,
+        };
+        let blobs = Blobs::new(blobs, client.clone());
         let mut it = stores.into_iter();
         let mut next = || it.next().unwrap_or_else(|| unreachable!("one store per bucket definition"));
+        let jobs = next();
+        let job_ttl = enable_job_ttl(&js, &jobs.stream_name, topology).await;
         Ok(Nats {
-            jobs: next(),
+            jobs,
             endpoints: next(),
             workers: next(),
             hosts: next(),
             leases: next(),
             idempotency: next(),
+            keys,
+            blobs,
+            job_ttl,
             client,
             js,
             names,
+            topology: topology.clone(),
         })
     }
 
@@ -130,6 +179,51 @@ impl Nats {
                 }
             }
             Err(e) => tracing::warn!(error = %e, "cannot encode event"),
+        }
+    }
+}
+
+/// The longest a job record can stay non-terminal (the ttl cap) plus its retention: the jobs
+/// bucket's max age (a safety net; terminal records expire by their own TTL) and the blobs'.
+fn longest_job_life(topology: &Topology) -> Duration {
+    Duration::from_millis(MAX_TTL_MS) + Duration::from_secs(topology.retention_s)
+}
+
+/// Lets the jobs bucket take per-key TTLs (terminal records expire after their retention)
+/// and places a delete marker when one expires. Needs NATS >= 2.11; without it, records live
+/// as long as the bucket's max age.
+async fn enable_job_ttl(js: &jetstream::Context, stream_name: &str, topology: &Topology) -> bool {
+    let max_age = longest_job_life(topology);
+    let mut stream = match js.get_stream(stream_name).await {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(stream = stream_name, error = %e, "cannot read the jobs bucket; results keep the bucket's max age");
+            return false;
+        }
+    };
+    let config = match stream.info().await {
+        Ok(info) => info.config.clone(),
+        Err(e) => {
+            tracing::warn!(stream = stream_name, error = %e, "cannot read the jobs bucket; results keep the bucket's max age");
+            return false;
+        }
+    };
+    if config.allow_message_ttl && config.subject_delete_marker_ttl.is_some() && config.max_age == max_age {
+        return true;
+    }
+    let wanted =
+        stream::Config { allow_message_ttl: true, subject_delete_marker_ttl: Some(JOB_MARKER_TTL), max_age, ..config };
+    match js.update_stream(wanted).await {
+        Ok(info) if info.config.allow_message_ttl => true,
+        Ok(_) => {
+            tracing::warn!(
+                "this NATS server ignores per-message TTLs (< 2.11); results keep the jobs bucket's max age"
+            );
+            false
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot enable per-message TTLs on the jobs bucket (NATS < 2.11?); results keep its max age");
+            false
         }
     }
 }

@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::job::{JobRecord, JobState, PolicyRequest};
+use crate::job::{JobRecord, JobState, PolicyRequest, WebhookDelivery};
 
 pub const ERROR_HEADER: &str = "Nats-Service-Error";
 pub const ERROR_CODE_HEADER: &str = "Nats-Service-Error-Code";
@@ -17,7 +17,7 @@ pub const ERROR_CODE_HEADER: &str = "Nats-Service-Error-Code";
 pub const TRACEPARENT_HEADER: &str = "traceparent";
 
 /// Submit a job: `job.run`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct RunRequest {
     pub endpoint: String,
     #[serde(default)]
@@ -36,9 +36,13 @@ pub struct RunRequest {
     /// Wait up to this long for the job to end before replying (runsync); 0 = reply at once.
     #[serde(default)]
     pub wait_ms: u64,
-    /// Id prefix `sync-`, as RunPod gives /runsync jobs.
+    /// Id prefix `sync-`, as RunPod gives /runsync jobs (and their shorter result retention).
     #[serde(default)]
     pub sync: bool,
+    /// Instead of `input`: the name of an object in the `shoal-blobs` object store holding the
+    /// input as JSON, for inputs larger than a NATS message (the gateway stores them).
+    #[serde(default)]
+    pub input_ref: Option<String>,
 }
 
 /// Names a job: `job.status`, `job.cancel`, `job.retry`, `job.stream`. The endpoint is
@@ -73,6 +77,12 @@ pub struct JobStatus {
     pub attempts: u32,
     #[serde(default)]
     pub worker_id: Option<String>,
+    /// The output is in the `shoal-blobs` object store under this name (too large to inline).
+    #[serde(default)]
+    pub output_ref: Option<String>,
+    /// What became of the webhook call, once made.
+    #[serde(default)]
+    pub webhook_delivery: Option<WebhookDelivery>,
 }
 
 impl From<&JobRecord> for JobStatus {
@@ -88,6 +98,8 @@ impl From<&JobRecord> for JobStatus {
             retries: r.retries,
             attempts: r.attempts,
             worker_id: r.worker_id.clone(),
+            output_ref: r.output_ref.clone(),
+            webhook_delivery: r.webhook_delivery.clone(),
         }
     }
 }

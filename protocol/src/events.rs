@@ -41,3 +41,21 @@ pub struct HostEvent {
     pub event: String,
     pub at_ms: u64,
 }
+
+/// A webhook call's outcome, on `<prefix>.events.webhook.<endpoint>.<job id>.<delivered|failed>`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WebhookEvent {
+    pub job_id: String,
+    pub endpoint: String,
+    /// The terminal state the call announced.
+    pub state: JobState,
+    pub url: String,
+    pub delivered: bool,
+    /// Calls made (1 + retries used).
+    pub attempts: u32,
+    #[serde(default)]
+    pub status: Option<u16>,
+    #[serde(default)]
+    pub error: Option<String>,
+    pub at_ms: u64,
+}

@@ -130,6 +130,42 @@ pub struct JobRecord {
     /// The handler asked for its worker to be replaced after this job (`stopPod`).
     #[serde(default)]
     pub stop_pod: bool,
+    /// The input lives in the `shoal-blobs` object store under this name (it was larger than
+    /// a NATS message should carry); `input` is then null.
+    #[serde(default)]
+    pub input_ref: Option<String>,
+    /// The output lives in the `shoal-blobs` object store under this name; `output` is then
+    /// absent.
+    #[serde(default)]
+    pub output_ref: Option<String>,
+    /// How long the record is kept once it is terminal (its terminal write carries this
+    /// per-key TTL); none: [`DEFAULT_RETENTION_S`].
+    #[serde(default)]
+    pub retention_s: Option<u64>,
+    /// What became of the webhook call for the current terminal state.
+    #[serde(default)]
+    pub webhook_delivery: Option<WebhookDelivery>,
+}
+
+/// How long a `/run` result is kept after the job ends (RunPod: 30 minutes).
+pub const DEFAULT_RETENTION_S: u64 = 30 * 60;
+/// How long a `/runsync` result is kept after the job ends (RunPod: 1 minute).
+pub const DEFAULT_SYNC_RETENTION_S: u64 = 60;
+
+/// The outcome of a webhook call, recorded on the job once the dispatcher is done with it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WebhookDelivery {
+    /// A 2xx came back.
+    pub delivered: bool,
+    /// Calls made (1 + retries used).
+    pub attempts: u32,
+    /// The HTTP status of the last call, if any came back.
+    #[serde(default)]
+    pub status: Option<u16>,
+    /// Why the last call failed.
+    #[serde(default)]
+    pub error: Option<String>,
+    pub at_ms: u64,
 }
 
 impl JobRecord {
@@ -149,6 +185,10 @@ impl JobRecord {
     }
     pub fn execution_deadline_ms(&self) -> Option<u64> {
         self.started_at_ms.map(|s| s.saturating_add(self.policy.execution_timeout_ms))
+    }
+    /// Seconds the record is kept once terminal.
+    pub fn retention_s(&self) -> u64 {
+        self.retention_s.unwrap_or(DEFAULT_RETENTION_S)
     }
 }
 

@@ -1,8 +1,8 @@
 //! shoal-protocol: the wire contract every shoal process shares.
 //!
 //! Subjects and every stream, bucket and consumer name ([`names`]), id validation ([`ids`]),
-//! the messages on the wire ([`api`], [`job`], [`endpoint`], [`worker`], [`host`], [`events`]),
-//! the MessagePack/JSON codec ([`codec`]), the fixed error codes ([`error`]) and the job state
+//! the messages on the wire ([`api`], [`job`], [`endpoint`], [`worker`], [`host`], [`events`],
+//! [`keys`]), RunPod's HTTP JSON shapes ([`runpod`]), the MessagePack/JSON codec ([`codec`]), the fixed error codes ([`error`]) and the job state
 //! machine ([`lifecycle`]).
 //!
 //! This crate is pure data and pure functions: it must not depend on tokio, a NATS client or
@@ -16,8 +16,11 @@ pub mod events;
 pub mod host;
 pub mod ids;
 pub mod job;
+pub mod keys;
+pub mod lease;
 pub mod lifecycle;
 pub mod names;
+pub mod runpod;
 pub mod worker;
 
 pub use error::{ApiError, ErrorCode};

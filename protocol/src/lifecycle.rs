@@ -70,6 +70,7 @@ pub fn take(rec: &JobRecord, worker_id: &str, host_id: &str, now_ms: u64) -> Tak
     next.worker_id = Some(worker_id.to_string());
     next.host_id = Some(host_id.to_string());
     next.output = None;
+    next.output_ref = None;
     Take::Run(next)
 }
 
@@ -137,6 +138,8 @@ pub fn finish(rec: &JobRecord, outcome: Outcome, now_ms: u64) -> Result<JobRecor
         return Err(TransitionError::Terminal(rec.state.as_str()));
     }
     let mut next = rec.clone();
+    // an output stored as a blob is referenced by the caller after this transition
+    next.output_ref = None;
     match outcome {
         Outcome::Progress(v) => {
             if rec.state != JobState::InProgress {
@@ -221,8 +224,10 @@ pub fn retry(rec: &JobRecord, now_ms: u64) -> Result<JobRecord, TransitionError>
     next.worker_id = None;
     next.host_id = None;
     next.output = None;
+    next.output_ref = None;
     next.error = None;
     next.stop_pod = false;
+    next.webhook_delivery = None;
     Ok(next)
 }
 

@@ -134,6 +134,14 @@ impl Names {
     pub fn idempotency_bucket(&self) -> String {
         format!("{}-idempotency", self.prefix)
     }
+    /// API keys of the HTTP gateway, by the SHA-256 of the key.
+    pub fn keys_bucket(&self) -> String {
+        format!("{}-keys", self.prefix)
+    }
+    /// The object store of payloads above what a NATS message carries.
+    pub fn blobs_bucket(&self) -> String {
+        format!("{}-blobs", self.prefix)
+    }
 
     // ---- keys ----------------------------------------------------------------------------
 
@@ -169,6 +177,19 @@ impl Names {
     pub fn idempotency_key(&self, endpoint: &str, key: &str) -> String {
         format!("{endpoint}.{key}")
     }
+    /// The `shoal-keys` key of an API key: the hex SHA-256 of the key itself.
+    pub fn api_key_key(&self, key_hash: &str) -> String {
+        key_hash.to_string()
+    }
+    /// The `shoal-blobs` object holding a job's input: `<id>/input`, where `id` is the job id
+    /// or, for inputs uploaded before the job exists, a fresh upload id.
+    pub fn blob_input(&self, id: &str) -> String {
+        format!("{id}/input")
+    }
+    /// The `shoal-blobs` object holding a job's output (or latest progress output).
+    pub fn blob_output(&self, job_id: &str) -> String {
+        format!("{job_id}/output")
+    }
 
     // ---- subjects ------------------------------------------------------------------------
 
@@ -192,6 +213,14 @@ impl Names {
     }
     pub fn job_events_of(&self, endpoint: &str, job_id: &str) -> String {
         format!("{}.events.job.{endpoint}.{job_id}.*", self.prefix)
+    }
+    /// Every job's events of one state (a [`crate::job::JobState::event_token`]).
+    pub fn job_events_in_state(&self, state: &str) -> String {
+        format!("{}.events.job.*.*.{state}", self.prefix)
+    }
+    /// `<prefix>.events.webhook.<endpoint>.<job id>.<outcome>` (`delivered`, `failed`).
+    pub fn webhook_event_subject(&self, endpoint: &str, job_id: &str, outcome: &str) -> String {
+        format!("{}.events.webhook.{endpoint}.{job_id}.{outcome}", self.prefix)
     }
     pub fn worker_event_subject(&self, endpoint: &str, state: &str) -> String {
         format!("{}.events.worker.{endpoint}.{state}", self.prefix)
@@ -237,6 +266,11 @@ impl Names {
     /// The one cursor of a job's stream, shared by all readers (consume-on-read).
     pub fn stream_consumer(&self, job_id: &str) -> String {
         format!("stream_{job_id}")
+    }
+    /// The durable consumer of terminal job events all webhook dispatchers share, so each
+    /// delivery is made by one control replica.
+    pub fn webhooks_consumer(&self) -> String {
+        "webhooks".to_string()
     }
 
     // ---- definitions ---------------------------------------------------------------------
@@ -328,6 +362,12 @@ mod tests {
         assert_eq!(n.job_subject("ep1", Priority::Low), "shoal.jobs.ep1.low");
         assert_eq!(n.api_subject(op::JOB_RUN), "shoal.v1.api.job.run");
         assert_eq!(n.host_stop_job_subject("h1"), "shoal.v1.host.h1.job.stop");
+        assert_eq!(n.keys_bucket(), "shoal-keys");
+        assert_eq!(n.blobs_bucket(), "shoal-blobs");
+        assert_eq!(n.blob_input("j1"), "j1/input");
+        assert_eq!(n.blob_output("j1"), "j1/output");
+        assert_eq!(n.job_events_in_state("completed"), "shoal.events.job.*.*.completed");
+        assert!(n.webhook_event_subject("e", "j", "delivered").starts_with(&n.events_subjects().replace('>', "")));
     }
 
     #[test]

@@ -11,9 +11,10 @@ use serde_json::json;
 use shoal_protocol::api::*;
 use shoal_protocol::codec::{from_msgpack, to_msgpack};
 use shoal_protocol::endpoint::EndpointSpec;
-use shoal_protocol::events::{HostEvent, JobEvent, WorkerEvent};
+use shoal_protocol::events::{HostEvent, JobEvent, WebhookEvent, WorkerEvent};
 use shoal_protocol::host::{Gpu, HostRecord, StopJob};
 use shoal_protocol::job::*;
+use shoal_protocol::keys::ApiKeyRecord;
 use shoal_protocol::worker::{WorkerRecord, WorkerState};
 use shoal_protocol::{ApiError, ErrorCode};
 
@@ -39,6 +40,10 @@ fn record() -> JobRecord {
         output: Some(json!({"text": "hi"})),
         error: None,
         stop_pod: false,
+        input_ref: None,
+        output_ref: None,
+        retention_s: None,
+        webhook_delivery: None,
     }
 }
 
@@ -55,6 +60,20 @@ fn check<T: Serialize + DeserializeOwned + PartialEq + std::fmt::Debug>(name: &s
 #[test]
 fn every_message_sample_still_decodes() {
     check("job_record", record());
+    let mut with_refs = record();
+    with_refs.input = json!(null);
+    with_refs.input_ref = Some("upload-1/input".into());
+    with_refs.output = None;
+    with_refs.output_ref = Some("0b7e2c52-5f0e-4a43-9d9c-2b8a9a0e6b1f-u1/output".into());
+    with_refs.retention_s = Some(60);
+    with_refs.webhook_delivery = Some(WebhookDelivery {
+        delivered: true,
+        attempts: 2,
+        status: Some(200),
+        error: None,
+        at_ms: 1_700_000_001_000,
+    });
+    check("job_record_with_refs", with_refs);
     check("job_token", JobToken { id: "j".into(), endpoint: "e".into() });
     check("worker_job", WorkerJob { id: "j".into(), input: json!(null), s3_config: None });
     check(
@@ -68,6 +87,7 @@ fn every_message_sample_still_decodes() {
             idempotency_key: Some("k".into()),
             wait_ms: 0,
             sync: false,
+            input_ref: None,
         },
     );
     check("job_ref", JobRef { endpoint: Some("echo".into()), id: "j".into(), wait_ms: 10 });
@@ -184,6 +204,30 @@ fn every_message_sample_still_decodes() {
     );
     check("host_event", HostEvent { host: "h".into(), event: "started".into(), at_ms: 7 });
     check("api_error", ApiError::new(ErrorCode::NotFound, "no such job"));
+    check(
+        "webhook_event",
+        WebhookEvent {
+            job_id: "j".into(),
+            endpoint: "e".into(),
+            state: JobState::Failed,
+            url: "http://hook".into(),
+            delivered: false,
+            attempts: 3,
+            status: Some(500),
+            error: Some("status 500".into()),
+            at_ms: 8,
+        },
+    );
+    check(
+        "api_key",
+        ApiKeyRecord {
+            id: "k-1".into(),
+            name: "ci".into(),
+            key_hash: "ab".repeat(32),
+            endpoints: vec!["echo".into()],
+            created_at_ms: 9,
+        },
+    );
 }
 
 #[test]

@@ -23,7 +23,7 @@ use shoal_protocol::{ApiError, ErrorCode};
 
 use super::ControlConfig;
 use super::job_ops;
-use super::manager::Directory;
+use super::lease_manager::Directory;
 use crate::jobs::{JobStore, jobs_consumer};
 use crate::nats::Nats;
 
@@ -142,6 +142,17 @@ fn unavailable(e: impl std::fmt::Display) -> ApiError {
 }
 
 impl Ctx {
+    /// Asks the replica owning `endpoint` (this one, or another over NATS) a query.
+    pub async fn ask_owner<T: DeserializeOwned>(&self, endpoint: &str, query: &str) -> Result<T, ApiError> {
+        let subject = self.nats.names.owner_subject(endpoint, query);
+        let reply =
+            tokio::time::timeout(std::time::Duration::from_secs(5), self.nats.client.request(subject, Bytes::new()))
+                .await
+                .map_err(|_| ApiError::unavailable(format!("the owner of endpoint {endpoint} did not answer")))?
+                .map_err(|e| ApiError::unavailable(format!("no control replica owns endpoint {endpoint} yet: {e}")))?;
+        from_msgpack(&reply.payload).map_err(|e| ApiError::internal(format!("bad answer from the owner: {e}")))
+    }
+
     /// The endpoint's spec: from the directory, or from the bucket when this replica has not
     /// seen it yet.
     pub async fn spec(&self, endpoint: &str) -> Result<EndpointSpec, ApiError> {
@@ -158,13 +169,15 @@ impl Ctx {
 }
 
 async fn health(ctx: &Ctx, r: EndpointRef) -> Result<HealthReply, ApiError> {
-    ctx.spec(&r.endpoint).await?;
-    let jobs = match ctx.directory.actor(&r.endpoint) {
-        Some(actor) => ractor::call!(actor, super::endpoint_actor::EndpointMsg::GetCounts)
-            .map_err(|e| ApiError::unavailable(format!("endpoint actor: {e}")))?,
-        None => JobCounts::default(),
+    let spec = ctx.spec(&r.endpoint).await?;
+    // counts live with the endpoint's owner; none yet (just created): nothing counted
+    let (jobs, owner) = match ctx.ask_owner::<(JobCounts, String)>(&r.endpoint, "health").await {
+        Ok((jobs, owner)) => (jobs, Some(owner)),
+        Err(e) if e.code == ErrorCode::Unavailable => (JobCounts::default(), None),
+        Err(e) => return Err(e),
     };
     let mut workers = WorkerCounts::default();
+    let mut rollout = Rollout { version: spec.version, ..Rollout::default() };
     for w in scan_workers(ctx, Some(&r.endpoint)).await? {
         match w.state {
             WorkerState::Idle => workers.idle += 1,
@@ -175,9 +188,15 @@ async fn health(ctx: &Ctx, r: EndpointRef) -> Result<HealthReply, ApiError> {
             WorkerState::Outdated => workers.outdated += 1,
             WorkerState::Stopped => {}
         }
+        if !matches!(w.state, WorkerState::Stopped | WorkerState::Throttled) {
+            rollout.workers_total += 1;
+            if w.spec_version == spec.version {
+                rollout.workers_on_latest += 1;
+            }
+        }
     }
     workers.ready = workers.idle + workers.running;
-    Ok(HealthReply { jobs, workers, ..Default::default() })
+    Ok(HealthReply { jobs, workers, rollout, owner })
 }
 
 async fn create_endpoint(ctx: &Ctx, mut spec: EndpointSpec) -> Result<EndpointSpec, ApiError> {

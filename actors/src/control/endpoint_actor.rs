@@ -1,7 +1,10 @@
-//! The endpoint actor: one per endpoint. It watches the endpoint's job records (the key range
-//! `<endpoint>.>` of `shoal-jobs`), keeps the live index of queued and running jobs and the
-//! job counters, and on every tick ends the jobs whose ttl or execution timeout passed
-//! (TIMED_OUT by compare-and-set), telling the worker's host to stop a running one.
+//! The endpoint actor: one per endpoint, on the control replica holding its lease. It watches
+//! the endpoint's job records (the key range `<endpoint>.>` of `shoal-jobs`), keeps the live
+//! index of queued and running jobs and the job counters, and on every tick ends the jobs
+//! whose ttl or execution timeout passed (TIMED_OUT by compare-and-set), telling the worker's
+//! host to stop a running one. Its child, the [scaler](super::scaler), sizes the workers from
+//! the demand this actor measures. It answers the owner queries (`health`, `queued`) that the
+//! API of any replica forwards.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -14,9 +17,12 @@ use shoal_protocol::api::JobCounts;
 use shoal_protocol::codec::to_msgpack;
 use shoal_protocol::endpoint::EndpointSpec;
 use shoal_protocol::host::StopJob;
-use shoal_protocol::job::{JobRecord, JobState};
+use shoal_protocol::job::{JobRecord, JobState, Priority};
 use shoal_protocol::lifecycle;
 
+use super::hosts::HostDirectory;
+use super::scaler::{ScalerActor, ScalerArgs, ScalerMsg};
+use super::scaling::Demand;
 use crate::clock::now_ms;
 use crate::jobs::{Applied, JobStore, decode};
 use crate::nats::Nats;
@@ -26,6 +32,10 @@ pub struct EndpointActor;
 pub struct EndpointArgs {
     pub nats: Nats,
     pub spec: EndpointSpec,
+    /// The epoch of this replica's lease on the endpoint; commands to hosts carry it.
+    pub epoch: u64,
+    pub replica_id: String,
+    pub hosts: HostDirectory,
     pub tick: Duration,
 }
 
@@ -35,6 +45,8 @@ pub enum EndpointMsg {
     SpecChanged(Box<EndpointSpec>),
     Tick,
     GetCounts(RpcReplyPort<JobCounts>),
+    /// What the scaler needs: normal-priority queue and running jobs.
+    GetDemand(RpcReplyPort<Demand>),
     /// Ids of the jobs waiting in the queue (for purge).
     GetQueued(RpcReplyPort<Vec<String>>),
 }
@@ -47,7 +59,8 @@ pub struct EndpointState {
     open: HashMap<String, JobRecord>,
     /// Last known state and retries of every retained job, for the counters.
     seen: HashMap<String, (JobState, u32)>,
-    watch: tokio::task::JoinHandle<()>,
+    scaler: ActorRef<ScalerMsg>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl Actor for EndpointActor {
@@ -80,14 +93,26 @@ impl Actor for EndpointActor {
             }
         });
         myself.send_interval(args.tick, || EndpointMsg::Tick);
-        tracing::info!(endpoint_id = %args.spec.id, "endpoint actor started");
+        let queries =
+            Box::pin(serve_owner_queries(&args.nats, &args.spec.id, &args.replica_id, myself.clone())).await?;
+        let scaler_args = ScalerArgs {
+            nats: args.nats.clone(),
+            spec: args.spec.clone(),
+            epoch: args.epoch,
+            endpoint: myself.clone(),
+            hosts: args.hosts.clone(),
+            tick: Duration::from_millis(1000).min(args.tick * 5),
+        };
+        let (scaler, _) = crate::spawn::spawn_linked(ScalerActor, scaler_args, myself.get_cell()).await?;
+        tracing::info!(endpoint_id = %args.spec.id, epoch = args.epoch, "endpoint actor started");
         Ok(EndpointState {
             store: JobStore::new(args.nats.clone()),
             nats: args.nats,
             spec: args.spec,
             open: HashMap::new(),
             seen: HashMap::new(),
-            watch,
+            scaler,
+            tasks: vec![watch, queries],
         })
     }
 
@@ -100,7 +125,13 @@ impl Actor for EndpointActor {
         match msg {
             EndpointMsg::RecordPut(rec) => st.on_record(*rec),
             EndpointMsg::RecordGone(id) => st.on_gone(&id),
-            EndpointMsg::SpecChanged(spec) => st.spec = *spec,
+            EndpointMsg::SpecChanged(spec) => {
+                let _ = st.scaler.cast(ScalerMsg::SpecChanged(spec.clone()));
+                st.spec = *spec;
+            }
+            EndpointMsg::GetDemand(reply) => {
+                let _ = reply.send(st.demand());
+            }
             EndpointMsg::Tick => st.on_tick(),
             EndpointMsg::GetCounts(reply) => {
                 let _ = reply.send(st.counts());
@@ -118,7 +149,10 @@ impl Actor for EndpointActor {
         _myself: ActorRef<EndpointMsg>,
         st: &mut EndpointState,
     ) -> Result<(), ActorProcessingErr> {
-        st.watch.abort();
+        for t in &st.tasks {
+            t.abort();
+        }
+        st.scaler.stop(None);
         Ok(())
     }
 }
@@ -136,6 +170,29 @@ impl EndpointState {
     fn on_gone(&mut self, id: &str) {
         self.open.remove(id);
         self.seen.remove(id);
+    }
+
+    fn demand(&self) -> Demand {
+        let now = now_ms();
+        let mut d = Demand::default();
+        for r in self.open.values().filter(|r| r.policy.priority == Priority::Normal) {
+            match r.state {
+                JobState::InQueue => {
+                    d.queued += 1;
+                    let waited = now.saturating_sub(r.queued_at_ms);
+                    d.oldest_wait_ms = Some(d.oldest_wait_ms.map_or(waited, |w| w.max(waited)));
+                }
+                JobState::InProgress => d.in_progress += 1,
+                _ => {}
+            }
+        }
+        // low-priority jobs already running keep their workers busy, so count them as running
+        d.in_progress += self
+            .open
+            .values()
+            .filter(|r| r.policy.priority == Priority::Low && r.state == JobState::InProgress)
+            .count() as u64;
+        d
     }
 
     fn counts(&self) -> JobCounts {
@@ -196,4 +253,38 @@ pub async fn send_stop(nats: &Nats, rec: &JobRecord, reason: &str) {
     {
         tracing::warn!(job_id = %rec.id, error = %e, "cannot send stop to host");
     }
+}
+
+/// Answers `health` and `queued` for this endpoint on its owner subjects, so the API of any
+/// replica can ask the owner.
+async fn serve_owner_queries(
+    nats: &Nats,
+    endpoint: &str,
+    replica_id: &str,
+    actor: ActorRef<EndpointMsg>,
+) -> Result<tokio::task::JoinHandle<()>, async_nats::SubscribeError> {
+    let mut sub = nats.client.subscribe(nats.names.owner_subject(endpoint, "*")).await?;
+    let client = nats.client.clone();
+    let prefix = nats.names.owner_subject(endpoint, "");
+    let replica_id = replica_id.to_string();
+    Ok(tokio::spawn(async move {
+        while let Some(msg) = sub.next().await {
+            let Some(reply) = msg.reply.clone() else { continue };
+            let query = msg.subject.as_str().strip_prefix(&prefix).unwrap_or_default().to_string();
+            let bytes = match query.as_str() {
+                "health" => match ractor::call!(actor, EndpointMsg::GetCounts) {
+                    Ok(counts) => to_msgpack(&(counts, replica_id.clone())),
+                    Err(_) => break,
+                },
+                "queued" => match ractor::call!(actor, EndpointMsg::GetQueued) {
+                    Ok(ids) => to_msgpack(&ids),
+                    Err(_) => break,
+                },
+                _ => continue,
+            };
+            if let Ok(bytes) = bytes {
+                let _ = client.publish(reply, Bytes::from(bytes)).await;
+            }
+        }
+    }))
 }

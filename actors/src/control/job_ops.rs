@@ -8,15 +8,15 @@ use async_nats::jetstream::consumer::{AckPolicy, pull};
 use async_nats::jetstream::kv;
 use bytes::Bytes;
 use futures::StreamExt;
-use shoal_protocol::ApiError;
 use shoal_protocol::api::*;
 use shoal_protocol::codec::{from_msgpack, to_msgpack};
 use shoal_protocol::ids::validate_id;
 use shoal_protocol::job::*;
 use shoal_protocol::lifecycle::{self, TransitionError};
+use shoal_protocol::{ApiError, ErrorCode};
 
 use super::api::Ctx;
-use super::endpoint_actor::{EndpointMsg, send_stop};
+use super::endpoint_actor::send_stop;
 use crate::clock::now_ms;
 use crate::jobs::{Applied, StoreError};
 
@@ -29,11 +29,10 @@ fn new_job_id(sync: bool) -> String {
     if sync { format!("sync-{id}-u1") } else { format!("{id}-u1") }
 }
 
-pub(super) async fn run(ctx: &Ctx, req: RunRequest) -> Result<JobStatus, ApiError> {
+pub(super) async fn run(ctx: &Ctx, mut req: RunRequest) -> Result<JobStatus, ApiError> {
     let spec = ctx.spec(&req.endpoint).await?;
-    if req.input.is_null() {
-        return Err(ApiError::bad_request("input is required (any JSON value but null)"));
-    }
+    check_input(ctx, &req).await?;
+    check_queue_limit(ctx, &spec).await?;
     let policy = req.policy.clone().unwrap_or_default();
     let execution_timeout_ms = policy.execution_timeout_ms.unwrap_or(spec.execution_timeout_ms);
     if !(MIN_EXECUTION_TIMEOUT_MS..=MAX_EXECUTION_TIMEOUT_MS).contains(&execution_timeout_ms) {
@@ -66,6 +65,16 @@ pub(super) async fn run(ctx: &Ctx, req: RunRequest) -> Result<JobStatus, ApiErro
             Err(e) => return Err(ApiError::unavailable(e.to_string())),
         }
     }
+    // an inline input above the inline limit moves to the object store, so the record (with
+    // an output besides) always fits in one message
+    if req.input_ref.is_none() {
+        let name = ctx.nats.names.blob_input(&id);
+        if ctx.nats.blobs.offload(&name, &req.input).await.map_err(|e| ApiError::unavailable(e.to_string()))? {
+            req.input = serde_json::Value::Null;
+            req.input_ref = Some(name);
+        }
+    }
+    let retention_s = if req.sync { ctx.config.sync_retention_s } else { ctx.config.run_retention_s };
     let now = now_ms();
     let priority = if policy.low_priority { Priority::Low } else { Priority::Normal };
     let record = JobRecord {
@@ -89,6 +98,10 @@ pub(super) async fn run(ctx: &Ctx, req: RunRequest) -> Result<JobStatus, ApiErro
         output: None,
         error: None,
         stop_pod: false,
+        input_ref: req.input_ref,
+        output_ref: None,
+        retention_s: Some(retention_s),
+        webhook_delivery: None,
     };
     // a waiter subscribes before the job can change
     let events = if wait_ms > 0 { Some(subscribe(ctx, &spec.id, &id).await?) } else { None };
@@ -103,6 +116,49 @@ pub(super) async fn run(ctx: &Ctx, req: RunRequest) -> Result<JobStatus, ApiErro
         Some(events) => wait_terminal(ctx, &spec.id, &id, events, wait_ms).await,
         None => Ok(JobStatus::from(&record)),
     }
+}
+
+/// The input is inline (any JSON value but null) or a reference to a stored blob, not both.
+async fn check_input(ctx: &Ctx, req: &RunRequest) -> Result<(), ApiError> {
+    match &req.input_ref {
+        None if req.input.is_null() => Err(ApiError::bad_request("input is required (any JSON value but null)")),
+        None => Ok(()),
+        Some(_) if !req.input.is_null() => Err(ApiError::bad_request("give input or input_ref, not both")),
+        Some(name) => match ctx.nats.blobs.exists(name).await {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(ApiError::bad_request(format!(
+                "input_ref {name:?} names no object in the {} object store",
+                ctx.nats.names.blobs_bucket()
+            ))),
+            Err(e) => Err(ApiError::unavailable(e.to_string())),
+        },
+    }
+}
+
+/// Backpressure: refuses a job when the endpoint's queue holds `queue_limit` jobs or more.
+/// The depth is the pending count of the endpoint's two queue consumers (tokens not yet
+/// delivered), read only when a limit is set.
+async fn check_queue_limit(ctx: &Ctx, spec: &shoal_protocol::endpoint::EndpointSpec) -> Result<(), ApiError> {
+    let Some(limit) = spec.queue_limit else { return Ok(()) };
+    let names = &ctx.nats.names;
+    let unavailable = |e: String| ApiError::unavailable(format!("cannot read the queue depth: {e}"));
+    let stream = ctx.nats.js.get_stream_no_info(names.jobs_stream()).await.map_err(|e| unavailable(e.to_string()))?;
+    let mut depth = 0;
+    for priority in [Priority::Normal, Priority::Low] {
+        match stream.consumer_info(names.jobs_consumer(&spec.id, priority)).await {
+            Ok(info) => depth += info.num_pending,
+            // no consumer yet: nothing was ever queued on this priority
+            Err(e) if e.kind() == async_nats::jetstream::context::ConsumerInfoErrorKind::NotFound => {}
+            Err(e) => return Err(unavailable(e.to_string())),
+        }
+    }
+    if depth >= limit {
+        return Err(ApiError::new(
+            ErrorCode::Overloaded,
+            format!("endpoint {} has {depth} queued jobs, at its queue_limit of {limit}; retry later", spec.id),
+        ));
+    }
+    Ok(())
 }
 
 /// Publishes the job's delivery token, awaiting JetStream's ack (the job is durable after it).
@@ -256,11 +312,7 @@ pub(super) async fn stream(ctx: &Ctx, job: JobRef) -> Result<StreamReply, ApiErr
 /// Cancels every queued job of the endpoint; running jobs continue.
 pub(super) async fn purge(ctx: &Ctx, r: EndpointRef) -> Result<PurgeReply, ApiError> {
     ctx.spec(&r.endpoint).await?;
-    let queued = match ctx.directory.actor(&r.endpoint) {
-        Some(actor) => ractor::call!(actor, EndpointMsg::GetQueued)
-            .map_err(|e| ApiError::unavailable(format!("endpoint actor: {e}")))?,
-        None => vec![],
-    };
+    let queued: Vec<String> = ctx.ask_owner(&r.endpoint, "queued").await?;
     let mut removed = 0;
     for id in queued {
         let applied = ctx

@@ -1,20 +1,27 @@
-//! The control plane: the NATS API service ([`api`]), the endpoint manager ([`manager`])
-//! and one endpoint actor per endpoint ([`endpoint_actor`]).
+//! The control plane: the NATS API service ([`api`]), the lease manager
+//! ([`lease_manager`]) and, for each endpoint this replica owns, an endpoint actor
+//! ([`endpoint_actor`]) with its scaler ([`scaler`]).
 //!
 //! Every `shoal control` replica serves the API in one queue group, so any replica answers
-//! any request. Endpoint actors enforce deadlines (ttl, execution timeout) and count jobs;
-//! all their writes are compare-and-set, so replicas that overlap cannot corrupt a record.
+//! any request. Endpoints are shared among replicas by leases: exactly one replica runs an
+//! endpoint's actors, and another takes over within the lease TTL when it dies. Endpoint
+//! actors enforce deadlines (ttl, execution timeout) and count jobs; scalers size and place
+//! workers. Decisions are pure ([`scaling`], [`placement`], [`lease`]); all record writes
+//! are compare-and-set, so replicas that overlap during a handover cannot corrupt a record.
 
 pub mod api;
 pub mod endpoint_actor;
+pub mod hosts;
 mod job_ops;
-pub mod manager;
+pub mod lease;
+pub mod lease_manager;
 pub mod placement;
+pub mod scaler;
 pub mod scaling;
 
 use std::time::Duration;
 
-use ractor::{Actor, ActorRef};
+use ractor::ActorRef;
 use serde::Deserialize;
 
 use crate::nats::Nats;
@@ -29,11 +36,27 @@ pub struct ControlConfig {
     pub max_input_bytes: usize,
     /// Longest `wait_ms` a run or status request may ask for.
     pub max_wait_ms: u64,
+    /// This replica's id; default: the hostname plus a random suffix.
+    pub replica_id: Option<String>,
+    /// How long results of `/run` jobs are kept after they end.
+    pub run_retention_s: u64,
+    /// How long results of `/runsync` jobs are kept after they end.
+    pub sync_retention_s: u64,
+    /// Webhook calls: signing secret, retries, timeouts.
+    pub webhook: crate::webhook::WebhookConfig,
 }
 
 impl Default for ControlConfig {
     fn default() -> Self {
-        ControlConfig { tick_ms: 1000, max_input_bytes: 1024 * 1024, max_wait_ms: 300_000 }
+        ControlConfig {
+            tick_ms: 1000,
+            max_input_bytes: 1024 * 1024,
+            max_wait_ms: 300_000,
+            replica_id: None,
+            run_retention_s: 1800,
+            sync_retention_s: 60,
+            webhook: crate::webhook::WebhookConfig::default(),
+        }
     }
 }
 
@@ -45,7 +68,7 @@ impl ControlConfig {
         if self.max_input_bytes == 0 {
             return Err("control.max_input_bytes: must be above 0".into());
         }
-        Ok(())
+        self.webhook.validate()
     }
 }
 
@@ -53,20 +76,29 @@ impl ControlConfig {
 pub enum StartControlError {
     #[error("cannot start the NATS API service: {0}")]
     Service(String),
-    #[error("cannot start the endpoint manager: {0}")]
+    #[error("cannot start the lease manager: {0}")]
     Manager(#[from] ractor::SpawnErr),
+    #[error("cannot watch the hosts: {0}")]
+    Hosts(String),
+    #[error("cannot start the webhook dispatcher: {0}")]
+    Webhooks(#[from] crate::webhook::StartDispatcherError),
 }
 
 /// A running control plane; [`ControlHandle::stop`] shuts it down.
 pub struct ControlHandle {
-    manager: ActorRef<manager::ManagerMsg>,
+    manager: ActorRef<lease_manager::LeaseMsg>,
     api: api::ApiHandle,
+    hosts_watch: tokio::task::JoinHandle<()>,
+    webhooks: crate::webhook::Dispatcher,
+    pub replica_id: String,
 }
 
 impl ControlHandle {
     pub async fn stop(self) {
         self.api.stop().await;
         self.manager.stop(None);
+        self.hosts_watch.abort();
+        self.webhooks.stop();
         let _ = tokio::time::timeout(Duration::from_secs(5), async {
             while self.manager.get_status() != ractor::ActorStatus::Stopped {
                 tokio::time::sleep(Duration::from_millis(20)).await;
@@ -76,11 +108,24 @@ impl ControlHandle {
     }
 }
 
-/// Starts the endpoint manager and the API service.
+/// Starts the lease manager (which starts the endpoint actors of the endpoints this replica
+/// comes to own) and the API service.
 pub async fn start(nats: Nats, config: ControlConfig) -> Result<ControlHandle, StartControlError> {
-    let directory = manager::Directory::default();
-    let args = manager::ManagerArgs { nats: nats.clone(), config: config.clone(), directory: directory.clone() };
-    let (manager, _) = Actor::spawn(None, manager::Manager, args).await?;
+    let replica_id = config.replica_id.clone().unwrap_or_else(|| crate::host::default_id("control"));
+    let directory = lease_manager::Directory::default();
+    let (hosts, hosts_watch) = hosts::HostDirectory::watch(&nats, nats.topology.host_ttl_s * 1000)
+        .await
+        .map_err(|e| StartControlError::Hosts(e.to_string()))?;
+    let args = lease_manager::LeaseArgs {
+        nats: nats.clone(),
+        config: config.clone(),
+        directory: directory.clone(),
+        hosts,
+        replica_id: replica_id.clone(),
+        lease_ttl: Duration::from_secs(nats.topology.lease_ttl_s.max(1)),
+    };
+    let (manager, _) = crate::spawn::spawn(lease_manager::LeaseManager, args).await?;
+    let webhooks = crate::webhook::start(nats.clone(), config.webhook.clone()).await?;
     let api = api::start(nats, config, directory).await.map_err(|e| StartControlError::Service(e.to_string()))?;
-    Ok(ControlHandle { manager, api })
+    Ok(ControlHandle { manager, api, hosts_watch, webhooks, replica_id })
 }

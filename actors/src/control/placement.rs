@@ -54,7 +54,9 @@ pub struct Placement {
 /// Picks a host for one more worker of `spec`, and books it in `hosts`.
 pub fn place(spec: &EndpointSpec, hosts: &mut [HostView]) -> Result<Placement, String> {
     let warm_key = format!("{}@{}", spec.id, spec.version);
-    let rank = |h: &HostView, free: usize| (!h.warm.contains(&warm_key), h.endpoint_workers, usize::MAX - free, h.workers, h.id.clone());
+    let rank = |h: &HostView, free: usize| {
+        (!h.warm.contains(&warm_key), h.endpoint_workers, usize::MAX - free, h.workers, h.id.clone())
+    };
     if spec.gpu_types.is_empty() {
         let best = hosts
             .iter_mut()

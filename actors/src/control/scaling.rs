@@ -91,7 +91,8 @@ pub fn decide(spec: &EndpointSpec, demand: &Demand, workers: &[WorkerView], now_
         .iter()
         .filter(|w| {
             w.state == WorkerState::Throttled
-                || (w.state == WorkerState::Idle && w.idle_since_ms.is_some_and(|t| now_ms.saturating_sub(t) >= idle_timeout_ms))
+                || (w.state == WorkerState::Idle
+                    && w.idle_since_ms.is_some_and(|t| now_ms.saturating_sub(t) >= idle_timeout_ms))
         })
         .collect();
     // throttled (never started) first, then the longest idle
@@ -111,7 +112,8 @@ pub fn decide(spec: &EndpointSpec, demand: &Demand, workers: &[WorkerView], now_
 /// ones first.
 pub fn rollout(spec: &EndpointSpec, workers: &[WorkerView], already_stopping: &[String]) -> Vec<String> {
     let batch = ((spec.workers_max as f64) * 0.1).ceil().max(1.0) as usize;
-    let in_flight = workers.iter().filter(|w| w.state != WorkerState::Stopped && w.stopping && w.version < spec.version).count();
+    let in_flight =
+        workers.iter().filter(|w| w.state != WorkerState::Stopped && w.stopping && w.version < spec.version).count();
     let mut outdated: Vec<&WorkerView> = active(workers)
         .filter(|w| w.version < spec.version && w.state != WorkerState::Throttled && !already_stopping.contains(&w.id))
         .collect();
@@ -163,7 +165,11 @@ mod tests {
     #[test]
     fn idle_workers_stop_after_the_timeout_but_never_below_min() {
         let s = spec(ScalerKind::RequestCount, 1.0, 1, 5);
-        let workers = vec![w("a", WorkerState::Idle, Some(0)), w("b", WorkerState::Idle, Some(0)), w("c", WorkerState::Idle, Some(4_000))];
+        let workers = vec![
+            w("a", WorkerState::Idle, Some(0)),
+            w("b", WorkerState::Idle, Some(0)),
+            w("c", WorkerState::Idle, Some(4_000)),
+        ];
         let d = decide(&s, &Demand::default(), &workers, 5_000);
         assert_eq!(d.stop, vec!["a".to_string(), "b".to_string()].into_iter().take(2).collect::<Vec<_>>());
         let d = decide(&s, &Demand::default(), &workers, 10_000);

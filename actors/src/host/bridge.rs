@@ -98,6 +98,9 @@ impl BridgeServer {
     }
 }
 
+/// The largest job-done or job-stream body accepted.
+const MAX_POST_BYTES: usize = 64 * 1024 * 1024;
+
 fn router(state: Bridge) -> Router {
     Router::new()
         .route("/v2/{endpoint}/job-take/{worker}", get(job_take))
@@ -106,6 +109,9 @@ fn router(state: Bridge) -> Router {
         .route("/v2/{endpoint}/job-stream/{worker}/{job}", post(job_stream))
         .route("/v2/{endpoint}/job-stop/{worker}", get(job_stop))
         .route("/v2/{endpoint}/ping/{worker}", get(ping))
+        // results above NATS' message size go to the object store; RunPod accepts (and only
+        // warns about) results above 20 MB
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_POST_BYTES))
         .with_state(state)
 }
 

@@ -1,8 +1,9 @@
-//! The host actor: publishes the host's inventory and heartbeat, keeps each endpoint's
-//! workers running (until the scaler exists: `workers_min` of every endpoint), relays stop
-//! commands to worker actors, and supervises them: a worker actor that fails is restarted
-//! under the [`BackoffPolicy`](super::backoff::BackoffPolicy), and reported Unhealthy after
-//! repeated failures while it keeps being retried.
+//! The host actor: publishes the host's inventory (GPUs, who holds them) and heartbeat, runs
+//! the commands of the endpoints' scalers (start a worker, stop or drain one; refused when they
+//! carry an epoch older than one already seen for the endpoint, so a control replica that lost
+//! its lease cannot act), relays job stops to worker actors, and supervises them: a worker
+//! actor that fails is restarted under the [`BackoffPolicy`](super::backoff::BackoffPolicy),
+//! and reported Unhealthy after repeated failures while it keeps being retried.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -15,7 +16,7 @@ use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef, RpcReplyPort, Super
 use shoal_protocol::codec::{from_msgpack, to_msgpack};
 use shoal_protocol::endpoint::EndpointSpec;
 use shoal_protocol::events::{HostEvent, WorkerEvent};
-use shoal_protocol::host::{HostRecord, StopJob};
+use shoal_protocol::host::{CommandReply, Gpu, HostRecord, StartWorker, StopJob, StopWorker};
 use shoal_protocol::worker::{WorkerRecord, WorkerState};
 
 use super::HostConfig;
@@ -37,7 +38,8 @@ pub struct HostArgs {
 }
 
 pub enum HostMsg {
-    EndpointPut(Box<EndpointSpec>),
+    StartWorker(Box<StartWorker>, RpcReplyPort<CommandReply>),
+    StopWorker(StopWorker, RpcReplyPort<CommandReply>),
     EndpointDeleted(String),
     /// Start (again) the worker of this slot.
     Restart(String),
@@ -49,6 +51,9 @@ pub enum HostMsg {
 /// A worker the host wants running, across the restarts of its actor.
 struct Slot {
     endpoint: String,
+    spec: EndpointSpec,
+    /// UUIDs of the GPUs given to it.
+    gpus: Vec<String>,
     actor: Option<ActorRef<WorkerMsg>>,
     failures: u32,
     restarts: u32,
@@ -63,8 +68,10 @@ pub struct HostState {
     registry: Registry,
     runtime: Arc<dyn Runtime>,
     config: Arc<HostConfig>,
-    specs: HashMap<String, EndpointSpec>,
     slots: HashMap<String, Slot>,
+    gpus: Vec<Gpu>,
+    /// Highest lease epoch seen per endpoint.
+    epochs: HashMap<String, u64>,
     started_at_ms: u64,
     shutting_down: bool,
     tasks: Vec<tokio::task::JoinHandle<()>>,
@@ -82,17 +89,9 @@ impl Actor for HostActor {
         let me = myself.clone();
         tasks.push(tokio::spawn(async move {
             while let Some(Ok(entry)) = watch.next().await {
-                let msg = match entry.operation {
-                    kv::Operation::Put => match from_msgpack::<EndpointSpec>(&entry.value) {
-                        Ok(spec) => HostMsg::EndpointPut(Box::new(spec)),
-                        Err(e) => {
-                            tracing::warn!(key = %entry.key, error = %e, "undecodable endpoint spec ignored");
-                            continue;
-                        }
-                    },
-                    _ => HostMsg::EndpointDeleted(entry.key.clone()),
-                };
-                if me.cast(msg).is_err() {
+                if entry.operation != kv::Operation::Put
+                    && me.cast(HostMsg::EndpointDeleted(entry.key.clone())).is_err()
+                {
                     break;
                 }
             }
@@ -109,7 +108,27 @@ impl Actor for HostActor {
                 }
             }
         }));
+        // commands from the endpoints' scalers (request/reply)
+        tasks.push(
+            serve_commands(
+                &args.nats,
+                &args.nats.names.host_start_worker_subject(&args.id),
+                myself.clone(),
+                |bytes, reply| from_msgpack::<StartWorker>(bytes).map(|c| HostMsg::StartWorker(Box::new(c), reply)),
+            )
+            .await?,
+        );
+        tasks.push(
+            serve_commands(
+                &args.nats,
+                &args.nats.names.host_stop_worker_subject(&args.id),
+                myself.clone(),
+                |bytes, reply| from_msgpack::<StopWorker>(bytes).map(|c| HostMsg::StopWorker(c, reply)),
+            )
+            .await?,
+        );
         myself.send_interval(Duration::from_millis(args.config.heartbeat_ms), || HostMsg::Heartbeat);
+        let gpus = args.config.gpus();
         let st = HostState {
             nats: args.nats,
             id: args.id,
@@ -117,8 +136,9 @@ impl Actor for HostActor {
             registry: args.registry,
             runtime: args.runtime,
             config: Arc::new(args.config),
-            specs: HashMap::new(),
             slots: HashMap::new(),
+            gpus,
+            epochs: HashMap::new(),
             started_at_ms: now_ms(),
             shutting_down: false,
             tasks,
@@ -137,7 +157,14 @@ impl Actor for HostActor {
         st: &mut HostState,
     ) -> Result<(), ActorProcessingErr> {
         match msg {
-            HostMsg::EndpointPut(spec) => st.on_endpoint_put(&myself, *spec).await,
+            HostMsg::StartWorker(cmd, reply) => {
+                let result = st.on_start_worker(&myself, *cmd).await;
+                let _ = reply.send(command_reply(result));
+            }
+            HostMsg::StopWorker(cmd, reply) => {
+                let result = st.on_stop_worker(cmd).await;
+                let _ = reply.send(command_reply(result));
+            }
             HostMsg::EndpointDeleted(id) => st.on_endpoint_deleted(&id),
             HostMsg::Restart(worker_id) => st.on_restart(&myself, worker_id).await,
             HostMsg::StopJob(stop) => st.on_stop_job(stop),
@@ -184,10 +211,10 @@ impl HostState {
             id: self.id.clone(),
             runtime: self.runtime.name().to_string(),
             labels: Default::default(),
-            gpus: vec![],
+            gpus: self.gpus.clone(),
             bridge_url: self.bridge_url.clone(),
-            workers: self.slots.values().filter(|s| s.actor.is_some()).count() as u32,
-            max_workers: 0,
+            workers: self.slots.len() as u32,
+            max_workers: self.config.max_workers,
             warm: vec![],
             started_at_ms: self.started_at_ms,
             heartbeat_at_ms: now_ms(),
@@ -199,77 +226,121 @@ impl HostState {
         }
     }
 
-    async fn on_endpoint_put(&mut self, myself: &ActorRef<HostMsg>, spec: EndpointSpec) {
-        let changed = self.specs.get(&spec.id).is_some_and(|old| old.version != spec.version);
-        let id = spec.id.clone();
-        self.specs.insert(id.clone(), spec);
-        if changed {
-            // a new version: replace this endpoint's workers (their jobs go back to the queue)
-            for slot in self.slots.values_mut().filter(|s| s.endpoint == id) {
-                slot.failures = 0;
-                if let Some(actor) = &slot.actor {
-                    actor.stop(Some(STOP_REFRESH.into()));
-                }
-            }
+    /// Refuses commands older than the newest lease epoch seen for the endpoint.
+    fn check_epoch(&mut self, endpoint: &str, epoch: u64) -> Result<(), String> {
+        let seen = self.epochs.entry(endpoint.to_string()).or_insert(0);
+        if epoch < *seen {
+            return Err(format!(
+                "stale epoch {epoch} for endpoint {endpoint}: epoch {seen} was seen; its owner changed"
+            ));
         }
-        self.reconcile(myself, &id).await;
+        *seen = epoch;
+        Ok(())
+    }
+
+    async fn on_start_worker(&mut self, myself: &ActorRef<HostMsg>, cmd: StartWorker) -> Result<(), String> {
+        if self.shutting_down {
+            return Err("host is shutting down".into());
+        }
+        self.check_epoch(&cmd.spec.id, cmd.epoch)?;
+        shoal_protocol::ids::validate_id("worker id", &cmd.worker_id).map_err(|e| e.message)?;
+        if self.slots.contains_key(&cmd.worker_id) {
+            return Ok(()); // a retried command: already running
+        }
+        if cmd.spec.command.is_none() && self.runtime.name() == "process" {
+            return Err(format!("endpoint {} has no command; the process runtime cannot run it", cmd.spec.id));
+        }
+        let gpus = match &cmd.gpu_type {
+            Some(kind) => {
+                let free: Vec<usize> = (0..self.gpus.len())
+                    .filter(|i| {
+                        self.gpus[*i].healthy && self.gpus[*i].worker_id.is_none() && &self.gpus[*i].name == kind
+                    })
+                    .take(cmd.spec.gpu_count as usize)
+                    .collect();
+                if free.len() < cmd.spec.gpu_count as usize {
+                    return Err(format!(
+                        "no capacity: {} free GPU(s) of type {kind}, {} needed",
+                        free.len(),
+                        cmd.spec.gpu_count
+                    ));
+                }
+                free.iter()
+                    .map(|i| {
+                        self.gpus[*i].worker_id = Some(cmd.worker_id.clone());
+                        self.gpus[*i].uuid.clone()
+                    })
+                    .collect()
+            }
+            None => {
+                if self.config.max_workers > 0 && self.slots.len() as u32 >= self.config.max_workers {
+                    return Err(format!(
+                        "no capacity: this host runs its maximum of {} workers",
+                        self.config.max_workers
+                    ));
+                }
+                vec![]
+            }
+        };
+        self.slots.insert(
+            cmd.worker_id.clone(),
+            Slot {
+                endpoint: cmd.spec.id.clone(),
+                spec: cmd.spec,
+                gpus,
+                actor: None,
+                failures: 0,
+                restarts: 0,
+                started: Instant::now(),
+                wanted: true,
+            },
+        );
+        self.spawn_worker(myself, &cmd.worker_id).await;
+        self.heartbeat().await;
+        Ok(())
+    }
+
+    async fn on_stop_worker(&mut self, cmd: StopWorker) -> Result<(), String> {
+        self.check_epoch(&cmd.endpoint, cmd.epoch)?;
+        let Some(slot) = self.slots.get_mut(&cmd.worker_id) else {
+            return Ok(()); // already gone
+        };
+        slot.wanted = false;
+        match slot.actor.clone() {
+            Some(actor) if cmd.drain => {
+                let _ = actor.cast(WorkerMsg::Drain { reason: cmd.reason });
+            }
+            Some(actor) => actor.stop(Some(cmd.reason)),
+            None => self.remove_slot(&cmd.worker_id).await,
+        }
+        Ok(())
     }
 
     fn on_endpoint_deleted(&mut self, id: &str) {
-        self.specs.remove(id);
         for slot in self.slots.values_mut().filter(|s| s.endpoint == id) {
             slot.wanted = false;
             if let Some(actor) = &slot.actor {
-                actor.stop(None);
+                actor.stop(Some("endpoint deleted".into()));
             }
         }
-        self.slots.retain(|_, s| s.wanted || s.actor.is_some());
     }
 
-    /// Until the scaler exists, a host keeps `workers_min` workers of every endpoint.
-    async fn reconcile(&mut self, myself: &ActorRef<HostMsg>, endpoint: &str) {
-        if self.shutting_down {
-            return;
+    /// Forgets a worker for good: frees its GPUs and records it Stopped.
+    async fn remove_slot(&mut self, worker_id: &str) {
+        let Some(slot) = self.slots.remove(worker_id) else { return };
+        for g in self.gpus.iter_mut().filter(|g| g.worker_id.as_deref() == Some(worker_id)) {
+            g.worker_id = None;
         }
-        let Some(spec) = self.specs.get(endpoint) else { return };
-        if spec.command.is_none() && self.runtime.name() == "process" {
-            tracing::warn!(endpoint_id = %endpoint, "endpoint has no command; the process runtime cannot run it");
-            return;
-        }
-        let want = spec.workers_min as usize;
-        let mut have: Vec<String> =
-            self.slots.iter().filter(|(_, s)| s.endpoint == endpoint && s.wanted).map(|(k, _)| k.clone()).collect();
-        have.sort();
-        for extra in have.iter().skip(want) {
-            if let Some(slot) = self.slots.get_mut(extra) {
-                slot.wanted = false;
-                if let Some(actor) = &slot.actor {
-                    actor.stop(None);
-                }
-            }
-        }
-        for _ in have.len()..want {
-            let worker_id = format!("w{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
-            self.slots.insert(
-                worker_id.clone(),
-                Slot {
-                    endpoint: endpoint.to_string(),
-                    actor: None,
-                    failures: 0,
-                    restarts: 0,
-                    started: Instant::now(),
-                    wanted: true,
-                },
-            );
-            self.spawn_worker(myself, &worker_id).await;
-        }
-        self.slots.retain(|_, s| s.wanted || s.actor.is_some());
+        put_worker_record(&self.nats, &stopped_record(worker_id, &slot, &self.id)).await;
+        self.heartbeat().await;
     }
 
     async fn spawn_worker(&mut self, myself: &ActorRef<HostMsg>, worker_id: &str) {
         let Some(slot) = self.slots.get(worker_id) else { return };
-        let Some(spec) = self.specs.get(&slot.endpoint).cloned() else { return };
+        let spec = slot.spec.clone();
+        let gpus = slot.gpus.clone();
         let args = WorkerArgs {
+            gpus,
             nats: self.nats.clone(),
             host_id: self.id.clone(),
             worker_id: worker_id.to_string(),
@@ -281,7 +352,7 @@ impl HostState {
             restarts: slot.restarts,
             failures: slot.failures,
         };
-        let spawned = Actor::spawn_linked(None, WorkerActor, args, myself.get_cell()).await;
+        let spawned = crate::spawn::spawn_linked(WorkerActor, args, myself.get_cell()).await;
         let Some(slot) = self.slots.get_mut(worker_id) else { return };
         slot.started = Instant::now();
         match spawned {
@@ -324,13 +395,11 @@ impl HostState {
     async fn schedule_restart(&mut self, myself: &ActorRef<HostMsg>, worker_id: &str, failure: Option<String>) {
         let policy = self.config.backoff.clone();
         let (host, names) = (self.id.clone(), self.nats.names.clone());
-        let Some(slot) = self.slots.get_mut(worker_id) else { return };
-        if !slot.wanted || self.shutting_down {
-            let record = stopped_record(worker_id, slot, &host);
-            self.slots.remove(worker_id);
-            put_worker_record(&self.nats, &record).await;
+        if self.slots.get(worker_id).is_some_and(|s| !s.wanted) || self.shutting_down {
+            self.remove_slot(worker_id).await;
             return;
         }
+        let Some(slot) = self.slots.get_mut(worker_id) else { return };
         slot.restarts += 1;
         let Some(reason) = failure else {
             let _ = myself.cast(HostMsg::Restart(worker_id.to_string()));
@@ -356,7 +425,7 @@ impl HostState {
             host: host.clone(),
             state,
             reason: Some(reason.clone()),
-            spec_version: self.specs.get(&slot.endpoint).map(|s| s.version).unwrap_or(0),
+            spec_version: slot.spec.version,
             current_jobs: vec![],
             runtime_ref: None,
             restarts: slot.restarts,
@@ -408,8 +477,9 @@ impl HostState {
         for actor in actors {
             let _ = actor.stop_and_wait(None, Some(Duration::from_secs(10))).await;
         }
-        for (id, slot) in self.slots.drain() {
-            put_worker_record(&self.nats, &stopped_record(&id, &slot, &self.id)).await;
+        let ids: Vec<String> = self.slots.keys().cloned().collect();
+        for id in ids {
+            self.remove_slot(&id).await;
         }
         let _ = self.nats.hosts.delete(&self.id).await;
         let event = HostEvent { host: self.id.clone(), event: "stopped".into(), at_ms: now_ms() };
@@ -425,7 +495,7 @@ fn stopped_record(worker_id: &str, slot: &Slot, host: &str) -> WorkerRecord {
         host: host.to_string(),
         state: WorkerState::Stopped,
         reason: Some("stopped".into()),
-        spec_version: 0,
+        spec_version: slot.spec.version,
         current_jobs: vec![],
         runtime_ref: None,
         restarts: slot.restarts,
@@ -434,4 +504,44 @@ fn stopped_record(worker_id: &str, slot: &Slot, host: &str) -> WorkerRecord {
         updated_at_ms: now,
         jobs_done: 0,
     }
+}
+
+fn command_reply(result: Result<(), String>) -> CommandReply {
+    match result {
+        Ok(()) => CommandReply { ok: true, error: None },
+        Err(e) => CommandReply { ok: false, error: Some(e) },
+    }
+}
+
+/// Serves one command subject: decodes each request, asks the host actor, replies.
+async fn serve_commands<F>(
+    nats: &Nats,
+    subject: &str,
+    actor: ActorRef<HostMsg>,
+    make: F,
+) -> Result<tokio::task::JoinHandle<()>, async_nats::SubscribeError>
+where
+    F: Fn(&[u8], RpcReplyPort<CommandReply>) -> Result<HostMsg, shoal_protocol::codec::CodecError> + Send + 'static,
+{
+    let mut sub = nats.client.subscribe(subject.to_string()).await?;
+    let client = nats.client.clone();
+    Ok(tokio::spawn(async move {
+        while let Some(msg) = sub.next().await {
+            let Some(reply_to) = msg.reply.clone() else { continue };
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            let port: RpcReplyPort<CommandReply> = tx.into();
+            let answer = match make(&msg.payload, port) {
+                Ok(cmd) => {
+                    if actor.cast(cmd).is_err() {
+                        break;
+                    }
+                    rx.await.unwrap_or(CommandReply { ok: false, error: Some("host is stopping".into()) })
+                }
+                Err(e) => CommandReply { ok: false, error: Some(format!("bad command: {e}")) },
+            };
+            if let Ok(bytes) = to_msgpack(&answer) {
+                let _ = client.publish(reply_to, Bytes::from(bytes)).await;
+            }
+        }
+    }))
 }

@@ -14,7 +14,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use ractor::{Actor, ActorRef};
+use ractor::ActorRef;
 use serde::Deserialize;
 
 use crate::nats::Nats;
@@ -44,6 +44,11 @@ pub struct HostConfig {
     /// Working directory of process-runtime workers whose spec sets none.
     pub workdir: Option<PathBuf>,
     pub backoff: backoff::BackoffPolicy,
+    /// A simulated GPU inventory, e.g. `"NVIDIA H200:2,NVIDIA A100 80GB:1"`, for hosts
+    /// without GPUs (tests, placement trials).
+    pub fake_gpus: Option<String>,
+    /// Most GPU-less workers this host runs; 0 = no limit.
+    pub max_workers: u32,
 }
 
 impl Default for HostConfig {
@@ -60,6 +65,8 @@ impl Default for HostConfig {
             state_dir: std::env::temp_dir().join("shoal"),
             workdir: None,
             backoff: backoff::BackoffPolicy::default(),
+            fake_gpus: None,
+            max_workers: 0,
         }
     }
 }
@@ -84,7 +91,53 @@ impl HostConfig {
                 self.ping_interval_ms
             ));
         }
+        if let Some(spec) = &self.fake_gpus {
+            parse_fake_gpus(spec).map_err(|e| format!("host.fake_gpus: {e}"))?;
+        }
         self.backoff.validate().map_err(|e| format!("host.backoff.{e}"))
+    }
+
+    /// This host's GPU inventory: the simulated one when `fake_gpus` is set, else none (the
+    /// NVML inventory comes with the Docker runtime).
+    pub fn gpus(&self) -> Vec<shoal_protocol::host::Gpu> {
+        self.fake_gpus.as_deref().and_then(|s| parse_fake_gpus(s).ok()).unwrap_or_default()
+    }
+}
+
+/// Parses `"NAME:COUNT,NAME:COUNT"` into fake GPUs with stable UUIDs.
+pub fn parse_fake_gpus(spec: &str) -> Result<Vec<shoal_protocol::host::Gpu>, String> {
+    let mut gpus = Vec::new();
+    for part in spec.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (name, count) = part.rsplit_once(':').ok_or_else(|| format!("{part:?} is not NAME:COUNT"))?;
+        let count: usize = count.trim().parse().map_err(|_| format!("{part:?}: the count is not a number"))?;
+        if name.trim().is_empty() || count == 0 || count > 64 {
+            return Err(format!("{part:?}: needs a name and a count in 1..=64"));
+        }
+        for _ in 0..count {
+            let n = gpus.len();
+            gpus.push(shoal_protocol::host::Gpu {
+                name: name.trim().to_string(),
+                uuid: format!("GPU-fake-{n}"),
+                memory_mb: 0,
+                healthy: true,
+                worker_id: None,
+            });
+        }
+    }
+    Ok(gpus)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn fake_gpus_parse_and_refuse_nonsense() {
+        let g = super::parse_fake_gpus("NVIDIA H200:2, NVIDIA A100 80GB:1").expect("valid");
+        assert_eq!(g.len(), 3);
+        assert_eq!(g[2].name, "NVIDIA A100 80GB");
+        assert!(g.iter().all(|g| g.healthy && g.worker_id.is_none()));
+        for bad in ["H200", "H200:x", ":2", "H200:0"] {
+            assert!(super::parse_fake_gpus(bad).is_err(), "{bad}");
+        }
     }
 }
 
@@ -120,25 +173,25 @@ impl HostHandle {
     }
 }
 
-fn default_host_id() -> String {
+/// An id for a process: the hostname plus a random suffix (`<fallback>-<suffix>` without one).
+pub fn default_id(fallback: &str) -> String {
     let name = std::fs::read_to_string("/etc/hostname").unwrap_or_default();
     let clean: String = name.trim().chars().filter(|c| c.is_ascii_alphanumeric() || *c == '-').take(40).collect();
     let suffix = &uuid::Uuid::new_v4().simple().to_string()[..6];
-    if clean.is_empty() { format!("host-{suffix}") } else { format!("{clean}-{suffix}") }
+    if clean.is_empty() { format!("{fallback}-{suffix}") } else { format!("{clean}-{suffix}") }
 }
 
 /// Binds the bridge and starts the host actor, which starts the workers its endpoints need.
 pub async fn start(nats: Nats, config: HostConfig, runtime: Arc<dyn Runtime>) -> Result<HostHandle, StartHostError> {
     config.validate().map_err(StartHostError::Config)?;
-    let id = config.id.clone().unwrap_or_else(default_host_id);
+    let id = config.id.clone().unwrap_or_else(|| default_id("host"));
     let registry = bridge::Registry::default();
     let bridge =
         bridge::BridgeServer::bind(config.bridge_listen, registry.clone(), Duration::from_millis(config.hold_ms))
             .await
             .map_err(|source| StartHostError::Bind { addr: config.bridge_listen, source })?;
     let bridge_url = config.bridge_url.clone().unwrap_or_else(|| format!("http://{}", bridge.local_addr()));
-    let (actor, _) = Actor::spawn(
-        None,
+    let (actor, _) = crate::spawn::spawn(
         host_actor::HostActor,
         host_actor::HostArgs { nats, id: id.clone(), bridge_url: bridge_url.clone(), registry, runtime, config },
     )

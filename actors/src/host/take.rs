@@ -6,11 +6,13 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream::consumer::PullConsumer;
 use futures::StreamExt;
+use serde_json::Value;
 use shoal_protocol::codec::from_msgpack;
 use shoal_protocol::job::{JobRecord, JobToken, WorkerJob};
-use shoal_protocol::lifecycle::{self, Take};
+use shoal_protocol::lifecycle::{self, Outcome, Take};
 
 use super::ack::AckGuard;
+use crate::blobs::BlobError;
 use crate::clock::now_ms;
 use crate::jobs::JobStore;
 
@@ -68,6 +70,8 @@ pub async fn fetch_and_take(
 }
 
 async fn take_one(store: &JobStore, token: &JobToken, worker: &str, host: &str, ack: AckGuard) -> Option<TakenJob> {
+    // an input stored as a blob, read once before the take is written
+    let mut blob_input: Option<Value> = None;
     for _ in 0..16 {
         let (rec, rev) = match store.get(&token.endpoint, &token.id).await {
             Ok(Some(found)) => found,
@@ -81,7 +85,7 @@ async fn take_one(store: &JobStore, token: &JobToken, worker: &str, host: &str, 
             }
         };
         let key = store.key(&rec.endpoint, &rec.id);
-        let (next, run) = match lifecycle::take(&rec, worker, host, now_ms()) {
+        let (mut next, mut run) = match lifecycle::take(&rec, worker, host, now_ms()) {
             Take::Run(next) => (next, true),
             Take::Expired(next) | Take::Exhausted(next) => (next, false),
             Take::Skip => {
@@ -89,6 +93,27 @@ async fn take_one(store: &JobStore, token: &JobToken, worker: &str, host: &str, 
                 return None;
             }
         };
+        if let (true, None, Some(name)) = (run, &blob_input, &rec.input_ref) {
+            match store.blobs().get_json(name).await {
+                Ok(v) => blob_input = Some(v),
+                Err(BlobError::Unavailable(e)) => {
+                    tracing::warn!(job_id = %token.id, error = %e, "cannot read the job's input; redelivering");
+                    return None; // the guard naks
+                }
+                Err(e) => {
+                    // the input is gone or corrupt: the job can never run
+                    let failed = Outcome::Failed {
+                        error: format!("cannot read the job's input: {e}"),
+                        output: None,
+                        stop_pod: false,
+                    };
+                    match lifecycle::finish(&rec, failed, now_ms()) {
+                        Ok(f) => (next, run) = (f, false),
+                        Err(_) => continue,
+                    }
+                }
+            }
+        }
         match store.write(&key, &next, rev).await {
             Ok(Some(_)) => {
                 store.publish_event(&next).await;
@@ -96,8 +121,8 @@ async fn take_one(store: &JobStore, token: &JobToken, worker: &str, host: &str, 
                     ack.ack().await;
                     return None;
                 }
-                let job =
-                    WorkerJob { id: next.id.clone(), input: next.input.clone(), s3_config: next.s3_config.clone() };
+                let input = blob_input.take().unwrap_or_else(|| next.input.clone());
+                let job = WorkerJob { id: next.id.clone(), input, s3_config: next.s3_config.clone() };
                 return Some(TakenJob { job, record: next, ack });
             }
             Ok(None) => continue,

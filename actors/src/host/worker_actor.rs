@@ -44,6 +44,8 @@ pub struct WorkerArgs {
     pub config: Arc<HostConfig>,
     pub restarts: u32,
     pub failures: u32,
+    /// UUIDs of the GPUs given to this worker.
+    pub gpus: Vec<String>,
 }
 
 pub enum WorkerMsg {
@@ -80,6 +82,10 @@ pub enum WorkerMsg {
     /// A job this worker runs was cancelled or timed out.
     StopJob {
         job_id: String,
+        reason: String,
+    },
+    /// Finish the current jobs, take no more, then stop (rolling update).
+    Drain {
         reason: String,
     },
     Tick,
@@ -189,6 +195,7 @@ impl Actor for WorkerActor {
             WorkerMsg::Ping { job_ids, unhealthy } => st.on_ping(job_ids, unhealthy).await,
             WorkerMsg::GetStops(reply) => st.on_get_stops(reply),
             WorkerMsg::StopJob { job_id, reason } => st.on_stop_job(job_id, reason).await,
+            WorkerMsg::Drain { reason } => st.on_drain(&myself, reason).await,
             WorkerMsg::Tick => st.on_tick().await,
             WorkerMsg::Exited(exit) => return st.on_exited(&myself, exit),
         }
@@ -237,6 +244,8 @@ fn worker_env(args: &WorkerArgs, token: &str) -> BTreeMap<String, String> {
         ("RUNPOD_SKIP_GPU_CHECK".into(), "true".into()),
         ("RUNPOD_POD_HOSTNAME".into(), args.host_id.clone()),
         ("RUNPOD_GPU_COUNT".into(), args.spec.gpu_count.to_string()),
+        ("CUDA_VISIBLE_DEVICES".into(), args.gpus.join(",")),
+        ("NVIDIA_VISIBLE_DEVICES".into(), if args.gpus.is_empty() { "void".into() } else { args.gpus.join(",") }),
     ])
 }
 
@@ -310,6 +319,9 @@ impl WorkerState_ {
 
     /// Idle or Running, by the jobs it holds; the record follows every change of those jobs.
     async fn settle(&mut self) {
+        if self.draining && self.state == WorkerState::Outdated {
+            return;
+        }
         let state = if self.inflight.is_empty() { WorkerState::Idle } else { WorkerState::Running };
         if self.state == state && self.reason.is_none() && self.reported_jobs == self.inflight.len() {
             return;
@@ -390,9 +402,21 @@ impl WorkerState_ {
         let store = self.store.clone();
         let endpoint = self.endpoint().to_string();
         let worker = self.args.worker_id.clone();
+        let blob_name = self.args.nats.names.blob_output(&job_id);
         tokio::spawn(async move {
-            let applied =
-                store.transition(&endpoint, &job_id, |r| lifecycle::finish(r, outcome.clone(), now_ms())).await;
+            // an output too large to inline goes to the object store; the record references it
+            let applied = match store.blobs().offload_outcome(&store, &endpoint, &job_id, &blob_name, outcome).await {
+                Ok((outcome, output_ref)) => {
+                    store
+                        .transition(&endpoint, &job_id, |r| {
+                            let mut next = lifecycle::finish(r, outcome.clone(), now_ms())?;
+                            next.output_ref = output_ref.clone();
+                            Ok(next)
+                        })
+                        .await
+                }
+                Err(e) => Err(e),
+            };
             let result = match applied {
                 Ok(Applied::Refused { reason, .. }) => {
                     tracing::debug!(worker_id = %worker, job_id = %job_id, %reason, "result dropped");
@@ -449,6 +473,15 @@ impl WorkerState_ {
         self.last_ping = Some((Instant::now(), listed));
         if let Some(reason) = unhealthy {
             self.set_state(WorkerState::Unhealthy, Some(reason)).await;
+        }
+    }
+
+    async fn on_drain(&mut self, myself: &ActorRef<WorkerMsg>, reason: String) {
+        self.draining = true;
+        if self.inflight.is_empty() {
+            myself.stop(Some(reason));
+        } else {
+            self.set_state(WorkerState::Outdated, Some(format!("draining: {reason}"))).await;
         }
     }
 

@@ -26,6 +26,10 @@ fn queued(now: u64) -> JobRecord {
         output: None,
         error: None,
         stop_pod: false,
+        input_ref: None,
+        output_ref: None,
+        retention_s: None,
+        webhook_delivery: None,
     }
 }
 
@@ -115,6 +119,25 @@ fn retry_only_from_failed_or_timed_out() {
     assert_eq!((again.attempts, again.output.clone(), again.error.clone()), (0, None, None));
     let c = cancel(&q, "x", 1).expect("cancel");
     assert!(retry(&c, 2).is_err());
+}
+
+#[test]
+fn blob_outputs_and_webhook_outcomes_belong_to_one_run() {
+    let mut r = run(&queued(0), 1);
+    r.output_ref = Some("output/j1-u1".into());
+    // a later result replaces the blob reference (the caller sets a new one if it stores one)
+    let done = finish(&r, Outcome::Completed { output: Some(json!(1)), stop_pod: false }, 2).expect("done");
+    assert_eq!((done.output.clone(), done.output_ref.clone()), (Some(json!(1)), None));
+    let mut failed = finish(&r, Outcome::Failed { error: "x".into(), output: None, stop_pod: false }, 2).expect("f");
+    failed.output_ref = Some("output/j1-u1".into());
+    failed.webhook_delivery =
+        Some(crate::job::WebhookDelivery { delivered: true, attempts: 1, status: Some(200), error: None, at_ms: 3 });
+    let again = retry(&failed, 4).expect("retry");
+    assert_eq!((again.output_ref, again.webhook_delivery), (None, None), "a retry starts clean");
+    let mut lost = r.clone();
+    lost.output_ref = Some("output/j1-u1".into());
+    let Take::Run(retaken) = take(&lost, "w2", "h1", 5) else { panic!("expected a take") };
+    assert_eq!(retaken.output_ref, None, "a new attempt drops the progress output");
 }
 
 #[test]

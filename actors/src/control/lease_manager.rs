@@ -1,0 +1,337 @@
+//! The lease manager: one per control replica. It announces the replica in `shoal-leases`,
+//! takes and renews endpoint leases (compare-and-set, with a TTL) so that each endpoint is run
+//! by exactly one replica, shares endpoints fairly among live replicas ([`super::lease`]),
+//! takes over a dead replica's endpoints once their leases expire, and starts or stops the
+//! endpoint actors of the endpoints it owns. It also keeps the [`Directory`] the API reads.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::kv;
+use bytes::Bytes;
+use futures::StreamExt;
+use ractor::{Actor, ActorProcessingErr, ActorRef, SupervisionEvent};
+use shoal_protocol::codec::{from_msgpack, to_msgpack};
+use shoal_protocol::endpoint::EndpointSpec;
+use shoal_protocol::lease::{LeaseRecord, ReplicaRecord};
+
+use super::ControlConfig;
+use super::endpoint_actor::{EndpointActor, EndpointArgs, EndpointMsg};
+use super::hosts::HostDirectory;
+use super::lease;
+use crate::clock::now_ms;
+use crate::nats::Nats;
+
+/// Known endpoints: spec and, where this replica owns it, its actor. Shared with the API.
+#[derive(Clone, Default)]
+pub struct Directory(Arc<RwLock<HashMap<String, Known>>>);
+
+/// An endpoint's spec and, when owned here, its actor.
+type Known = (EndpointSpec, Option<ActorRef<EndpointMsg>>);
+
+impl Directory {
+    pub fn spec(&self, id: &str) -> Option<EndpointSpec> {
+        self.0.read().ok().and_then(|m| m.get(id).map(|(s, _)| s.clone()))
+    }
+    pub fn actor(&self, id: &str) -> Option<ActorRef<EndpointMsg>> {
+        self.0.read().ok().and_then(|m| m.get(id).and_then(|(_, a)| a.clone()))
+    }
+    pub fn put_spec(&self, spec: EndpointSpec) {
+        if let Ok(mut m) = self.0.write() {
+            let actor = m.remove(&spec.id).and_then(|(_, a)| a);
+            m.insert(spec.id.clone(), (spec, actor));
+        }
+    }
+    fn ids(&self) -> BTreeSet<String> {
+        self.0.read().map(|m| m.keys().cloned().collect()).unwrap_or_default()
+    }
+    fn set_actor(&self, id: &str, actor: Option<ActorRef<EndpointMsg>>) {
+        if let Ok(mut m) = self.0.write()
+            && let Some(entry) = m.get_mut(id)
+        {
+            entry.1 = actor;
+        }
+    }
+    fn remove(&self, id: &str) -> Option<ActorRef<EndpointMsg>> {
+        self.0.write().ok().and_then(|mut m| m.remove(id)).and_then(|(_, a)| a)
+    }
+}
+
+pub struct LeaseManager;
+
+pub struct LeaseArgs {
+    pub nats: Nats,
+    pub config: ControlConfig,
+    pub directory: Directory,
+    pub hosts: HostDirectory,
+    pub replica_id: String,
+    pub lease_ttl: Duration,
+}
+
+pub enum LeaseMsg {
+    SpecPut(Box<EndpointSpec>),
+    SpecDeleted(String),
+    /// A lease or replica key changed (`None`: deleted).
+    KeySeen(String, Option<String>),
+    Tick,
+}
+
+struct Owned {
+    /// The lease key's current revision (for the next renewal).
+    revision: u64,
+    epoch: u64,
+}
+
+pub struct LeaseState {
+    args: LeaseArgs,
+    /// endpoint → (owner, last seen renewed).
+    leases: HashMap<String, (String, Instant)>,
+    /// replica → last seen.
+    replicas: HashMap<String, Instant>,
+    owned: HashMap<String, Owned>,
+    started_at_ms: u64,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Actor for LeaseManager {
+    type Msg = LeaseMsg;
+    type State = LeaseState;
+    type Arguments = LeaseArgs;
+
+    async fn pre_start(&self, myself: ActorRef<LeaseMsg>, args: LeaseArgs) -> Result<LeaseState, ActorProcessingErr> {
+        let mut specs = args.nats.endpoints.watch_with_history(">").await?;
+        let me = myself.clone();
+        let t1 = tokio::spawn(async move {
+            while let Some(Ok(entry)) = specs.next().await {
+                let msg = match entry.operation {
+                    kv::Operation::Put => match from_msgpack::<EndpointSpec>(&entry.value) {
+                        Ok(spec) => LeaseMsg::SpecPut(Box::new(spec)),
+                        Err(e) => {
+                            tracing::warn!(key = %entry.key, error = %e, "undecodable endpoint spec ignored");
+                            continue;
+                        }
+                    },
+                    _ => LeaseMsg::SpecDeleted(entry.key.clone()),
+                };
+                if me.cast(msg).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut leases = args.nats.leases.watch_with_history(">").await?;
+        let me = myself.clone();
+        let t2 = tokio::spawn(async move {
+            while let Some(Ok(entry)) = leases.next().await {
+                let owner = match entry.operation {
+                    kv::Operation::Put => from_msgpack::<LeaseRecord>(&entry.value)
+                        .map(|l| l.owner)
+                        .or_else(|_| from_msgpack::<ReplicaRecord>(&entry.value).map(|r| r.id))
+                        .ok(),
+                    _ => None,
+                };
+                if me.cast(LeaseMsg::KeySeen(entry.key.clone(), owner)).is_err() {
+                    break;
+                }
+            }
+        });
+        let tick = (args.lease_ttl / 3).max(Duration::from_millis(100));
+        myself.send_interval(tick, || LeaseMsg::Tick);
+        tracing::info!(replica_id = %args.replica_id, "lease manager started");
+        Ok(LeaseState {
+            args,
+            leases: HashMap::new(),
+            replicas: HashMap::new(),
+            owned: HashMap::new(),
+            started_at_ms: now_ms(),
+            tasks: vec![t1, t2],
+        })
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<LeaseMsg>,
+        msg: LeaseMsg,
+        st: &mut LeaseState,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            LeaseMsg::SpecPut(spec) => st.on_spec_put(*spec),
+            LeaseMsg::SpecDeleted(id) => st.on_spec_deleted(&id).await,
+            LeaseMsg::KeySeen(key, owner) => st.on_key_seen(key, owner),
+            LeaseMsg::Tick => st.on_tick(&myself).await,
+        }
+        Ok(())
+    }
+
+    async fn handle_supervisor_evt(
+        &self,
+        _myself: ActorRef<LeaseMsg>,
+        evt: SupervisionEvent,
+        st: &mut LeaseState,
+    ) -> Result<(), ActorProcessingErr> {
+        if let SupervisionEvent::ActorFailed(cell, err) = evt {
+            // an endpoint actor failed: give the lease back; the next tick takes it again
+            let failed: Vec<String> = st
+                .owned
+                .keys()
+                .filter(|id| st.args.directory.actor(id).is_some_and(|a| a.get_id() == cell.get_id()))
+                .cloned()
+                .collect();
+            for id in failed {
+                tracing::warn!(endpoint_id = %id, error = %err, "endpoint actor failed; releasing its lease");
+                st.release(&id).await;
+            }
+        }
+        Ok(())
+    }
+
+    async fn post_stop(&self, _myself: ActorRef<LeaseMsg>, st: &mut LeaseState) -> Result<(), ActorProcessingErr> {
+        for t in &st.tasks {
+            t.abort();
+        }
+        // hand the endpoints over at once instead of letting the leases expire
+        let ids: Vec<String> = st.owned.keys().cloned().collect();
+        for id in ids {
+            st.release(&id).await;
+        }
+        let _ = st.args.nats.leases.delete(st.args.nats.names.replica_key(&st.args.replica_id)).await;
+        Ok(())
+    }
+}
+
+impl LeaseState {
+    fn on_spec_put(&mut self, spec: EndpointSpec) {
+        let id = spec.id.clone();
+        self.args.directory.put_spec(spec.clone());
+        if let Some(actor) = self.args.directory.actor(&id) {
+            let _ = actor.cast(EndpointMsg::SpecChanged(Box::new(spec)));
+        }
+    }
+
+    async fn on_spec_deleted(&mut self, id: &str) {
+        if self.owned.contains_key(id) {
+            self.release(id).await;
+        }
+        if let Some(actor) = self.args.directory.remove(id) {
+            actor.stop(None);
+        }
+    }
+
+    fn on_key_seen(&mut self, key: String, owner: Option<String>) {
+        let names = &self.args.nats.names;
+        if let Some(endpoint) = key.strip_prefix(&names.lease_key("")) {
+            match owner {
+                Some(o) => self.leases.insert(endpoint.to_string(), (o, Instant::now())),
+                None => self.leases.remove(endpoint),
+            };
+        } else if let Some(replica) = key.strip_prefix(&names.replica_key("")) {
+            match owner {
+                Some(_) => self.replicas.insert(replica.to_string(), Instant::now()),
+                None => self.replicas.remove(replica),
+            };
+        }
+    }
+
+    async fn on_tick(&mut self, myself: &ActorRef<LeaseMsg>) {
+        let ttl = self.args.lease_ttl;
+        let names = self.args.nats.names.clone();
+        // 1. presence
+        let me = ReplicaRecord {
+            id: self.args.replica_id.clone(),
+            started_at_ms: self.started_at_ms,
+            owned: self.owned.len() as u32,
+        };
+        if let Ok(bytes) = to_msgpack(&me) {
+            let _ = self.args.nats.leases.put(names.replica_key(&me.id), Bytes::from(bytes)).await;
+        }
+        self.replicas.insert(me.id.clone(), Instant::now());
+        // 2. renew what we own; a failed renewal means the lease is lost
+        let ids: Vec<String> = self.owned.keys().cloned().collect();
+        for id in ids {
+            let Some(owned) = self.owned.get(&id) else { continue };
+            let record = LeaseRecord { owner: me.id.clone(), epoch: owned.epoch, renewed_at_ms: now_ms() };
+            let bytes = to_msgpack(&record).map(Bytes::from).unwrap_or_default();
+            match self.args.nats.leases.update(names.lease_key(&id), bytes, owned.revision).await {
+                Ok(rev) => {
+                    if let Some(o) = self.owned.get_mut(&id) {
+                        o.revision = rev;
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(endpoint_id = %id, error = %e, "lease lost");
+                    self.stop_owned(&id);
+                }
+            }
+        }
+        // 3. share: release the excess, take free leases up to our share
+        self.replicas.retain(|_, seen| seen.elapsed() <= ttl);
+        self.leases.retain(|_, (_, seen)| seen.elapsed() <= ttl);
+        let endpoints = self.args.directory.ids();
+        let owned: BTreeSet<String> = self.owned.keys().cloned().collect();
+        let free: BTreeSet<String> = endpoints.iter().filter(|e| !self.leases.contains_key(*e)).cloned().collect();
+        let plan = lease::plan(&me.id, &owned, &free, endpoints.len(), self.replicas.len());
+        for id in plan.release {
+            self.release(&id).await;
+        }
+        for id in plan.acquire {
+            self.acquire(myself, &id).await;
+        }
+    }
+
+    async fn acquire(&mut self, myself: &ActorRef<LeaseMsg>, id: &str) {
+        let Some(spec) = self.args.directory.spec(id) else { return };
+        let key = self.args.nats.names.lease_key(id);
+        // the epoch is the revision of this creation, known only after it: write, then confirm
+        let probe = LeaseRecord { owner: self.args.replica_id.clone(), epoch: 0, renewed_at_ms: now_ms() };
+        let bytes = to_msgpack(&probe).map(Bytes::from).unwrap_or_default();
+        let epoch = match self.args.nats.leases.create(&key, bytes).await {
+            Ok(rev) => rev,
+            Err(_) => return, // someone else holds it
+        };
+        let record = LeaseRecord { epoch, ..probe };
+        let bytes = to_msgpack(&record).map(Bytes::from).unwrap_or_default();
+        let Ok(revision) = self.args.nats.leases.update(&key, bytes, epoch).await else { return };
+        self.leases.insert(id.to_string(), (self.args.replica_id.clone(), Instant::now()));
+        let args = EndpointArgs {
+            nats: self.args.nats.clone(),
+            spec,
+            epoch,
+            replica_id: self.args.replica_id.clone(),
+            hosts: self.args.hosts.clone(),
+            tick: Duration::from_millis(self.args.config.tick_ms),
+        };
+        match crate::spawn::spawn_linked(EndpointActor, args, myself.get_cell()).await {
+            Ok((actor, _)) => {
+                tracing::info!(endpoint_id = %id, epoch, replica_id = %self.args.replica_id, "endpoint acquired");
+                self.args.directory.set_actor(id, Some(actor));
+                self.owned.insert(id.to_string(), Owned { revision, epoch });
+            }
+            Err(e) => {
+                tracing::error!(endpoint_id = %id, error = %e, "cannot start endpoint actor");
+                let _ = self.args.nats.leases.delete_expect_revision(&key, Some(revision)).await;
+            }
+        }
+    }
+
+    fn stop_owned(&mut self, id: &str) {
+        self.owned.remove(id);
+        if let Some(actor) = self.args.directory.actor(id) {
+            actor.stop(None);
+        }
+        self.args.directory.set_actor(id, None);
+    }
+
+    /// Gives a lease back: stops the endpoint actor, then deletes the lease if still ours.
+    async fn release(&mut self, id: &str) {
+        let revision = self.owned.get(id).map(|o| o.revision);
+        if let Some(actor) = self.args.directory.actor(id) {
+            let _ = actor.stop_and_wait(None, Some(Duration::from_secs(5))).await;
+        }
+        self.stop_owned(id);
+        if let Some(rev) = revision {
+            let _ = self.args.nats.leases.delete_expect_revision(self.args.nats.names.lease_key(id), Some(rev)).await;
+        }
+        self.leases.remove(id);
+        tracing::info!(endpoint_id = %id, replica_id = %self.args.replica_id, "endpoint released");
+    }
+}
