@@ -45,6 +45,23 @@ pub struct RunRequest {
     pub input_ref: Option<String>,
 }
 
+impl RunRequest {
+    /// A plain submission: `input` to `endpoint`, default policy, no wait.
+    pub fn new(endpoint: &str, input: Value) -> RunRequest {
+        RunRequest {
+            endpoint: endpoint.to_string(),
+            input,
+            policy: None,
+            webhook: None,
+            s3_config: None,
+            idempotency_key: None,
+            wait_ms: 0,
+            sync: false,
+            input_ref: None,
+        }
+    }
+}
+
 /// Names a job: `job.status`, `job.cancel`, `job.retry`, `job.stream`. The endpoint is
 /// optional (RunPod clients always know it; shoal's CLI may not).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -94,6 +94,14 @@ pub struct ControlHandle {
 }
 
 impl ControlHandle {
+    /// Dies as a crashed process would: no lease is released, nothing is cleaned up (for
+    /// failover tests and drills).
+    pub async fn abort(self) {
+        self.api.stop().await;
+        self.manager.kill();
+        self.hosts_watch.abort();
+    }
+
     pub async fn stop(self) {
         self.api.stop().await;
         self.manager.stop(None);

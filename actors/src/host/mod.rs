@@ -160,6 +160,13 @@ pub struct HostHandle {
 }
 
 impl HostHandle {
+    /// Dies as a crashed machine would: workers killed, no record cleaned up, no job handed
+    /// back (their deliveries expire and JetStream redelivers them).
+    pub async fn abort(self) {
+        self.actor.kill();
+        self.bridge.stop().await;
+    }
+
     pub async fn stop(self) {
         let _ = ractor::call!(self.actor, host_actor::HostMsg::Shutdown);
         self.actor.stop(None);

@@ -1,0 +1,204 @@
+//! Autoscaling against real worker processes: REQUEST_COUNT and QUEUE_DELAY, scale to zero,
+//! low priority, placement over GPU types with Throttled workers, rolling updates.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use serde_json::json;
+use shoal_actors::control::ControlConfig;
+use shoal_protocol::api::{JobRef, RunRequest};
+use shoal_protocol::endpoint::{EndpointSpec, ScalerKind};
+use shoal_protocol::job::{JobState, PolicyRequest};
+use shoal_protocol::worker::WorkerState;
+use shoal_tests::cluster::start_host;
+use shoal_tests::{Shoal, eventually, rust_endpoint};
+
+fn run_req(endpoint: &str, input: serde_json::Value) -> RunRequest {
+    RunRequest::new(endpoint, input)
+}
+
+fn autoscaled(id: &str, scaler: ScalerKind, value: f64, max: u32) -> Result<EndpointSpec> {
+    let mut spec = rust_endpoint(id)?;
+    spec.workers_min = 0;
+    spec.workers_max = max;
+    spec.scaler = scaler;
+    spec.scaler_value = value;
+    spec.idle_timeout_s = 1;
+    Ok(spec)
+}
+
+/// Workers that exist (not stopped, not merely wanted).
+async fn running_workers(shoal: &Shoal, endpoint: &str) -> Vec<shoal_protocol::worker::WorkerRecord> {
+    shoal
+        .api
+        .workers(Some(endpoint))
+        .await
+        .map(|l| {
+            l.workers
+                .into_iter()
+                .filter(|w| !matches!(w.state, WorkerState::Stopped | WorkerState::Throttled))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_count_scales_a_burst_to_max_then_back_to_zero() -> Result<()> {
+    let shoal = Shoal::start().await?;
+    shoal.api.create_endpoint(&autoscaled("burst", ScalerKind::RequestCount, 1.0, 5)?).await?;
+    let mut ids = Vec::new();
+    for n in 0..50 {
+        ids.push(shoal.api.run(&run_req("burst", json!({"sleep_ms": 150, "n": n}))).await?.id);
+    }
+    let mut most = 0;
+    let mut done = 0;
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    while done < ids.len() {
+        anyhow::ensure!(std::time::Instant::now() < deadline, "burst did not finish: {done} of {}", ids.len());
+        let n = running_workers(&shoal, "burst").await.len();
+        assert!(n <= 5, "never more than max workers: {n}");
+        most = most.max(n);
+        done = 0;
+        for id in &ids {
+            let s = shoal.api.status(&JobRef { endpoint: Some("burst".into()), id: id.clone(), wait_ms: 0 }).await?;
+            assert!(!matches!(s.status, JobState::Failed | JobState::TimedOut | JobState::Cancelled), "{s:?}");
+            if s.status == JobState::Completed {
+                done += 1;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(most, 5, "the burst scaled to max");
+    eventually(Duration::from_secs(30), "scale to zero after the idle timeout", || async {
+        running_workers(&shoal, "burst").await.is_empty().then_some(())
+    })
+    .await?;
+    shoal.stop().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queue_delay_waits_for_the_delay_and_low_priority_alone_never_scales_up() -> Result<()> {
+    let shoal = Shoal::start().await?;
+    shoal.api.create_endpoint(&autoscaled("lazy", ScalerKind::QueueDelay, 1.5, 2)?).await?;
+    shoal.api.create_endpoint(&autoscaled("low", ScalerKind::RequestCount, 1.0, 2)?).await?;
+
+    // low priority on an endpoint at zero: nothing starts, the job waits
+    let mut low = run_req("low", json!({"low": true}));
+    low.policy = Some(PolicyRequest { low_priority: true, ..Default::default() });
+    let low = shoal.api.run(&low).await?;
+
+    let mut req = run_req("lazy", json!({"x": 1}));
+    req.wait_ms = 60_000;
+    let done = shoal.api.run(&req).await?;
+    assert_eq!(done.status, JobState::Completed, "{done:?}");
+    let delay = done.delay_time_ms.context("delay")?;
+    assert!(delay >= 1_500, "QUEUE_DELAY starts a worker only once the job waited past the value: {delay} ms");
+
+    assert!(running_workers(&shoal, "low").await.is_empty(), "low-priority jobs alone never scale up from zero");
+    let s = shoal.api.status(&JobRef { endpoint: Some("low".into()), id: low.id.clone(), wait_ms: 0 }).await?;
+    assert_eq!(s.status, JobState::InQueue);
+    // a normal job brings a worker, which then also serves the low-priority one
+    let mut normal = run_req("low", json!({"normal": true}));
+    normal.wait_ms = 60_000;
+    assert_eq!(shoal.api.run(&normal).await?.status, JobState::Completed);
+    let s = shoal.api.status(&JobRef { endpoint: Some("low".into()), id: low.id, wait_ms: 30_000 }).await?;
+    assert_eq!(s.status, JobState::Completed);
+    shoal.stop().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_land_on_the_highest_priority_gpu_type_then_the_next_then_throttle() -> Result<()> {
+    let shoal = Shoal::start_with(ControlConfig { tick_ms: 100, ..Default::default() }, |h| {
+        h.fake_gpus = Some("NVIDIA H200:1".into())
+    })
+    .await?;
+    let second =
+        start_host(&shoal.nats, shoal.state_dir.path(), "a100-host", |h| h.fake_gpus = Some("NVIDIA A100:2".into()))
+            .await?;
+    let h200 = shoal.host.as_ref().map(|h| h.id.clone()).context("host")?;
+    let mut spec = autoscaled("gpu", ScalerKind::RequestCount, 1.0, 4)?;
+    spec.gpu_types = vec!["NVIDIA H200".into(), "NVIDIA A100".into()];
+    shoal.api.create_endpoint(&spec).await?;
+    for n in 0..4 {
+        shoal.api.run(&run_req("gpu", json!({"sleep_ms": 20_000, "n": n}))).await?;
+    }
+    let workers = eventually(Duration::from_secs(60), "3 placed and 1 throttled", || async {
+        let w = shoal.api.workers(Some("gpu")).await.ok()?.workers;
+        let placed = w
+            .iter()
+            .filter(|w| matches!(w.state, WorkerState::Running | WorkerState::Idle | WorkerState::Initializing))
+            .count();
+        let throttled = w.iter().filter(|w| w.state == WorkerState::Throttled).count();
+        (placed == 3 && throttled == 1).then_some(w)
+    })
+    .await?;
+    let on: Vec<&str> = workers.iter().filter(|w| w.state != WorkerState::Throttled).map(|w| w.host.as_str()).collect();
+    assert_eq!(on.iter().filter(|h| **h == h200).count(), 1, "one on the H200 host");
+    assert_eq!(on.iter().filter(|h| **h == "a100-host").count(), 2, "the rest on the A100 host");
+    let throttled = workers.iter().find(|w| w.state == WorkerState::Throttled).context("throttled")?;
+    assert!(throttled.reason.as_deref().unwrap_or_default().contains("no capacity"), "{throttled:?}");
+    let health = shoal.api.health("gpu").await?;
+    assert_eq!(health.workers.throttled, 1);
+    second.stop().await;
+    shoal.stop().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rolling_update_replaces_workers_one_at_a_time_without_failing_a_job() -> Result<()> {
+    let shoal = Shoal::start().await?;
+    let mut spec = rust_endpoint("roll")?;
+    spec.workers_min = 10;
+    spec.workers_max = 10;
+    spec.scaler = ScalerKind::RequestCount;
+    shoal.api.create_endpoint(&spec).await?;
+    eventually(Duration::from_secs(60), "10 workers idle", || async {
+        let w = running_workers(&shoal, "roll").await;
+        (w.iter().filter(|w| w.state == WorkerState::Idle).count() == 10).then_some(())
+    })
+    .await?;
+    let v1: HashSet<String> = running_workers(&shoal, "roll").await.into_iter().map(|w| w.id).collect();
+
+    // keep jobs flowing through the update
+    let api = shoal.api.clone();
+    let load = tokio::spawn(async move {
+        let mut ids = Vec::new();
+        for n in 0..60 {
+            if let Ok(s) = api.run(&run_req("roll", json!({"sleep_ms": 300, "n": n}))).await {
+                ids.push(s.id);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        ids
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    spec.env.insert("RELEASE".into(), "2".into());
+    let updated = shoal.api.apply_endpoint(&spec).await?;
+    assert_eq!(updated.version, 2);
+
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        let w = running_workers(&shoal, "roll").await;
+        assert!(w.len() <= 10, "never above max: {}", w.len());
+        let draining = w.iter().filter(|w| w.state == WorkerState::Outdated).count();
+        assert!(draining <= 1, "replaced one at a time (10 % of max 10): {draining} draining");
+        if w.len() == 10 && w.iter().all(|w| w.spec_version == 2) {
+            break;
+        }
+        anyhow::ensure!(std::time::Instant::now() < deadline, "rollout did not finish");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let health = shoal.api.health("roll").await?;
+    assert_eq!((health.rollout.workers_on_latest, health.rollout.workers_total), (10, 10));
+    let v2: HashSet<String> = running_workers(&shoal, "roll").await.into_iter().map(|w| w.id).collect();
+    assert!(v1.is_disjoint(&v2), "every worker was replaced");
+    for id in load.await? {
+        let s = shoal.api.status(&JobRef { endpoint: Some("roll".into()), id, wait_ms: 60_000 }).await?;
+        assert_eq!(s.status, JobState::Completed, "no job fails during the update: {s:?}");
+    }
+    shoal.stop().await;
+    Ok(())
+}
