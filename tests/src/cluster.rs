@@ -7,6 +7,7 @@ use anyhow::Result;
 use shoal_actors::control::{self, ControlConfig, ControlHandle};
 use shoal_actors::host::{self, HostConfig, HostHandle};
 use shoal_actors::nats::Nats;
+use shoal_actors::runtime::Runtime;
 use shoal_actors::runtime::process::ProcessRuntime;
 
 use crate::fast_host_config;
@@ -24,8 +25,19 @@ pub async fn start_host(
     id: &str,
     tweak: impl FnOnce(&mut HostConfig),
 ) -> Result<HostHandle> {
+    start_host_with(nats, state_dir, id, Arc::new(ProcessRuntime), tweak).await
+}
+
+/// A host with the given runtime.
+pub async fn start_host_with(
+    nats: &Nats,
+    state_dir: &std::path::Path,
+    id: &str,
+    runtime: Arc<dyn Runtime>,
+    tweak: impl FnOnce(&mut HostConfig),
+) -> Result<HostHandle> {
     let mut config = fast_host_config(state_dir);
     config.id = Some(id.to_string());
     tweak(&mut config);
-    Ok(host::start(nats.clone(), config, Arc::new(ProcessRuntime)).await?)
+    Ok(host::start(nats.clone(), config, runtime).await?)
 }

@@ -16,6 +16,9 @@ use crate::blobs::BlobError;
 use crate::clock::now_ms;
 use crate::jobs::JobStore;
 
+/// How often an idle worker's long-poll looks at the low-priority queue.
+const LOW_PRIORITY_CHECK: Duration = Duration::from_secs(5);
+
 /// A job taken for a worker: what the worker gets, the record as written, and the delivery.
 pub struct TakenJob {
     pub job: WorkerJob,
@@ -46,8 +49,9 @@ pub async fn fetch_and_take(
             msgs = drain(consumers.1.fetch().max_messages(max).messages().await.ok()).await;
         }
         if msgs.is_empty() {
-            // wait for a normal job; wake at least every second to look at the low queue
-            let wait = remaining.min(Duration::from_secs(1));
+            // wait for a normal job; wake every few seconds to look at the low queue (an idle
+            // worker costs JetStream one pull per wake, so not more often)
+            let wait = remaining.min(LOW_PRIORITY_CHECK);
             match consumers.0.batch().max_messages(max).expires(wait).messages().await {
                 Ok(b) => msgs = drain(Some(b)).await,
                 Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,

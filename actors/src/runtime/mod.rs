@@ -2,6 +2,7 @@
 //! gets a [`WorkerHandle`] to kill it and learn when it exits; it never knows which runtime
 //! it talks to. [`process`] runs a local command (for `shoal dev` and tests); Docker comes next.
 
+pub mod fake;
 pub mod process;
 
 use std::collections::BTreeMap;

@@ -1,0 +1,109 @@
+//! The fake runtime: no process at all. Each worker is a task in the host's process that
+//! speaks the worker protocol to the bridge like a real worker, after a configurable start
+//! latency, and "runs" each job by sleeping (the configured job duration, or the job's own
+//! `sleep_ms`) and echoing its input. It lets one machine simulate thousands of workers, for
+//! the scaler and placement at fleet size.
+
+use std::time::Duration;
+
+use serde::Deserialize;
+use serde_json::{Value, json};
+use tokio::sync::oneshot;
+
+use super::{BoxFuture, Exit, Launch, Runtime, StartWorkerError, WorkerHandle};
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FakeRuntime {
+    /// From start to the first job-take.
+    pub start_latency_ms: u64,
+    /// How long a job runs when its input has no `sleep_ms`.
+    pub job_duration_ms: u64,
+}
+
+impl Default for FakeRuntime {
+    fn default() -> Self {
+        FakeRuntime { start_latency_ms: 200, job_duration_ms: 100 }
+    }
+}
+
+impl Runtime for FakeRuntime {
+    fn name(&self) -> &'static str {
+        "fake"
+    }
+
+    fn start(&self, launch: Launch) -> BoxFuture<'_, Result<WorkerHandle, StartWorkerError>> {
+        let cfg = self.clone();
+        Box::pin(async move {
+            let env = |k: &str| launch.env.get(k).cloned().unwrap_or_default();
+            let worker = FakeWorker {
+                take_url: env("RUNPOD_WEBHOOK_GET_JOB"),
+                done_url: env("RUNPOD_WEBHOOK_POST_OUTPUT"),
+                token: env("RUNPOD_AI_API_KEY"),
+                http: reqwest::Client::new(),
+                cfg,
+            };
+            let (kill_tx, kill_rx) = oneshot::channel::<()>();
+            let (exit_tx, exit_rx) = oneshot::channel::<Exit>();
+            tokio::spawn(async move {
+                let description = tokio::select! {
+                    _ = kill_rx => "killed".to_string(),
+                    e = worker.run() => e,
+                };
+                let _ = exit_tx.send(Exit { code: None, description, log_tail: String::new() });
+            });
+            Ok(WorkerHandle::new(format!("fake:{}", launch.worker_id), kill_tx, exit_rx))
+        })
+    }
+}
+
+struct FakeWorker {
+    take_url: String,
+    done_url: String,
+    token: String,
+    http: reqwest::Client,
+    cfg: FakeRuntime,
+}
+
+impl FakeWorker {
+    /// Takes and runs jobs until the bridge stops answering; returns why it ended.
+    async fn run(self) -> String {
+        tokio::time::sleep(Duration::from_millis(self.cfg.start_latency_ms)).await;
+        let mut failures = 0;
+        loop {
+            let resp = self
+                .http
+                .get(format!("{}&job_in_progress=0", self.take_url))
+                .header("Authorization", &self.token)
+                .send()
+                .await;
+            let job: Value = match resp {
+                Ok(r) if r.status() == reqwest::StatusCode::OK => match r.json().await {
+                    Ok(v) => v,
+                    Err(_) => continue,
+                },
+                Ok(r) if r.status().is_success() => {
+                    failures = 0;
+                    continue;
+                }
+                Ok(r) => return format!("job-take answered {}", r.status()),
+                Err(e) => {
+                    failures += 1;
+                    if failures > 3 {
+                        return format!("bridge unreachable: {e}");
+                    }
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    continue;
+                }
+            };
+            failures = 0;
+            let id = job.get("id").and_then(Value::as_str).unwrap_or_default().to_string();
+            let input = job.get("input").cloned().unwrap_or(Value::Null);
+            let ms = input.get("sleep_ms").and_then(Value::as_u64).unwrap_or(self.cfg.job_duration_ms);
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+            let url = format!("{}&isStream=false", self.done_url.replace("$ID", &id));
+            let _ =
+                self.http.post(url).header("Authorization", &self.token).json(&json!({ "output": input })).send().await;
+        }
+    }
+}
