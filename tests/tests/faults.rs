@@ -23,6 +23,7 @@ fn run_req(endpoint: &str, input: serde_json::Value) -> RunRequest {
         idempotency_key: None,
         wait_ms: 0,
         sync: false,
+        input_ref: None,
     }
 }
 
@@ -105,6 +106,17 @@ async fn a_handler_crashing_at_start_backs_off_turns_unhealthy_and_recovers() ->
     assert!(reason.contains("crashing at start"), "the reason carries the log tail: {reason}");
     let listed = shoal.api.workers(Some("crashy")).await?;
     assert!(listed.workers.iter().any(|w| w.state == WorkerState::Unhealthy));
+    // the queued job says why it waits
+    let why = eventually(Duration::from_secs(10), "the waiting reason names the crash loop", || async {
+        let s = shoal
+            .api
+            .status(&JobRef { endpoint: Some("crashy".into()), id: queued.id.clone(), wait_ms: 0 })
+            .await
+            .ok()?;
+        s.waiting_reason.filter(|r| r.contains("crash-looping"))
+    })
+    .await?;
+    assert!(why.contains("crashing at start"), "{why}");
 
     // the handler is fixed: the next restart works, the worker turns idle and runs the job
     std::fs::remove_file(&marker)?;

@@ -7,6 +7,7 @@
 //! API of any replica forwards.
 
 use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_nats::jetstream::kv;
@@ -23,6 +24,7 @@ use shoal_protocol::lifecycle;
 use super::hosts::HostDirectory;
 use super::scaler::{ScalerActor, ScalerArgs, ScalerMsg};
 use super::scaling::Demand;
+use super::waiting::Fleet;
 use crate::clock::now_ms;
 use crate::jobs::{Applied, JobStore, decode};
 use crate::nats::Nats;
@@ -93,8 +95,10 @@ impl Actor for EndpointActor {
             }
         });
         myself.send_interval(args.tick, || EndpointMsg::Tick);
+        let fleet = Arc::new(Mutex::new(Fleet::default()));
         let queries =
-            Box::pin(serve_owner_queries(&args.nats, &args.spec.id, &args.replica_id, myself.clone())).await?;
+            Box::pin(serve_owner_queries(&args.nats, &args.spec.id, &args.replica_id, myself.clone(), fleet.clone()))
+                .await?;
         let scaler_args = ScalerArgs {
             nats: args.nats.clone(),
             spec: args.spec.clone(),
@@ -102,6 +106,7 @@ impl Actor for EndpointActor {
             endpoint: myself.clone(),
             hosts: args.hosts.clone(),
             tick: Duration::from_millis(1000).min(args.tick * 5),
+            fleet,
         };
         let (scaler, _) = crate::spawn::spawn_linked(ScalerActor, scaler_args, myself.get_cell()).await?;
         tracing::info!(endpoint_id = %args.spec.id, epoch = args.epoch, "endpoint actor started");
@@ -262,6 +267,7 @@ async fn serve_owner_queries(
     endpoint: &str,
     replica_id: &str,
     actor: ActorRef<EndpointMsg>,
+    fleet: Arc<Mutex<Fleet>>,
 ) -> Result<tokio::task::JoinHandle<()>, async_nats::SubscribeError> {
     let mut sub = nats.client.subscribe(nats.names.owner_subject(endpoint, "*")).await?;
     let client = nats.client.clone();
@@ -274,6 +280,10 @@ async fn serve_owner_queries(
             let bytes = match query.as_str() {
                 "health" => match ractor::call!(actor, EndpointMsg::GetCounts) {
                     Ok(counts) => to_msgpack(&(counts, replica_id.clone())),
+                    Err(_) => break,
+                },
+                "waiting" => match fleet.lock() {
+                    Ok(f) => to_msgpack(&*f),
                     Err(_) => break,
                 },
                 "queued" => match ractor::call!(actor, EndpointMsg::GetQueued) {

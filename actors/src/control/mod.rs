@@ -18,6 +18,7 @@ pub mod lease_manager;
 pub mod placement;
 pub mod scaler;
 pub mod scaling;
+pub mod waiting;
 
 use std::time::Duration;
 

@@ -6,6 +6,7 @@
 //! placed as soon as a host has room. Workers of a host that went silent are replaced.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::kv;
@@ -23,6 +24,7 @@ use super::endpoint_actor::EndpointMsg;
 use super::hosts::HostDirectory;
 use super::placement::{HostView, Placement, place};
 use super::scaling::{WorkerView, decide};
+use super::waiting::Fleet;
 use crate::clock::now_ms;
 use crate::nats::Nats;
 
@@ -38,6 +40,8 @@ pub struct ScalerArgs {
     pub endpoint: ActorRef<EndpointMsg>,
     pub hosts: HostDirectory,
     pub tick: Duration,
+    /// Where the scaler leaves its view of the workers for "why is my job waiting".
+    pub fleet: Arc<Mutex<Fleet>>,
 }
 
 pub enum ScalerMsg {
@@ -58,6 +62,7 @@ pub struct ScalerState {
     pending: HashMap<String, Instant>,
     /// Told to stop or drain.
     stopping: HashSet<String>,
+    fleet: Arc<Mutex<Fleet>>,
     watch: tokio::task::JoinHandle<()>,
 }
 
@@ -97,6 +102,7 @@ impl Actor for ScalerActor {
             workers: HashMap::new(),
             pending: HashMap::new(),
             stopping: HashSet::new(),
+            fleet: args.fleet,
             watch,
         })
     }
@@ -177,6 +183,7 @@ impl ScalerState {
             });
         }
         let decision = decide(&self.spec, &demand, &views, now);
+        self.publish_fleet(decision.target);
         for id in &decision.stop {
             self.stop(id, false, "idle timeout").await;
         }
@@ -203,6 +210,30 @@ impl ScalerState {
                 Ok(p) => self.start(&id, p).await,
                 Err(reason) => self.throttle(&id, reason).await,
             }
+        }
+    }
+
+    fn publish_fleet(&self, target: u32) {
+        let mut f = Fleet { target, ..Fleet::default() };
+        for w in self.workers.values() {
+            match w.state {
+                WorkerState::Idle => f.idle += 1,
+                WorkerState::Running | WorkerState::Outdated => f.running += 1,
+                WorkerState::Initializing => f.initializing += 1,
+                WorkerState::Throttled => {
+                    f.throttled += 1;
+                    f.throttled_reason = w.reason.clone();
+                }
+                WorkerState::Unhealthy => {
+                    f.unhealthy += 1;
+                    f.unhealthy_reason = w.reason.clone();
+                }
+                WorkerState::Stopped => {}
+            }
+        }
+        f.initializing += self.pending.keys().filter(|id| !self.workers.contains_key(*id)).count() as u32;
+        if let Ok(mut shared) = self.fleet.lock() {
+            *shared = f;
         }
     }
 
