@@ -1,1 +1,180 @@
-fn main() {}
+//! `shoal`: the one binary of shoal. It runs the process roles (`control`, `host`, or all of
+//! them with a child nats-server in `dev`) and is the command-line client of the NATS API
+//! (`job`, `workers`, `endpoint`).
+//!
+//! This crate is wiring only: configuration, the CLI and process lifetimes. Behaviour lives in
+//! `shoal-actors`, wire types in `shoal-protocol`.
+
+mod cli;
+mod dev;
+mod nats_server;
+mod output;
+mod roles;
+mod settings;
+mod shutdown;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+use crate::cli::{EndpointCommand, JobCommand};
+use crate::settings::{ConfigError, Layers, Settings};
+
+/// Self-hosted serverless jobs with RunPod semantics, over NATS JetStream.
+#[derive(Debug, Parser)]
+#[command(name = "shoal", version, propagate_version = true)]
+struct Cli {
+    /// TOML configuration file (sections nats, topology, control, host).
+    #[arg(long, global = true, value_name = "FILE", env = "SHOAL_CONFIG")]
+    config: Option<PathBuf>,
+    /// NATS server URL [default: nats://127.0.0.1:4222, or nats.url from the configuration].
+    #[arg(long, global = true, value_name = "URL")]
+    nats: Option<String>,
+    /// Prefix of every subject, stream and bucket name [default: shoal].
+    #[arg(long, global = true)]
+    prefix: Option<String>,
+    /// Log as JSON lines (the filter comes from RUST_LOG).
+    #[arg(long, global = true)]
+    log_json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run everything on this machine: a child nats-server, a control plane and a host (with
+    /// the process runtime unless host.runtime.kind says otherwise), with the endpoints of a file.
+    Dev(dev::DevArgs),
+    /// Run a control plane (the NATS API service and the endpoint actors) until Ctrl-C.
+    Control,
+    /// Run a host (workers, their supervisor and the worker bridge) until Ctrl-C; the runtime
+    /// is host.runtime.kind (process, docker or fake).
+    Host,
+    /// Submit and follow jobs.
+    #[command(subcommand)]
+    Job(JobCommand),
+    /// List workers: state, host, restarts, current jobs and how they started; `workers logs
+    /// WORKER [--follow]` prints a worker's log.
+    Workers(cli::WorkersArgs),
+    /// Create, update, read and delete endpoints.
+    #[command(subcommand)]
+    Endpoint(EndpointCommand),
+}
+
+impl Command {
+    /// Servers log at info by default; client commands only print their result.
+    fn default_log_filter(&self) -> &'static str {
+        match self {
+            Command::Dev(_) | Command::Control | Command::Host => "info,async_nats=warn",
+            _ => "warn",
+        }
+    }
+}
+
+fn init_logging(json: bool, default_filter: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_json, cli.command.default_log_filter());
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(code) => code,
+        Err(e) if output::is_broken_pipe(&e) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            if e.downcast_ref::<ConfigError>().is_some() { ExitCode::from(2) } else { ExitCode::FAILURE }
+        }
+    }
+}
+
+/// Loads the configuration: defaults, then `--config`, then `SHOAL_*`, then the flags.
+fn load_settings(cli: &Cli, defaults: Vec<(&'static str, String)>) -> Result<Settings, ConfigError> {
+    let mut flags = Vec::new();
+    if let Some(url) = &cli.nats {
+        flags.push(("nats.url", url.clone()));
+    }
+    if let Some(prefix) = &cli.prefix {
+        flags.push(("nats.prefix", prefix.clone()));
+    }
+    Settings::load(Layers { defaults, file: cli.config.as_deref(), env: std::env::vars().collect(), flags })
+}
+
+async fn run(cli: Cli) -> Result<ExitCode> {
+    match &cli.command {
+        Command::Dev(args) => {
+            let settings = load_settings(&cli, dev::default_settings(args))?;
+            if cli.nats.is_some() {
+                tracing::warn!("--nats is ignored by shoal dev: it runs its own nats-server (see --nats-port)");
+            }
+            dev::run(settings, args).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Control => {
+            roles::control(load_settings(&cli, vec![])?).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Host => {
+            roles::host(load_settings(&cli, vec![])?).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Job(cmd) => cli::job(&load_settings(&cli, vec![])?, cmd).await,
+        Command::Workers(args) => cli::workers_command(&load_settings(&cli, vec![])?, args).await,
+        Command::Endpoint(cmd) => cli::endpoint(&load_settings(&cli, vec![])?, cmd).await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_cli_is_well_formed() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn job_run_parses_its_options() {
+        let cli = Cli::try_parse_from([
+            "shoal",
+            "--prefix",
+            "p1",
+            "job",
+            "run",
+            "echo-py",
+            r#"{"a":1}"#,
+            "--low-priority",
+            "--ttl-ms",
+            "5000",
+            "--idempotency-key",
+            "k1",
+        ])
+        .expect("parses");
+        assert_eq!(cli.prefix.as_deref(), Some("p1"));
+        let Command::Job(JobCommand::Run(run)) = cli.command else { panic!("not job run") };
+        assert_eq!(run.endpoint, "echo-py");
+        assert!(run.low_priority && !run.r#async);
+        assert_eq!(run.ttl_ms, Some(5000));
+        assert_eq!(run.idempotency_key.as_deref(), Some("k1"));
+    }
+}

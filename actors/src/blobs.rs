@@ -79,7 +79,7 @@ impl Blobs {
             object_store::GetErrorKind::NotFound => BlobError::NotFound(name.to_string()),
             _ => BlobError::Unavailable(format!("cannot read {name}: {e}")),
         })?;
-        let mut buf = Vec::with_capacity(usize::try_from(object.info().size).unwrap_or(0));
+        let mut buf = Vec::with_capacity(object.info().size.min(64 * 1024 * 1024));
         object.read_to_end(&mut buf).await.map_err(|e| BlobError::Unavailable(format!("cannot read {name}: {e}")))?;
         Ok(Bytes::from(buf))
     }

@@ -102,7 +102,7 @@ fn hex(bytes: &[u8]) -> String {
 }
 
 fn unhex(s: &str) -> Option<Vec<u8>> {
-    if s.len() % 2 != 0 {
+    if !s.len().is_multiple_of(2) {
         return None;
     }
     (0..s.len()).step_by(2).map(|i| s.get(i..i + 2).and_then(|h| u8::from_str_radix(h, 16).ok())).collect()
@@ -178,7 +178,8 @@ async fn run(ctx: Arc<Ctx>, consumer: async_nats::jetstream::consumer::PullConsu
     // dropped (and its calls aborted) when the dispatcher is stopped
     let mut calls = JoinSet::new();
     loop {
-        let mut messages = match consumer.messages().await {
+        // pull no more than can be called at once, so an event never waits here past its ack wait
+        let mut messages = match consumer.stream().max_messages_per_batch(ctx.config.concurrency).messages().await {
             Ok(m) => m,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot pull webhook events; retrying");

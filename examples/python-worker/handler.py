@@ -12,13 +12,14 @@ import asyncio
 import os
 import sys
 
-import runpod
-
 # Simulate a worker that crashes while loading, before the SDK starts (supervision tests).
+# Checked before importing runpod, which alone takes about 2 s.
 _crash_path = os.environ.get("SHOAL_EXAMPLE_CRASH_IF_EXISTS")
 if _crash_path and os.path.exists(_crash_path):
     print(f"shoal example worker: {_crash_path} exists, crashing at start", file=sys.stderr)
     sys.exit(1)
+
+import runpod  # noqa: E402
 
 
 async def handler(job):

@@ -100,6 +100,9 @@ pub struct JobStatus {
     /// What became of the webhook call, once made.
     #[serde(default)]
     pub webhook_delivery: Option<WebhookDelivery>,
+    /// For a queued job: why it still waits (no worker yet, throttled, at max, crash loop...).
+    #[serde(default)]
+    pub waiting_reason: Option<String>,
 }
 
 impl From<&JobRecord> for JobStatus {
@@ -117,6 +120,7 @@ impl From<&JobRecord> for JobStatus {
             worker_id: r.worker_id.clone(),
             output_ref: r.output_ref.clone(),
             webhook_delivery: r.webhook_delivery.clone(),
+            waiting_reason: None,
         }
     }
 }

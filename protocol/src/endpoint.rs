@@ -79,9 +79,19 @@ pub struct EndpointSpec {
     pub execution_timeout_ms: u64,
     #[serde(default = "d_true")]
     pub flashboot: bool,
-    /// Volumes as `source:target` (the network volume goes to `/runpod-volume`).
+    /// Volumes as `source:target` (Docker: a host path or a named volume, `:ro` allowed).
     #[serde(default)]
     pub volumes: Vec<String>,
+    /// The endpoint's network volume (Docker: a named volume or a host path), mounted at
+    /// `/runpod-volume` as on RunPod.
+    #[serde(default)]
+    pub network_volume: Option<String>,
+    /// Memory limit of each worker (Docker); none = no limit.
+    #[serde(default)]
+    pub memory_mb: Option<u64>,
+    /// CPU limit of each worker, in CPUs (`1.5` = one and a half; Docker); none = no limit.
+    #[serde(default)]
+    pub cpus: Option<f64>,
     /// Jobs one worker may run at once (a hint; the SDK's concurrency_modifier decides).
     #[serde(default = "d_concurrency")]
     pub concurrency: u32,
@@ -115,6 +125,9 @@ impl EndpointSpec {
             execution_timeout_ms: d_execution_timeout_ms(),
             flashboot: true,
             volumes: vec![],
+            network_volume: None,
+            memory_mb: None,
+            cpus: None,
             concurrency: d_concurrency(),
             max_attempts: d_max_attempts(),
             queue_limit: None,
@@ -177,6 +190,15 @@ impl EndpointSpec {
                 return bad("volumes", format!("{v:?} must be `source:target`"));
             }
         }
+        if self.network_volume.as_deref().is_some_and(|v| v.trim().is_empty() || v.contains(':')) {
+            return bad("network_volume", "must be a volume name or an absolute path, without `:`".into());
+        }
+        if self.memory_mb.is_some_and(|m| m < 6) {
+            return bad("memory_mb", "must be at least 6 (Docker's minimum)".into());
+        }
+        if self.cpus.is_some_and(|c| !(0.01..=1024.0).contains(&c)) {
+            return bad("cpus", format!("{} is outside 0.01..=1024", self.cpus.unwrap_or_default()));
+        }
         Ok(())
     }
 }
@@ -215,5 +237,16 @@ mod tests {
         let mut s = EndpointSpec::with_command("ep", "true");
         s.scaler_value = f64::NAN;
         assert!(s.validate().expect_err("nan").message.contains("scaler_value"));
+        let mut s = EndpointSpec::with_command("ep", "true");
+        s.cpus = Some(0.0);
+        assert!(s.validate().expect_err("no cpu").message.contains("cpus"));
+        s.cpus = Some(1.5);
+        s.memory_mb = Some(1);
+        assert!(s.validate().expect_err("tiny memory").message.contains("memory_mb"));
+        s.memory_mb = Some(512);
+        s.network_volume = Some("a:b".into());
+        assert!(s.validate().expect_err("colon").message.contains("network_volume"));
+        s.network_volume = Some("models".into());
+        s.validate().expect("limits and a network volume are valid");
     }
 }

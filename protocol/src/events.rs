@@ -32,6 +32,9 @@ pub struct WorkerEvent {
     #[serde(default)]
     pub backoff_ms: Option<u64>,
     pub at_ms: u64,
+    /// The phases of the worker's current start, as far as they went (warm or cold).
+    #[serde(default)]
+    pub start: Option<crate::worker::StartPhases>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -16,6 +16,12 @@ pub struct Gpu {
     /// The worker this GPU is given to, if any.
     #[serde(default)]
     pub worker_id: Option<String>,
+    /// GPU utilization in percent at the last heartbeat, where the driver reports it.
+    #[serde(default)]
+    pub utilization_pct: Option<u32>,
+    /// Why the GPU is unhealthy (an NVML error, uncorrected ECC errors, ...).
+    #[serde(default)]
+    pub error: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -85,4 +91,33 @@ pub struct StopJob {
     pub job_id: String,
     pub worker_id: String,
     pub reason: String,
+}
+
+/// Ask a host for a worker's log, request/reply on
+/// [`crate::names::Names::host_worker_logs_subject`]. The reply is a [`WorkerLogs`] with the
+/// last `lines` lines. With `follow_to`, the host then sends every new batch of lines as a
+/// request to that subject (the asker answers each with an empty message) until the worker's
+/// log ends, or nobody answers: the asker went away.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GetWorkerLogs {
+    pub endpoint: String,
+    pub worker_id: String,
+    /// How many of the last lines to send; 0 means 100.
+    #[serde(default)]
+    pub lines: u32,
+    #[serde(default)]
+    pub follow_to: Option<String>,
+}
+
+/// Lines of a worker's log (stdout and stderr interleaved), oldest first.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkerLogs {
+    #[serde(default)]
+    pub lines: Vec<String>,
+    /// Nothing more follows: the log ended (the worker stopped) or nothing was followed.
+    #[serde(default)]
+    pub end: bool,
+    /// Why there is no log (unknown worker, the runtime failed).
+    #[serde(default)]
+    pub error: Option<String>,
 }

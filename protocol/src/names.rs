@@ -252,6 +252,10 @@ impl Names {
     pub fn host_stop_worker_subject(&self, host: &str) -> String {
         format!("{}.{API_VERSION}.host.{host}.worker.stop", self.prefix)
     }
+    /// Query to a host: a worker's log lines (request/reply, see [`crate::host::GetWorkerLogs`]).
+    pub fn host_worker_logs_subject(&self, host: &str) -> String {
+        format!("{}.{API_VERSION}.host.{host}.worker.logs", self.prefix)
+    }
     /// Queries answered by the control replica owning an endpoint: `health`, `queued`.
     pub fn owner_subject(&self, endpoint: &str, query: &str) -> String {
         format!("{}.{API_VERSION}.owner.{endpoint}.{query}", self.prefix)
@@ -362,6 +366,7 @@ mod tests {
         assert_eq!(n.job_subject("ep1", Priority::Low), "shoal.jobs.ep1.low");
         assert_eq!(n.api_subject(op::JOB_RUN), "shoal.v1.api.job.run");
         assert_eq!(n.host_stop_job_subject("h1"), "shoal.v1.host.h1.job.stop");
+        assert_eq!(n.host_worker_logs_subject("h1"), "shoal.v1.host.h1.worker.logs");
         assert_eq!(n.keys_bucket(), "shoal-keys");
         assert_eq!(n.blobs_bucket(), "shoal-blobs");
         assert_eq!(n.blob_input("j1"), "j1/input");

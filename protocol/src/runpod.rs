@@ -25,6 +25,27 @@ pub struct RunBody {
     pub s3_config: Option<Value>,
 }
 
+impl RunBody {
+    /// Reads a body, naming the field at fault: not an object, a `webhook` that is not a
+    /// string, a `policy` field of the wrong type.
+    pub fn from_json(body: Value) -> Result<RunBody, String> {
+        let Value::Object(mut map) = body else {
+            return Err(r#"the body must be a JSON object with an "input", e.g. {"input": {}}"#.into());
+        };
+        let mut field = |name: &str| map.remove(name).filter(|v| !v.is_null());
+        let input = field("input");
+        let webhook =
+            field("webhook").map(|v| serde_json::from_value(v).map_err(|e| format!("webhook: {e}"))).transpose()?;
+        let policy =
+            field("policy").map(|v| serde_json::from_value(v).map_err(|e| format!("policy: {e}"))).transpose()?;
+        let s3_config = field("s3Config");
+        if s3_config.as_ref().is_some_and(|v| !v.is_object()) {
+            return Err("s3Config: must be an object (accessId, accessSecret, bucketName, endpointUrl)".into());
+        }
+        Ok(RunBody { input, webhook, policy, s3_config })
+    }
+}
+
 /// `policy` of a run request: milliseconds.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -184,6 +205,17 @@ mod tests {
     }
 
     #[test]
+    fn a_bad_run_body_names_the_field_at_fault() {
+        let ok = RunBody::from_json(json!({"input": 1, "policy": {"lowPriority": true}, "webhook": null})).expect("ok");
+        assert_eq!((ok.input, ok.webhook), (Some(json!(1)), None));
+        assert!(RunBody::from_json(json!([1])).expect_err("array").contains("JSON object"));
+        assert!(RunBody::from_json(json!({"input": 1, "webhook": 5})).expect_err("webhook").starts_with("webhook:"));
+        let e = RunBody::from_json(json!({"input": 1, "policy": {"ttl": "soon"}})).expect_err("ttl");
+        assert!(e.starts_with("policy:"), "{e}");
+        assert!(RunBody::from_json(json!({"input": 1, "s3Config": "x"})).expect_err("s3").starts_with("s3Config"));
+    }
+
+    #[test]
     fn the_envelope_is_camel_case_and_omits_what_a_state_lacks() {
         let status = JobStatus {
             id: "j".into(),
@@ -198,6 +230,7 @@ mod tests {
             worker_id: Some("w1".into()),
             output_ref: None,
             webhook_delivery: None,
+            waiting_reason: None,
         };
         let v = serde_json::to_value(Envelope::from(&status)).expect("encode");
         assert_eq!(

@@ -61,4 +61,69 @@ pub struct WorkerRecord {
     pub updated_at_ms: u64,
     #[serde(default)]
     pub jobs_done: u64,
+    /// How the current incarnation started: warm or cold, and the time of each phase.
+    #[serde(default)]
+    pub start: Option<StartPhases>,
+}
+
+/// How one start of a worker went: a warm start reuses a stopped container of the same
+/// endpoint version (FlashBoot); a cold one pulls the image if missing and creates one. Phase
+/// times are in milliseconds; a phase that did not happen (no pull, a warm start's create) is
+/// `None`. The first ping and first job are counted from the start request.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StartPhases {
+    #[serde(default)]
+    pub warm: bool,
+    #[serde(default)]
+    pub pull_ms: Option<u64>,
+    #[serde(default)]
+    pub create_ms: Option<u64>,
+    #[serde(default)]
+    pub start_ms: Option<u64>,
+    #[serde(default)]
+    pub first_ping_ms: Option<u64>,
+    #[serde(default)]
+    pub first_job_ms: Option<u64>,
+}
+
+impl StartPhases {
+    /// `warm: start 120ms, ping 0.9s, job 1.2s` (phases that happened, in order).
+    pub fn summary(&self) -> String {
+        let phases = [
+            ("pull", self.pull_ms),
+            ("create", self.create_ms),
+            ("start", self.start_ms),
+            ("ping", self.first_ping_ms),
+            ("job", self.first_job_ms),
+        ];
+        let parts: Vec<String> =
+            phases.iter().filter_map(|(name, ms)| ms.map(|ms| format!("{name} {}", human_ms(ms)))).collect();
+        let kind = if self.warm { "warm" } else { "cold" };
+        if parts.is_empty() { kind.to_string() } else { format!("{kind}: {}", parts.join(", ")) }
+    }
+}
+
+fn human_ms(ms: u64) -> String {
+    if ms < 1000 { format!("{ms}ms") } else { format!("{:.1}s", ms as f64 / 1000.0) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn start_summaries_name_the_phases_that_happened() {
+        let cold = StartPhases {
+            warm: false,
+            pull_ms: Some(2500),
+            create_ms: Some(40),
+            start_ms: Some(120),
+            first_ping_ms: None,
+            first_job_ms: Some(1300),
+        };
+        assert_eq!(cold.summary(), "cold: pull 2.5s, create 40ms, start 120ms, job 1.3s");
+        let warm = StartPhases { warm: true, start_ms: Some(90), ..StartPhases::default() };
+        assert_eq!(warm.summary(), "warm: start 90ms");
+        assert_eq!(StartPhases::default().summary(), "cold");
+    }
 }

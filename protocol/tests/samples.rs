@@ -12,10 +12,10 @@ use shoal_protocol::api::*;
 use shoal_protocol::codec::{from_msgpack, to_msgpack};
 use shoal_protocol::endpoint::EndpointSpec;
 use shoal_protocol::events::{HostEvent, JobEvent, WebhookEvent, WorkerEvent};
-use shoal_protocol::host::{Gpu, HostRecord, StopJob};
+use shoal_protocol::host::{GetWorkerLogs, Gpu, HostRecord, StopJob, WorkerLogs};
 use shoal_protocol::job::*;
 use shoal_protocol::keys::ApiKeyRecord;
-use shoal_protocol::worker::{WorkerRecord, WorkerState};
+use shoal_protocol::worker::{StartPhases, WorkerRecord, WorkerState};
 use shoal_protocol::{ApiError, ErrorCode};
 
 fn record() -> JobRecord {
@@ -146,6 +146,7 @@ fn every_message_sample_still_decodes() {
         started_at_ms: 1,
         updated_at_ms: 2,
         jobs_done: 9,
+        start: None,
     };
     check("worker_record", worker.clone());
     check("worker_list", WorkerList { workers: vec![worker] });
@@ -163,6 +164,8 @@ fn every_message_sample_still_decodes() {
                 memory_mb: 141_000,
                 healthy: true,
                 worker_id: None,
+                utilization_pct: None,
+                error: None,
             }],
             bridge_url: "http://127.0.0.1:1".into(),
             workers: 1,
@@ -200,6 +203,7 @@ fn every_message_sample_still_decodes() {
             failures: 0,
             backoff_ms: Some(250),
             at_ms: 6,
+            start: None,
         },
     );
     check("host_event", HostEvent { host: "h".into(), event: "started".into(), at_ms: 7 });
@@ -227,6 +231,78 @@ fn every_message_sample_still_decodes() {
             endpoints: vec!["echo".into()],
             created_at_ms: 9,
         },
+    );
+}
+
+/// Samples of the messages added with the Docker runtime (start phases, GPU health, logs).
+#[test]
+fn docker_runtime_message_samples_still_decode() {
+    let phases = StartPhases {
+        warm: true,
+        pull_ms: None,
+        create_ms: None,
+        start_ms: Some(120),
+        first_ping_ms: Some(900),
+        first_job_ms: Some(1100),
+    };
+    check(
+        "worker_record_with_start",
+        WorkerRecord {
+            id: "w-2".into(),
+            endpoint: "echo".into(),
+            host: "h-1".into(),
+            state: WorkerState::Idle,
+            reason: None,
+            spec_version: 4,
+            current_jobs: vec![],
+            runtime_ref: Some("docker:0123456789ab".into()),
+            restarts: 1,
+            failures: 0,
+            started_at_ms: 1,
+            updated_at_ms: 2,
+            jobs_done: 3,
+            start: Some(phases.clone()),
+        },
+    );
+    check(
+        "worker_event_with_start",
+        WorkerEvent {
+            worker_id: "w".into(),
+            endpoint: "e".into(),
+            host: "h".into(),
+            state: WorkerState::Idle,
+            reason: None,
+            restarts: 0,
+            failures: 0,
+            backoff_ms: None,
+            at_ms: 6,
+            start: Some(phases),
+        },
+    );
+    check(
+        "gpu_with_health",
+        Gpu {
+            name: "NVIDIA H200".into(),
+            uuid: "GPU-2".into(),
+            memory_mb: 143_771,
+            healthy: false,
+            worker_id: Some("w-2".into()),
+            utilization_pct: Some(87),
+            error: Some("3 uncorrected ECC errors".into()),
+        },
+    );
+    check(
+        "get_worker_logs",
+        GetWorkerLogs {
+            endpoint: "e".into(),
+            worker_id: "w".into(),
+            lines: 50,
+            follow_to: Some("_INBOX.x".into()),
+        },
+    );
+    check(
+        "worker_logs",
+        WorkerLogs { lines: vec!["started".into(), "took job j".into()], end: true, error: None },
     );
 }
 

@@ -4,6 +4,9 @@
 //!
 //! Each test gets its own server, and its own subject prefix besides, so tests run in parallel.
 
+pub mod cluster;
+pub mod docker;
+
 use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -12,6 +15,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+use serde_json::Value;
 use shoal_actors::client::ApiClient;
 use shoal_actors::control::{self, ControlConfig, ControlHandle};
 use shoal_actors::host::backoff::BackoffPolicy;
@@ -167,6 +171,11 @@ pub fn test_prefix() -> String {
     format!("t{}x{}", std::process::id(), PREFIX_COUNTER.fetch_add(1, Ordering::Relaxed))
 }
 
+/// Short TTLs, so tests see failovers and lost hosts in seconds.
+pub fn fast_topology() -> Topology {
+    Topology { lease_ttl_s: 2, host_ttl_s: 3, ..Topology::default() }
+}
+
 /// Host settings that make tests fast: short holds, pings and ticks.
 pub fn fast_host_config(state_dir: &std::path::Path) -> HostConfig {
     HostConfig {
@@ -211,12 +220,13 @@ impl Shoal {
             .try_init();
         let server = NatsServer::start()?;
         let names = Names::new(&test_prefix())?;
-        let nats = Nats::connect(&server.url, names.clone(), &Topology::default()).await?;
-        let control = control::start(nats.clone(), control_config).await?;
+        let nats = Nats::connect(&server.url, names.clone(), &fast_topology()).await?;
+        // boxed: these futures are large, and test threads have small stacks
+        let control = Box::pin(control::start(nats.clone(), control_config)).await?;
         let state_dir = tempfile::tempdir()?;
         let mut host_config = fast_host_config(state_dir.path());
         tweak_host(&mut host_config);
-        let host = host::start(nats.clone(), host_config, Arc::new(ProcessRuntime)).await?;
+        let host = Box::pin(host::start(nats.clone(), host_config, Arc::new(ProcessRuntime))).await?;
         let api = ApiClient::new(nats.client.clone(), names);
         Ok(Shoal { server, nats, api, control: Some(control), host: Some(host), state_dir })
     }
@@ -266,5 +276,80 @@ where
             bail!("timed out after {timeout:?} waiting for: {what}");
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+// ---- the HTTP gateway ----------------------------------------------------------------------
+
+impl Shoal {
+    /// A gateway on this installation, on a NATS connection of its own (as a separate
+    /// `shoal gateway` process would be), listening on a free port and requiring API keys.
+    pub async fn start_gateway(&self) -> Result<shoal_gateway::GatewayHandle> {
+        self.start_gateway_with(|_| {}).await
+    }
+
+    pub async fn start_gateway_with(
+        &self,
+        tweak: impl FnOnce(&mut shoal_gateway::GatewayConfig),
+    ) -> Result<shoal_gateway::GatewayHandle> {
+        let nats = Nats::connect(&self.server.url, self.nats.names.clone(), &fast_topology()).await?;
+        let mut config = shoal_gateway::GatewayConfig {
+            listen: std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
+            ..shoal_gateway::GatewayConfig::default()
+        };
+        tweak(&mut config);
+        Ok(shoal_gateway::start(nats, config).await?)
+    }
+
+    /// A new API key that may use every endpoint.
+    pub async fn api_key(&self) -> Result<String> {
+        Ok(shoal_gateway::keys::create(&self.nats, "test", &[]).await?.secret)
+    }
+}
+
+/// A client of the gateway's RunPod API that returns every reply as (status, JSON body), so
+/// tests can assert on both.
+#[derive(Clone)]
+pub struct Http {
+    client: reqwest::Client,
+    /// `http://<addr>/v2`
+    pub base: String,
+    /// The `Authorization` header value sent, if any.
+    pub auth: Option<String>,
+}
+
+impl Http {
+    pub fn new(gateway: &shoal_gateway::GatewayHandle, key: Option<&str>) -> Http {
+        Http { client: reqwest::Client::new(), base: gateway.base_url(), auth: key.map(|k| format!("Bearer {k}")) }
+    }
+
+    /// The same gateway with another `Authorization` header value (or none).
+    pub fn with_auth(&self, auth: Option<&str>) -> Http {
+        Http { auth: auth.map(str::to_string), ..self.clone() }
+    }
+
+    /// `method` on `<base><path>` (path starts with `/`), with a raw body.
+    pub async fn send(&self, method: reqwest::Method, path: &str, body: Option<Vec<u8>>) -> Result<(u16, Value)> {
+        let mut req = self.client.request(method, format!("{}{path}", self.base)).timeout(Duration::from_secs(120));
+        if let Some(auth) = &self.auth {
+            req = req.header("Authorization", auth);
+        }
+        if let Some(body) = body {
+            req = req.header("Content-Type", "application/json").body(body);
+        }
+        let resp = req.send().await.with_context(|| format!("request {path}"))?;
+        let status = resp.status().as_u16();
+        let bytes = resp.bytes().await?;
+        let value = serde_json::from_slice(&bytes)
+            .with_context(|| format!("{path}: reply {status} is not JSON: {}", String::from_utf8_lossy(&bytes)))?;
+        Ok((status, value))
+    }
+
+    pub async fn post(&self, path: &str, body: &Value) -> Result<(u16, Value)> {
+        self.send(reqwest::Method::POST, path, Some(serde_json::to_vec(body)?)).await
+    }
+
+    pub async fn get(&self, path: &str) -> Result<(u16, Value)> {
+        self.send(reqwest::Method::GET, path, None).await
     }
 }

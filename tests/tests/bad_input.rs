@@ -42,6 +42,7 @@ fn run_req(endpoint: &str, input: Value) -> RunRequest {
         idempotency_key: None,
         wait_ms: 0,
         sync: false,
+        input_ref: None,
     }
 }
 

@@ -97,6 +97,7 @@ async fn a_concurrent_python_worker_takes_jobs_in_batches() -> Result<()> {
             idempotency_key: None,
             wait_ms: 0,
             sync: false,
+            input_ref: None,
         };
         ids.push(shoal.api.run(&req).await?.id);
     }
@@ -110,6 +111,23 @@ async fn a_concurrent_python_worker_takes_jobs_in_batches() -> Result<()> {
     for id in ids {
         let s = shoal.api.status(&JobRef { endpoint: Some("multi".into()), id, wait_ms: 60_000 }).await?;
         assert_eq!(s.status, JobState::Completed, "{s:?}");
+    }
+    shoal.stop().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_api_is_discoverable_as_a_nats_micro_service() -> Result<()> {
+    let shoal = Shoal::start().await?;
+    let client = async_nats::connect(&shoal.server.url).await?;
+    let reply = client.request("$SRV.INFO.shoal", Bytes::new()).await?;
+    let info: Value = serde_json::from_slice(&reply.payload)?;
+    assert_eq!(info["name"], "shoal");
+    let subjects: Vec<String> =
+        info["endpoints"].as_array().context("endpoints")?.iter().filter_map(|e| e["subject"].as_str().map(String::from)).collect();
+    let prefix = shoal.nats.names.prefix();
+    for op in shoal_protocol::names::op::ALL {
+        assert!(subjects.contains(&format!("{prefix}.v1.api.{op}")), "{op} is listed: {subjects:?}");
     }
     shoal.stop().await;
     Ok(())

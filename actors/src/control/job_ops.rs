@@ -17,6 +17,7 @@ use shoal_protocol::{ApiError, ErrorCode};
 
 use super::api::Ctx;
 use super::endpoint_actor::send_stop;
+use super::waiting::Fleet;
 use crate::clock::now_ms;
 use crate::jobs::{Applied, StoreError};
 
@@ -136,8 +137,10 @@ async fn check_input(ctx: &Ctx, req: &RunRequest) -> Result<(), ApiError> {
 }
 
 /// Backpressure: refuses a job when the endpoint's queue holds `queue_limit` jobs or more.
-/// The depth is the pending count of the endpoint's two queue consumers (tokens not yet
-/// delivered), read only when a limit is set.
+/// Read only when a limit is set: first the pending count of the endpoint's two queue
+/// consumers (tokens not yet delivered: cheap, but it also counts the tokens of jobs cancelled
+/// or purged while queued, until a worker skips them); at the limit, the owner's count of
+/// IN_QUEUE jobs decides.
 async fn check_queue_limit(ctx: &Ctx, spec: &shoal_protocol::endpoint::EndpointSpec) -> Result<(), ApiError> {
     let Some(limit) = spec.queue_limit else { return Ok(()) };
     let names = &ctx.nats.names;
@@ -151,6 +154,12 @@ async fn check_queue_limit(ctx: &Ctx, spec: &shoal_protocol::endpoint::EndpointS
             Err(e) if e.kind() == async_nats::jetstream::context::ConsumerInfoErrorKind::NotFound => {}
             Err(e) => return Err(unavailable(e.to_string())),
         }
+    }
+    if depth >= limit {
+        depth = match ctx.ask_owner::<(JobCounts, String)>(&spec.id, "health").await {
+            Ok((counts, _)) => counts.in_queue,
+            Err(_) => depth,
+        };
     }
     if depth >= limit {
         return Err(ApiError::new(
@@ -224,11 +233,27 @@ async fn find(ctx: &Ctx, job: &JobRef) -> Result<JobRecord, ApiError> {
 pub(super) async fn status(ctx: &Ctx, job: JobRef) -> Result<JobStatus, ApiError> {
     let rec = find(ctx, &job).await?;
     let wait_ms = job.wait_ms.min(ctx.config.max_wait_ms);
+    if rec.state == JobState::InQueue && wait_ms == 0 {
+        let mut status = JobStatus::from(&rec);
+        status.waiting_reason = Some(waiting_reason(ctx, &rec).await);
+        return Ok(status);
+    }
     if wait_ms == 0 || rec.state.is_terminal() {
         return Ok(JobStatus::from(&rec));
     }
     let events = subscribe(ctx, &rec.endpoint, &rec.id).await?;
     wait_terminal(ctx, &rec.endpoint, &rec.id, events, wait_ms).await
+}
+
+/// Why a queued job waits, from the owner's view of the endpoint's workers.
+async fn waiting_reason(ctx: &Ctx, rec: &JobRecord) -> String {
+    let Ok(spec) = ctx.spec(&rec.endpoint).await else {
+        return "its endpoint no longer exists".into();
+    };
+    match ctx.ask_owner::<Fleet>(&rec.endpoint, "waiting").await {
+        Ok(fleet) => crate::control::waiting::waiting_reason(&spec, &fleet, rec.policy.priority == Priority::Low),
+        Err(_) => "no control replica owns its endpoint yet (starting, or taking over after a failure)".into(),
+    }
 }
 
 pub(super) async fn cancel(ctx: &Ctx, job: JobRef) -> Result<JobStatus, ApiError> {

@@ -54,8 +54,8 @@ impl Default for ControlConfig {
             max_input_bytes: 1024 * 1024,
             max_wait_ms: 300_000,
             replica_id: None,
-            run_retention_s: 1800,
-            sync_retention_s: 60,
+            run_retention_s: shoal_protocol::job::DEFAULT_RETENTION_S,
+            sync_retention_s: shoal_protocol::job::DEFAULT_SYNC_RETENTION_S,
             webhook: crate::webhook::WebhookConfig::default(),
         }
     }
@@ -68,6 +68,11 @@ impl ControlConfig {
         }
         if self.max_input_bytes == 0 {
             return Err("control.max_input_bytes: must be above 0".into());
+        }
+        if self.run_retention_s == 0 || self.sync_retention_s == 0 {
+            return Err(
+                "control.run_retention_s, control.sync_retention_s: must be at least 1 (NATS' shortest TTL)".into()
+            );
         }
         self.webhook.validate()
     }

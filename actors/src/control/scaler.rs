@@ -302,6 +302,7 @@ impl ScalerState {
             started_at_ms: prev.map_or(now, |w| w.started_at_ms),
             updated_at_ms: now,
             jobs_done: 0,
+            start: None,
         };
         self.record(&rec).await;
     }
@@ -321,6 +322,7 @@ impl ScalerState {
             failures: rec.failures,
             backoff_ms: None,
             at_ms: rec.updated_at_ms,
+            start: None,
         };
         self.nats.publish_event(self.nats.names.worker_event_subject(&rec.endpoint, rec.state.as_str()), &event).await;
         self.workers.insert(rec.id.clone(), rec.clone());

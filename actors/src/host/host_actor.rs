@@ -21,10 +21,11 @@ use shoal_protocol::worker::{WorkerRecord, WorkerState};
 
 use super::HostConfig;
 use super::bridge::Registry;
+use super::gpus::GpuInventory;
 use super::worker_actor::{STOP_REFRESH, WorkerActor, WorkerArgs, WorkerMsg, put_worker_record};
 use crate::clock::now_ms;
 use crate::nats::Nats;
-use crate::runtime::Runtime;
+use crate::runtime::{Runtime, StartWorkerError};
 
 pub struct HostActor;
 
@@ -41,6 +42,8 @@ pub enum HostMsg {
     StartWorker(Box<StartWorker>, RpcReplyPort<CommandReply>),
     StopWorker(StopWorker, RpcReplyPort<CommandReply>),
     EndpointDeleted(String),
+    /// An endpoint's spec is now at this version: warm workers of older ones are useless.
+    EndpointVersion(String, u64),
     /// Start (again) the worker of this slot.
     Restart(String),
     StopJob(StopJob),
@@ -70,6 +73,7 @@ pub struct HostState {
     config: Arc<HostConfig>,
     slots: HashMap<String, Slot>,
     gpus: Vec<Gpu>,
+    inventory: GpuInventory,
     /// Highest lease epoch seen per endpoint.
     epochs: HashMap<String, u64>,
     started_at_ms: u64,
@@ -89,9 +93,14 @@ impl Actor for HostActor {
         let me = myself.clone();
         tasks.push(tokio::spawn(async move {
             while let Some(Ok(entry)) = watch.next().await {
-                if entry.operation != kv::Operation::Put
-                    && me.cast(HostMsg::EndpointDeleted(entry.key.clone())).is_err()
-                {
+                let msg = match entry.operation {
+                    kv::Operation::Put => match from_msgpack::<EndpointSpec>(&entry.value) {
+                        Ok(spec) => HostMsg::EndpointVersion(entry.key.clone(), spec.version),
+                        Err(_) => continue,
+                    },
+                    _ => HostMsg::EndpointDeleted(entry.key.clone()),
+                };
+                if me.cast(msg).is_err() {
                     break;
                 }
             }
@@ -127,8 +136,11 @@ impl Actor for HostActor {
             )
             .await?,
         );
+        // worker logs, asked by `shoal workers logs`
+        tasks.push(super::logs::serve(&args.nats, &args.id, args.runtime.clone(), args.config.state_dir.clone()).await?);
         myself.send_interval(Duration::from_millis(args.config.heartbeat_ms), || HostMsg::Heartbeat);
-        let gpus = args.config.gpus();
+        let inventory = GpuInventory::open(&args.config);
+        let gpus = inventory.read(&[]).await;
         let st = HostState {
             nats: args.nats,
             id: args.id,
@@ -138,6 +150,7 @@ impl Actor for HostActor {
             config: Arc::new(args.config),
             slots: HashMap::new(),
             gpus,
+            inventory,
             epochs: HashMap::new(),
             started_at_ms: now_ms(),
             shutting_down: false,
@@ -145,6 +158,10 @@ impl Actor for HostActor {
         };
         st.heartbeat().await;
         let event = HostEvent { host: st.id.clone(), event: "started".into(), at_ms: now_ms() };
+        if !st.gpus.is_empty() {
+            let names: Vec<&str> = st.gpus.iter().map(|g| g.name.as_str()).collect();
+            tracing::info!(host_id = %st.id, gpus = %names.join(", "), "GPU inventory");
+        }
         st.nats.publish_event(st.nats.names.host_event_subject(&st.id, "started"), &event).await;
         tracing::info!(host_id = %st.id, bridge = %st.bridge_url, runtime = st.runtime.name(), "host started");
         Ok(st)
@@ -165,10 +182,14 @@ impl Actor for HostActor {
                 let result = st.on_stop_worker(cmd).await;
                 let _ = reply.send(command_reply(result));
             }
-            HostMsg::EndpointDeleted(id) => st.on_endpoint_deleted(&id),
+            HostMsg::EndpointDeleted(id) => st.on_endpoint_deleted(&id).await,
+            HostMsg::EndpointVersion(id, version) => st.runtime.discard_warm(&id, Some(version)).await,
             HostMsg::Restart(worker_id) => st.on_restart(&myself, worker_id).await,
             HostMsg::StopJob(stop) => st.on_stop_job(stop),
-            HostMsg::Heartbeat => st.heartbeat().await,
+            HostMsg::Heartbeat => {
+                st.gpus = st.inventory.read(&st.gpus).await;
+                st.heartbeat().await
+            }
             HostMsg::Shutdown(reply) => {
                 st.on_shutdown().await;
                 let _ = reply.send(());
@@ -184,11 +205,15 @@ impl Actor for HostActor {
         st: &mut HostState,
     ) -> Result<(), ActorProcessingErr> {
         match evt {
-            SupervisionEvent::ActorFailed(cell, err) => st.on_worker_ended(&myself, cell, Some(err.to_string())).await,
+            SupervisionEvent::ActorFailed(cell, err) => {
+                // a start that cannot succeed as things are (a bad image): Unhealthy at once
+                let permanent = err.downcast_ref::<StartWorkerError>().is_some_and(StartWorkerError::is_permanent);
+                st.on_worker_ended(&myself, cell, Some(Failure { reason: err.to_string(), permanent })).await
+            }
             SupervisionEvent::ActorTerminated(cell, _, reason) => {
                 let failure = match reason.as_deref() {
                     Some(STOP_REFRESH) | None => None,
-                    Some(other) => Some(other.to_string()),
+                    Some(other) => Some(Failure { reason: other.to_string(), permanent: false }),
                 };
                 st.on_worker_ended(&myself, cell, failure).await
             }
@@ -207,6 +232,10 @@ impl Actor for HostActor {
 
 impl HostState {
     async fn heartbeat(&self) {
+        let mut warm: Vec<String> =
+            self.runtime.warm().into_iter().map(|w| format!("{}@{}", w.endpoint, w.version)).collect();
+        warm.sort();
+        warm.dedup();
         let record = HostRecord {
             id: self.id.clone(),
             runtime: self.runtime.name().to_string(),
@@ -215,7 +244,7 @@ impl HostState {
             bridge_url: self.bridge_url.clone(),
             workers: self.slots.len() as u32,
             max_workers: self.config.max_workers,
-            warm: vec![],
+            warm,
             started_at_ms: self.started_at_ms,
             heartbeat_at_ms: now_ms(),
         };
@@ -252,12 +281,22 @@ impl HostState {
         }
         let gpus = match &cmd.gpu_type {
             Some(kind) => {
-                let free: Vec<usize> = (0..self.gpus.len())
-                    .filter(|i| {
-                        self.gpus[*i].healthy && self.gpus[*i].worker_id.is_none() && &self.gpus[*i].name == kind
-                    })
-                    .take(cmd.spec.gpu_count as usize)
-                    .collect();
+                let is_free =
+                    |g: &Gpu| g.healthy && g.worker_id.is_none() && &g.name == kind;
+                // the GPUs of a warm container of this version first, so it can be reused
+                let warm_set = self.runtime.warm().into_iter().find(|w| {
+                    w.endpoint == cmd.spec.id
+                        && w.version == cmd.spec.version
+                        && w.gpus.len() == cmd.spec.gpu_count as usize
+                        && w.gpus.iter().all(|u| self.gpus.iter().any(|g| &g.uuid == u && is_free(g)))
+                });
+                let free: Vec<usize> = match warm_set {
+                    Some(w) => (0..self.gpus.len()).filter(|i| w.gpus.contains(&self.gpus[*i].uuid)).collect(),
+                    None => (0..self.gpus.len())
+                        .filter(|i| is_free(&self.gpus[*i]))
+                        .take(cmd.spec.gpu_count as usize)
+                        .collect(),
+                };
                 if free.len() < cmd.spec.gpu_count as usize {
                     return Err(format!(
                         "no capacity: {} free GPU(s) of type {kind}, {} needed",
@@ -316,13 +355,14 @@ impl HostState {
         Ok(())
     }
 
-    fn on_endpoint_deleted(&mut self, id: &str) {
+    async fn on_endpoint_deleted(&mut self, id: &str) {
         for slot in self.slots.values_mut().filter(|s| s.endpoint == id) {
             slot.wanted = false;
             if let Some(actor) = &slot.actor {
                 actor.stop(Some("endpoint deleted".into()));
             }
         }
+        self.runtime.discard_warm(id, None).await;
     }
 
     /// Forgets a worker for good: frees its GPUs and records it Stopped.
@@ -361,7 +401,7 @@ impl HostState {
                 // it never ran: same treatment as a crash
                 slot.actor = None;
                 let reason = format!("cannot start worker: {e}");
-                self.schedule_restart(myself, worker_id, Some(reason)).await;
+                self.schedule_restart(myself, worker_id, Some(Failure { reason, permanent: false })).await;
             }
         }
     }
@@ -375,7 +415,7 @@ impl HostState {
         }
     }
 
-    async fn on_worker_ended(&mut self, myself: &ActorRef<HostMsg>, cell: ActorCell, failure: Option<String>) {
+    async fn on_worker_ended(&mut self, myself: &ActorRef<HostMsg>, cell: ActorCell, failure: Option<Failure>) {
         let Some(worker_id) = self
             .slots
             .iter()
@@ -392,7 +432,7 @@ impl HostState {
 
     /// A worker ended. Unwanted: forget it. Wanted: restart it, at once after a clean stop
     /// (refresh, version change), under backoff after a failure.
-    async fn schedule_restart(&mut self, myself: &ActorRef<HostMsg>, worker_id: &str, failure: Option<String>) {
+    async fn schedule_restart(&mut self, myself: &ActorRef<HostMsg>, worker_id: &str, failure: Option<Failure>) {
         let policy = self.config.backoff.clone();
         let (host, names) = (self.id.clone(), self.nats.names.clone());
         if self.slots.get(worker_id).is_some_and(|s| !s.wanted) || self.shutting_down {
@@ -401,15 +441,17 @@ impl HostState {
         }
         let Some(slot) = self.slots.get_mut(worker_id) else { return };
         slot.restarts += 1;
-        let Some(reason) = failure else {
+        let Some(Failure { reason, permanent }) = failure else {
             let _ = myself.cast(HostMsg::Restart(worker_id.to_string()));
             return;
         };
         let decision =
             policy.on_failure(slot.failures, slot.started.elapsed().as_millis() as u64, rand::random::<f64>());
         slot.failures = decision.failures;
-        let state = if decision.unhealthy { WorkerState::Unhealthy } else { WorkerState::Initializing };
-        let reason = if decision.unhealthy {
+        let state = if decision.unhealthy || permanent { WorkerState::Unhealthy } else { WorkerState::Initializing };
+        let reason = if permanent && !decision.unhealthy {
+            format!("{reason} (retrying in {} ms)", decision.delay_ms)
+        } else if decision.unhealthy {
             format!(
                 "crash loop ({} failures in a row), retrying in {} ms: {reason}",
                 decision.failures, decision.delay_ms
@@ -433,6 +475,7 @@ impl HostState {
             started_at_ms: now,
             updated_at_ms: now,
             jobs_done: 0,
+            start: None,
         };
         let event = WorkerEvent {
             worker_id: worker_id.to_string(),
@@ -444,6 +487,7 @@ impl HostState {
             failures: slot.failures,
             backoff_ms: Some(decision.delay_ms),
             at_ms: now,
+            start: None,
         };
         put_worker_record(&self.nats, &record).await;
         self.nats.publish_event(names.worker_event_subject(&record.endpoint, state.as_str()), &event).await;
@@ -481,6 +525,7 @@ impl HostState {
         for id in ids {
             self.remove_slot(&id).await;
         }
+        self.runtime.shutdown().await;
         let _ = self.nats.hosts.delete(&self.id).await;
         let event = HostEvent { host: self.id.clone(), event: "stopped".into(), at_ms: now_ms() };
         self.nats.publish_event(self.nats.names.host_event_subject(&self.id, "stopped"), &event).await;
@@ -503,7 +548,14 @@ fn stopped_record(worker_id: &str, slot: &Slot, host: &str) -> WorkerRecord {
         started_at_ms: now,
         updated_at_ms: now,
         jobs_done: 0,
+        start: None,
     }
+}
+
+/// Why a worker actor failed; a permanent failure makes it Unhealthy at once.
+struct Failure {
+    reason: String,
+    permanent: bool,
 }
 
 fn command_reply(result: Result<(), String>) -> CommandReply {

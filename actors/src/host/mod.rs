@@ -5,7 +5,10 @@
 pub mod ack;
 pub mod backoff;
 pub mod bridge;
+pub mod gpus;
 pub mod host_actor;
+pub mod logs;
+mod recover;
 pub mod take;
 pub mod worker_actor;
 
@@ -18,7 +21,7 @@ use ractor::ActorRef;
 use serde::Deserialize;
 
 use crate::nats::Nats;
-use crate::runtime::Runtime;
+use crate::runtime::{Runtime, RuntimeConfig};
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -29,6 +32,14 @@ pub struct HostConfig {
     pub bridge_listen: SocketAddr,
     /// The bridge's base URL as workers reach it; default: from the bound address.
     pub bridge_url: Option<String>,
+    /// The bridge's base URL as workers in containers (Docker runtime) reach it; default:
+    /// `http://host.docker.internal:<bridge port>`, that name being mapped to the host's
+    /// gateway in every container. The bridge must then listen where containers reach it
+    /// (`bridge_listen = "0.0.0.0:<port>"`). In a compose deployment: the host's service name.
+    pub container_bridge_url: Option<String>,
+    /// How workers run: `[host.runtime] kind = "process" | "docker" | "fake"`, with the
+    /// settings of each (`[host.runtime.docker]`, `[host.runtime.fake]`).
+    pub runtime: RuntimeConfig,
     /// How long job-take and job-stop long-polls are held before 204.
     pub hold_ms: u64,
     /// `RUNPOD_PING_INTERVAL` given to workers.
@@ -57,6 +68,8 @@ impl Default for HostConfig {
             id: None,
             bridge_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             bridge_url: None,
+            container_bridge_url: None,
+            runtime: RuntimeConfig::default(),
             hold_ms: 20_000,
             ping_interval_ms: 10_000,
             stop_grace_ms: 20_000,
@@ -94,11 +107,17 @@ impl HostConfig {
         if let Some(spec) = &self.fake_gpus {
             parse_fake_gpus(spec).map_err(|e| format!("host.fake_gpus: {e}"))?;
         }
+        if let Some(url) = &self.container_bridge_url
+            && !(url.starts_with("http://") || url.starts_with("https://"))
+        {
+            return Err(format!("host.container_bridge_url: {url:?} is not an http:// URL"));
+        }
+        self.runtime.validate().map_err(|e| format!("host.{e}"))?;
         self.backoff.validate().map_err(|e| format!("host.backoff.{e}"))
     }
 
-    /// This host's GPU inventory: the simulated one when `fake_gpus` is set, else none (the
-    /// NVML inventory comes with the Docker runtime).
+    /// The simulated GPU inventory of `fake_gpus`, else none (the real one is read through
+    /// NVML by [`gpus::GpuInventory`]).
     pub fn gpus(&self) -> Vec<shoal_protocol::host::Gpu> {
         self.fake_gpus.as_deref().and_then(|s| parse_fake_gpus(s).ok()).unwrap_or_default()
     }
@@ -121,6 +140,8 @@ pub fn parse_fake_gpus(spec: &str) -> Result<Vec<shoal_protocol::host::Gpu>, Str
                 memory_mb: 0,
                 healthy: true,
                 worker_id: None,
+                utilization_pct: None,
+                error: None,
             });
         }
     }
@@ -149,6 +170,8 @@ pub enum StartHostError {
     Spawn(#[from] ractor::SpawnErr),
     #[error("invalid host config: {0}")]
     Config(String),
+    #[error("cannot recover what this host left behind: {0}")]
+    Recover(String),
 }
 
 /// A running host; [`HostHandle::stop`] stops its workers and the bridge.
@@ -180,6 +203,26 @@ impl HostHandle {
     }
 }
 
+/// The bridge's base URL as this host's workers reach it: the local one for processes; for
+/// containers, `container_bridge_url`, else the host's gateway alias on the bridge's port.
+fn worker_bridge_url(config: &HostConfig, runtime: &dyn Runtime, local_url: &str, port: u16) -> String {
+    if !runtime.in_containers() {
+        return local_url.to_string();
+    }
+    if config.container_bridge_url.is_none() && config.bridge_listen.ip().is_loopback() {
+        tracing::warn!(
+            bridge_listen = %config.bridge_listen,
+            "the worker bridge listens on loopback, which containers cannot reach: set host.bridge_listen to 0.0.0.0:<port>"
+        );
+    }
+    config
+        .container_bridge_url
+        .clone()
+        .unwrap_or_else(|| format!("http://{}:{port}", crate::runtime::docker::HOST_ALIAS))
+        .trim_end_matches('/')
+        .to_string()
+}
+
 /// An id for a process: the hostname plus a random suffix (`<fallback>-<suffix>` without one).
 pub fn default_id(fallback: &str) -> String {
     let name = std::fs::read_to_string("/etc/hostname").unwrap_or_default();
@@ -197,7 +240,13 @@ pub async fn start(nats: Nats, config: HostConfig, runtime: Arc<dyn Runtime>) ->
         bridge::BridgeServer::bind(config.bridge_listen, registry.clone(), Duration::from_millis(config.hold_ms))
             .await
             .map_err(|source| StartHostError::Bind { addr: config.bridge_listen, source })?;
-    let bridge_url = config.bridge_url.clone().unwrap_or_else(|| format!("http://{}", bridge.local_addr()));
+    let local_url = config.bridge_url.clone().unwrap_or_else(|| format!("http://{}", bridge.local_addr()));
+    let bridge_url = worker_bridge_url(&config, &*runtime, &local_url, bridge.local_addr().port());
+    if let Err(e) = runtime.recover(&id, &bridge_url).await {
+        bridge.stop().await;
+        return Err(StartHostError::Recover(e));
+    }
+    recover::forget_workers_left_behind(&nats, &id).await;
     let (actor, _) = crate::spawn::spawn(
         host_actor::HostActor,
         host_actor::HostArgs { nats, id: id.clone(), bridge_url: bridge_url.clone(), registry, runtime, config },

@@ -17,7 +17,7 @@ use shoal_protocol::endpoint::EndpointSpec;
 use shoal_protocol::events::WorkerEvent;
 use shoal_protocol::job::{JobRecord, Priority, WorkerJob};
 use shoal_protocol::lifecycle::{self, Outcome};
-use shoal_protocol::worker::{WorkerRecord, WorkerState};
+use shoal_protocol::worker::{StartPhases, WorkerRecord, WorkerState};
 
 use super::HostConfig;
 use super::ack::AckGuard;
@@ -26,10 +26,12 @@ use super::take::{TakenJob, fetch_and_take};
 use crate::clock::now_ms;
 use crate::jobs::{Applied, JobStore, jobs_consumer};
 use crate::nats::Nats;
-use crate::runtime::{Exit, Launch, Runtime, WorkerHandle};
+use crate::runtime::{Exit, Launch, Runtime, StartWorkerError, WorkerHandle};
 
 /// Why a worker actor stopped without failing; the supervisor restarts it at once.
 pub const STOP_REFRESH: &str = "refresh";
+/// How often the progress of a long start (an image pull) updates the worker's reason.
+const PROGRESS_EVERY: Duration = Duration::from_secs(1);
 
 pub struct WorkerActor;
 
@@ -89,6 +91,11 @@ pub enum WorkerMsg {
         reason: String,
     },
     Tick,
+    /// The runtime finished starting the worker (its start runs apart from the actor, so a
+    /// long image pull blocks nothing).
+    Launched(Result<WorkerHandle, StartWorkerError>),
+    /// A step of a long start, for the reason of the Initializing state.
+    Progress(String),
     Exited(Exit),
 }
 
@@ -101,7 +108,14 @@ struct Inflight {
 pub struct WorkerState_ {
     args: WorkerArgs,
     store: JobStore,
-    handle: WorkerHandle,
+    /// None while the runtime is starting the worker.
+    handle: Option<WorkerHandle>,
+    /// How this start went; the runtime's phases, then the first ping and job.
+    start: StartPhases,
+    launched_at: Instant,
+    last_progress: Option<Instant>,
+    /// Another worker id the bridge knows this worker by (a reused warm container's).
+    alias: Option<String>,
     consumers: Arc<(PullConsumer, PullConsumer)>,
     state: WorkerState,
     reason: Option<String>,
@@ -136,34 +150,42 @@ impl Actor for WorkerActor {
             &args.worker_id,
             Registered { endpoint: args.spec.id.clone(), token: token.clone(), actor: myself.clone() },
         );
+        let (progress_tx, mut progress_rx) = tokio::sync::mpsc::unbounded_channel::<String>();
         let launch = Launch {
             worker_id: args.worker_id.clone(),
+            host_id: args.host_id.clone(),
             spec: args.spec.clone(),
             env: worker_env(&args, &token),
-            log_file: args.config.state_dir.join("logs").join(&args.spec.id).join(format!("{}.log", args.worker_id)),
+            log_file: super::logs::log_file(&args.config.state_dir, &args.spec.id, &args.worker_id),
             workdir: args.config.workdir.clone(),
+            gpus: args.gpus.clone(),
+            progress: Some(progress_tx),
         };
-        let mut handle = match args.runtime.start(launch).await {
-            Ok(h) => h,
-            Err(e) => {
-                args.registry.unregister(&args.worker_id, &myself);
-                return Err(e.into());
-            }
-        };
-        if let Some(exit) = handle.take_exit() {
-            let me = myself.clone();
-            tokio::spawn(async move {
-                if let Ok(exit) = exit.await {
-                    let _ = me.cast(WorkerMsg::Exited(exit));
+        let me = myself.clone();
+        tokio::spawn(async move {
+            while let Some(line) = progress_rx.recv().await {
+                if me.cast(WorkerMsg::Progress(line)).is_err() {
+                    break;
                 }
-            });
-        }
+            }
+        });
+        // started apart from the actor: when the actor is gone by the time it is launched,
+        // the undelivered handle is dropped, which kills the worker
+        let (runtime, me) = (args.runtime.clone(), myself.clone());
+        tokio::spawn(async move {
+            let launched = runtime.start(launch).await;
+            let _ = me.cast(WorkerMsg::Launched(launched));
+        });
         let tick = Duration::from_millis((args.config.ack_wait_ms / 4).clamp(50, 1000));
         myself.send_interval(tick, || WorkerMsg::Tick);
         let store = JobStore::new(args.nats.clone());
         let mut st = WorkerState_ {
             store,
-            handle,
+            handle: None,
+            start: StartPhases::default(),
+            launched_at: Instant::now(),
+            last_progress: None,
+            alias: None,
             consumers: Arc::new((normal, low)),
             state: WorkerState::Initializing,
             reason: Some("starting".into()),
@@ -197,6 +219,9 @@ impl Actor for WorkerActor {
             WorkerMsg::StopJob { job_id, reason } => st.on_stop_job(job_id, reason).await,
             WorkerMsg::Drain { reason } => st.on_drain(&myself, reason).await,
             WorkerMsg::Tick => st.on_tick().await,
+            WorkerMsg::Launched(Ok(handle)) => st.on_launched(&myself, handle).await,
+            WorkerMsg::Launched(Err(e)) => return Err(Box::new(e)),
+            WorkerMsg::Progress(line) => st.on_progress(line).await,
             WorkerMsg::Exited(exit) => return st.on_exited(&myself, exit),
         }
         Ok(())
@@ -204,7 +229,12 @@ impl Actor for WorkerActor {
 
     async fn post_stop(&self, myself: ActorRef<WorkerMsg>, st: &mut WorkerState_) -> Result<(), ActorProcessingErr> {
         st.args.registry.unregister(&st.args.worker_id, &myself);
-        st.handle.kill();
+        if let Some(alias) = &st.alias {
+            st.args.registry.unregister(alias, &myself);
+        }
+        if let Some(handle) = st.handle.as_mut() {
+            handle.kill();
+        }
         // jobs it held go back to the queue (or fail past their attempts), then redeliver
         let me = st.args.worker_id.clone();
         for (id, inflight) in st.inflight.drain() {
@@ -286,12 +316,13 @@ impl WorkerState_ {
             reason: self.reason.clone(),
             spec_version: self.args.spec.version,
             current_jobs: self.inflight.keys().cloned().collect(),
-            runtime_ref: Some(self.handle.runtime_ref.clone()),
+            runtime_ref: self.handle.as_ref().map(|h| h.runtime_ref.clone()),
             restarts: self.args.restarts,
             failures: self.args.failures,
             started_at_ms: self.started_at_ms,
             updated_at_ms: now,
             jobs_done: self.jobs_done,
+            start: Some(self.start.clone()),
         };
         put_worker_record(&self.args.nats, &record).await;
         let event = WorkerEvent {
@@ -304,6 +335,7 @@ impl WorkerState_ {
             failures: record.failures,
             backoff_ms,
             at_ms: now,
+            start: record.start.clone(),
         };
         let subject = self.args.nats.names.worker_event_subject(&record.endpoint, record.state.as_str());
         self.args.nats.publish_event(subject, &event).await;
@@ -375,6 +407,9 @@ impl WorkerState_ {
                 });
             }
             return;
+        }
+        if !jobs.is_empty() && self.start.first_job_ms.is_none() {
+            self.start.first_job_ms = Some(self.launched_at.elapsed().as_millis() as u64);
         }
         for t in jobs {
             self.inflight
@@ -473,6 +508,9 @@ impl WorkerState_ {
         self.last_ping = Some((Instant::now(), listed));
         if let Some(reason) = unhealthy {
             self.set_state(WorkerState::Unhealthy, Some(reason)).await;
+        } else if self.start.first_ping_ms.is_none() {
+            self.start.first_ping_ms = Some(self.launched_at.elapsed().as_millis() as u64);
+            self.report(None).await;
         }
     }
 
@@ -519,8 +557,56 @@ impl WorkerState_ {
             tracing::warn!(worker_id = %self.args.worker_id, "worker did not stop a job within the grace; killing it");
             self.killed_for_stop = true;
             self.draining = true;
-            self.handle.kill();
+            if let Some(handle) = self.handle.as_mut() {
+                handle.kill();
+            }
         }
+    }
+
+    /// The worker runs: watch for its exit, let the bridge know it by the identity it speaks
+    /// with, and report how the start went.
+    async fn on_launched(&mut self, myself: &ActorRef<WorkerMsg>, mut handle: WorkerHandle) {
+        if let Some(exit) = handle.take_exit() {
+            let me = myself.clone();
+            tokio::spawn(async move {
+                if let Ok(exit) = exit.await {
+                    let _ = me.cast(WorkerMsg::Exited(exit));
+                }
+            });
+        }
+        if let Some(identity) = handle.bridge_identity.clone() {
+            let reg = Registered { endpoint: self.args.spec.id.clone(), token: identity.token, actor: myself.clone() };
+            self.args.registry.register(&identity.worker_id, reg);
+            if identity.worker_id != self.args.worker_id {
+                self.alias = Some(identity.worker_id);
+            }
+        }
+        let first_ping = self.start.first_ping_ms;
+        let first_job = self.start.first_job_ms;
+        self.start = StartPhases { first_ping_ms: first_ping, first_job_ms: first_job, ..handle.start.clone() };
+        tracing::info!(
+            worker_id = %self.args.worker_id,
+            endpoint_id = %self.args.spec.id,
+            runtime_ref = %handle.runtime_ref,
+            start = %self.start.summary(),
+            "worker launched"
+        );
+        self.handle = Some(handle);
+        if self.state == WorkerState::Initializing {
+            self.reason = Some("started, waiting for its first request".into());
+        }
+        self.report(None).await;
+    }
+
+    async fn on_progress(&mut self, line: String) {
+        if self.handle.is_some() || self.state != WorkerState::Initializing {
+            return;
+        }
+        if self.last_progress.is_some_and(|t| t.elapsed() < PROGRESS_EVERY) {
+            return;
+        }
+        self.last_progress = Some(Instant::now());
+        self.set_state(WorkerState::Initializing, Some(line)).await;
     }
 
     fn on_exited(&mut self, myself: &ActorRef<WorkerMsg>, exit: Exit) -> Result<(), ActorProcessingErr> {

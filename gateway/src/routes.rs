@@ -1,0 +1,371 @@
+//! The HTTP routes: RunPod's `/v2/{endpoint}/...` operations, each translated into one NATS
+//! API request, and the API key check in front of them.
+
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
+use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
+use axum::http::{HeaderMap, Method, StatusCode, Uri, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde::{Deserialize, Serialize};
+use shoal_actors::client::ApiClient;
+use shoal_actors::nats::Nats;
+use shoal_protocol::ApiError;
+use shoal_protocol::api::{JobRef, JobStatus, RunRequest};
+use shoal_protocol::ids::validate_id;
+use shoal_protocol::job::PolicyRequest;
+use shoal_protocol::runpod::{Accepted, Envelope, ErrorBody, Health, RunBody};
+
+use crate::{Gateway, GatewayConfig, keys};
+
+/// `/runsync`'s `?wait=`: default and bounds, in ms (RunPod's).
+const DEFAULT_SYNC_WAIT_MS: u64 = 90_000;
+const MIN_SYNC_WAIT_MS: u64 = 1_000;
+const MAX_SYNC_WAIT_MS: u64 = 300_000;
+
+/// Every route of the API, with the key check in front.
+pub fn router(nats: Nats, config: GatewayConfig) -> Router {
+    let api = ApiClient::new(nats.client.clone(), nats.names.clone())
+        .with_timeout(Duration::from_millis(config.request_timeout_ms));
+    let (max_run, max_runsync) = (config.max_run_bytes, config.max_runsync_bytes);
+    let gw = Gateway { nats, api, config };
+    Router::new()
+        .route("/v2/{endpoint}/run", post(run).layer(DefaultBodyLimit::max(max_run)))
+        .route("/v2/{endpoint}/runsync", post(runsync).layer(DefaultBodyLimit::max(max_runsync)))
+        .route("/v2/{endpoint}/status/{id}", get(status).post(status))
+        .route("/v2/{endpoint}/stream/{id}", get(stream).post(stream))
+        .route("/v2/{endpoint}/cancel/{id}", post(cancel))
+        .route("/v2/{endpoint}/retry/{id}", post(retry))
+        .route("/v2/{endpoint}/purge-queue", post(purge))
+        .route("/v2/{endpoint}/health", get(health))
+        .route("/healthz", get(liveness))
+        .fallback(no_route)
+        .method_not_allowed_fallback(wrong_method)
+        .layer(middleware::from_fn_with_state(gw.clone(), authorize))
+        .with_state(gw)
+}
+
+/// An error reply: a status and `{"error": "..."}`.
+#[derive(Debug)]
+pub(crate) struct HttpError {
+    status: StatusCode,
+    message: String,
+}
+
+impl HttpError {
+    fn new(status: StatusCode, message: impl Into<String>) -> HttpError {
+        HttpError { status, message: message.into() }
+    }
+    fn bad_request(message: impl Into<String>) -> HttpError {
+        HttpError::new(StatusCode::BAD_REQUEST, message)
+    }
+    fn unauthorized(message: impl Into<String>) -> HttpError {
+        HttpError::new(StatusCode::UNAUTHORIZED, message)
+    }
+}
+
+impl IntoResponse for HttpError {
+    fn into_response(self) -> Response {
+        if self.status.is_server_error() {
+            tracing::warn!(status = %self.status, message = %self.message, "request failed");
+        }
+        (self.status, axum::Json(ErrorBody { error: self.message })).into_response()
+    }
+}
+
+impl From<ApiError> for HttpError {
+    fn from(e: ApiError) -> Self {
+        let status = StatusCode::from_u16(e.code.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        HttpError::new(status, e.message)
+    }
+}
+
+impl From<BytesRejection> for HttpError {
+    fn from(r: BytesRejection) -> Self {
+        let status = r.status();
+        let message = if status == StatusCode::PAYLOAD_TOO_LARGE {
+            "the request body is larger than this operation accepts (10 MB for /run, 20 MB for /runsync)".to_string()
+        } else {
+            format!("cannot read the request body: {}", r.body_text())
+        };
+        HttpError::new(status, message)
+    }
+}
+
+impl From<PathRejection> for HttpError {
+    fn from(r: PathRejection) -> Self {
+        HttpError::bad_request(r.body_text())
+    }
+}
+
+impl From<QueryRejection> for HttpError {
+    fn from(r: QueryRejection) -> Self {
+        HttpError::bad_request(format!("invalid query: {}", r.body_text()))
+    }
+}
+
+fn json<T: Serialize>(value: &T) -> Response {
+    axum::Json(value).into_response()
+}
+
+// ---- API keys ------------------------------------------------------------------------------
+
+/// The key of `Authorization: Bearer <key>` (scheme case-insensitive) or a bare `<key>`.
+fn api_key(headers: &HeaderMap) -> Option<&str> {
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?.trim();
+    let key = match value.split_once(char::is_whitespace) {
+        Some((scheme, rest)) if scheme.eq_ignore_ascii_case("bearer") => rest.trim(),
+        _ => value,
+    };
+    (!key.is_empty()).then_some(key)
+}
+
+/// The `{endpoint}` of a `/v2/{endpoint}/...` path.
+fn endpoint_of(path: &str) -> Option<&str> {
+    path.strip_prefix("/v2/")?.split('/').next().filter(|s| !s.is_empty())
+}
+
+/// Checks the key of every `/v2/...` request before its body is read.
+async fn authorize(State(gw): State<Gateway>, req: Request, next: Next) -> Response {
+    if !gw.config.require_api_key {
+        return next.run(req).await;
+    }
+    let Some(endpoint) = endpoint_of(req.uri().path()) else { return next.run(req).await };
+    let Some(key) = api_key(req.headers()) else {
+        return HttpError::unauthorized("an API key is required: send `Authorization: Bearer <key>`").into_response();
+    };
+    match keys::lookup(&gw.nats, key).await {
+        Ok(Some(record)) if record.allows(endpoint) => next.run(req).await,
+        Ok(Some(record)) => {
+            HttpError::unauthorized(format!("API key {} may not use endpoint {endpoint}", record.id)).into_response()
+        }
+        Ok(None) => HttpError::unauthorized("invalid API key").into_response(),
+        Err(e) => HttpError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string()).into_response(),
+    }
+}
+
+// ---- operations ----------------------------------------------------------------------------
+
+#[derive(Debug, Default, Deserialize)]
+struct RunQuery {
+    /// `/runsync`: how long to wait for the result, ms.
+    wait: Option<u64>,
+    /// Alias of `policy.ttl` (RunPod's docs put it in the query).
+    ttl: Option<u64>,
+}
+
+/// The NATS run request of a `/run` or `/runsync` body, with an input too large to inline
+/// stored in the object store first (the returned name, to delete if the run fails).
+async fn run_request(
+    gw: &Gateway,
+    endpoint: String,
+    query: RunQuery,
+    body: Bytes,
+    sync: bool,
+) -> Result<(RunRequest, Option<String>), HttpError> {
+    validate_id("endpoint id", &endpoint)?;
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Err(HttpError::bad_request(r#"the body must be a JSON object with an "input", e.g. {"input": {}}"#));
+    }
+    let body: serde_json::Value = serde_json::from_slice(&body)
+        .map_err(|e| HttpError::bad_request(format!("the body is not valid JSON: {e}")))?;
+    let body = RunBody::from_json(body).map_err(HttpError::bad_request)?;
+    let Some(input) = body.input else {
+        return Err(HttpError::bad_request(r#""input" is required (any JSON value but null)"#));
+    };
+    let mut policy: Option<PolicyRequest> = body.policy.map(PolicyRequest::from);
+    if let Some(ttl) = query.ttl {
+        let p = policy.get_or_insert_with(PolicyRequest::default);
+        p.ttl_ms = p.ttl_ms.or(Some(ttl));
+    }
+    let mut req = RunRequest {
+        endpoint,
+        input,
+        policy,
+        webhook: body.webhook,
+        s3_config: body.s3_config,
+        sync,
+        wait_ms: if sync {
+            query.wait.unwrap_or(DEFAULT_SYNC_WAIT_MS).clamp(MIN_SYNC_WAIT_MS, MAX_SYNC_WAIT_MS)
+        } else {
+            0
+        },
+        ..RunRequest::default()
+    };
+    // an input a NATS request should not carry goes to the object store first
+    let name = gw.nats.names.blob_input(&format!("upload-{}", uuid::Uuid::new_v4().simple()));
+    let stored = gw
+        .nats
+        .blobs
+        .offload(&name, &req.input)
+        .await
+        .map_err(|e| HttpError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?;
+    if stored {
+        req.input = serde_json::Value::Null;
+        req.input_ref = Some(name.clone());
+    }
+    Ok((req, stored.then_some(name)))
+}
+
+/// Submits; on failure removes the input it stored.
+async fn submit(gw: &Gateway, req: RunRequest, uploaded: Option<String>) -> Result<JobStatus, HttpError> {
+    match gw.api.run(&req).await {
+        Ok(status) => Ok(status),
+        Err(e) => {
+            if let Some(name) = uploaded
+                && let Err(e) = gw.nats.blobs.delete(&name).await
+            {
+                tracing::debug!(blob = %name, error = %e, "cannot delete the input of a refused job");
+            }
+            Err(e.into())
+        }
+    }
+}
+
+/// A status with its output read back from the object store when it was stored there.
+async fn resolved(gw: &Gateway, mut status: JobStatus) -> Result<JobStatus, HttpError> {
+    gw.nats.blobs.resolve_output(&mut status).await.map_err(|e| match e {
+        shoal_actors::blobs::BlobError::Unavailable(m) => HttpError::new(StatusCode::SERVICE_UNAVAILABLE, m),
+        other => HttpError::new(StatusCode::INTERNAL_SERVER_ERROR, other.to_string()),
+    })?;
+    Ok(status)
+}
+
+async fn run(
+    State(gw): State<Gateway>,
+    path: Result<Path<String>, PathRejection>,
+    query: Result<Query<RunQuery>, QueryRejection>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, HttpError> {
+    let (Path(endpoint), Query(query), body) = (path?, query?, body?);
+    let (req, uploaded) = run_request(&gw, endpoint, query, body, false).await?;
+    let status = submit(&gw, req, uploaded).await?;
+    Ok(json(&Accepted { id: status.id, status: status.status }))
+}
+
+async fn runsync(
+    State(gw): State<Gateway>,
+    path: Result<Path<String>, PathRejection>,
+    query: Result<Query<RunQuery>, QueryRejection>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, HttpError> {
+    let (Path(endpoint), Query(query), body) = (path?, query?, body?);
+    let (req, uploaded) = run_request(&gw, endpoint, query, body, true).await?;
+    let status = submit(&gw, req, uploaded).await?;
+    // not done within the wait: 200 with IN_QUEUE or IN_PROGRESS, and the client polls /status
+    let status = resolved(&gw, status).await?;
+    Ok(json(&Envelope::from(&status)))
+}
+
+fn job_ref(endpoint: String, id: String) -> Result<JobRef, HttpError> {
+    validate_id("endpoint id", &endpoint)?;
+    validate_id("job id", &id)?;
+    Ok(JobRef { endpoint: Some(endpoint), id, wait_ms: 0 })
+}
+
+async fn status(
+    State(gw): State<Gateway>,
+    path: Result<Path<(String, String)>, PathRejection>,
+) -> Result<Response, HttpError> {
+    let Path((endpoint, id)) = path?;
+    let status = gw.api.status(&job_ref(endpoint, id)?).await?;
+    let status = resolved(&gw, status).await?;
+    Ok(json(&Envelope::from(&status)))
+}
+
+/// Consume-on-read: the chunks since the previous call (`{"id", "status", "stream": [...]}`).
+async fn stream(
+    State(gw): State<Gateway>,
+    path: Result<Path<(String, String)>, PathRejection>,
+) -> Result<Response, HttpError> {
+    let Path((endpoint, id)) = path?;
+    let reply = gw.api.stream(&job_ref(endpoint, id)?).await?;
+    Ok(json(&reply))
+}
+
+async fn cancel(
+    State(gw): State<Gateway>,
+    path: Result<Path<(String, String)>, PathRejection>,
+) -> Result<Response, HttpError> {
+    let Path((endpoint, id)) = path?;
+    let status = gw.api.cancel(&job_ref(endpoint, id)?).await?;
+    Ok(json(&Accepted { id: status.id, status: status.status }))
+}
+
+async fn retry(
+    State(gw): State<Gateway>,
+    path: Result<Path<(String, String)>, PathRejection>,
+) -> Result<Response, HttpError> {
+    let Path((endpoint, id)) = path?;
+    let status = gw.api.retry(&job_ref(endpoint, id)?).await?;
+    Ok(json(&Accepted { id: status.id, status: status.status }))
+}
+
+async fn purge(State(gw): State<Gateway>, path: Result<Path<String>, PathRejection>) -> Result<Response, HttpError> {
+    let Path(endpoint) = path?;
+    validate_id("endpoint id", &endpoint)?;
+    Ok(json(&gw.api.purge(&endpoint).await?))
+}
+
+async fn health(State(gw): State<Gateway>, path: Result<Path<String>, PathRejection>) -> Result<Response, HttpError> {
+    let Path(endpoint) = path?;
+    validate_id("endpoint id", &endpoint)?;
+    Ok(json(&Health::from(&gw.api.health(&endpoint).await?)))
+}
+
+/// For load balancers: 200 while the gateway's NATS connection is up.
+async fn liveness(State(gw): State<Gateway>) -> Response {
+    match gw.nats.client.connection_state() {
+        async_nats::connection::State::Connected => json(&serde_json::json!({"status": "ok"})),
+        other => HttpError::new(StatusCode::SERVICE_UNAVAILABLE, format!("NATS connection is {other}")).into_response(),
+    }
+}
+
+async fn no_route(method: Method, uri: Uri) -> HttpError {
+    HttpError::new(
+        StatusCode::NOT_FOUND,
+        format!(
+            "no such operation: {method} {} (the API is /v2/{{endpoint}}/run, runsync, status/{{id}}, stream/{{id}}, cancel/{{id}}, retry/{{id}}, purge-queue, health)",
+            uri.path()
+        ),
+    )
+}
+
+async fn wrong_method(method: Method, uri: Uri) -> HttpError {
+    HttpError::new(StatusCode::METHOD_NOT_ALLOWED, format!("{method} is not allowed on {}", uri.path()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::http::HeaderValue;
+
+    fn headers(value: &str) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert(header::AUTHORIZATION, HeaderValue::from_str(value).expect("header"));
+        h
+    }
+
+    #[test]
+    fn keys_come_bearer_or_bare_with_any_scheme_case() {
+        assert_eq!(api_key(&headers("Bearer abc123")), Some("abc123"));
+        assert_eq!(api_key(&headers("bearer abc123")), Some("abc123"));
+        assert_eq!(api_key(&headers("BEARER   abc123 ")), Some("abc123"));
+        assert_eq!(api_key(&headers("abc123")), Some("abc123"));
+        assert_eq!(api_key(&headers("Bearer ")), Some("Bearer"), "a lone word is a bare key (and an invalid one)");
+        assert_eq!(api_key(&headers("  ")), None);
+        assert_eq!(api_key(&HeaderMap::new()), None);
+    }
+
+    #[test]
+    fn the_endpoint_comes_from_v2_paths_only() {
+        assert_eq!(endpoint_of("/v2/echo/run"), Some("echo"));
+        assert_eq!(endpoint_of("/v2/echo"), Some("echo"));
+        assert_eq!(endpoint_of("/v2//run"), None);
+        assert_eq!(endpoint_of("/healthz"), None);
+    }
+}

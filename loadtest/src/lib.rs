@@ -1,0 +1,366 @@
+//! shoal-loadtest: the load generator users run to size a deployment, and shoal's yardstick.
+//!
+//! A [`config::LoadTest`] names a [`scenario::Scenario`] (burst, constant rate, ramp, step,
+//! closed loop), how jobs are submitted (NATS API or the HTTP gateway, waiting in the request or
+//! watching the job events), what they do (no-op, sleep, the runpod Python handler), the
+//! endpoint settings and the installation: an existing one (`--nats URL --prefix P`) or one of
+//! its own ([`embedded`]: a child nats-server, control plane and host in this process).
+//! [`run`] optionally first runs the same scenario as a raw JetStream work-queue round trip
+//! ([`baseline`]), then shoal, and returns a [`report::Report`]: percentiles (hdrhistogram),
+//! throughput, errors by code, workers over time and cold starts ([`workers`]), written as JSON
+//! and as a self-contained HTML page ([`html`]); [`compare`] diffs two reports.
+//!
+//! It is a client of shoal: it uses the wire types of `shoal-protocol` and, for the embedded
+//! installation only, starts `shoal-actors`; nothing in shoal depends on it.
+
+pub mod baseline;
+pub mod compare;
+pub mod config;
+pub mod driver;
+pub mod embedded;
+pub mod html;
+pub mod progress;
+pub mod report;
+pub mod scenario;
+pub mod stats;
+pub mod submit;
+pub mod probe;
+pub mod svg;
+pub mod traffic;
+pub mod workers;
+
+use std::collections::hash_map::RandomState;
+use std::hash::{BuildHasher, Hasher};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result, anyhow, bail};
+use bytes::Bytes;
+use shoal_actors::client::ApiClient;
+use shoal_protocol::endpoint::EndpointSpec;
+use shoal_protocol::names::Names;
+
+use crate::baseline::BaselineRun;
+use crate::config::{Handler, LoadTest, RuntimeKind, Target, Transport, WaitMode};
+use crate::driver::drive;
+use crate::embedded::{Embedded, EmbeddedOptions, example_worker_bin, python_bin, repo_root, shell_quote};
+use crate::progress::{Progress, ProgressPrinter};
+use crate::report::{Machine, REPORT_VERSION, Ratio, Report};
+use crate::submit::{JobTracker, ShoalJobs, job_input};
+use crate::traffic::{Monitor, ServerTraffic, Snapshot};
+use crate::workers::WorkerWatch;
+
+/// How long workers may take to get ready before a warm run gives up.
+const WARM_TIMEOUT: Duration = Duration::from_secs(120);
+
+fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+/// A short random token of `[0-9a-f]` (endpoint ids, baseline names).
+pub fn random_token() -> String {
+    let mut h = RandomState::new().build_hasher();
+    h.write_u128(SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0));
+    h.write_u32(std::process::id());
+    format!("{:08x}", h.finish() as u32)
+}
+
+async fn connect(url: &str, name: &str) -> Result<async_nats::Client> {
+    async_nats::ConnectOptions::new()
+        .name(name)
+        .connection_timeout(Duration::from_secs(5))
+        .connect(url)
+        .await
+        .with_context(|| format!("connect to NATS at {url}"))
+}
+
+/// Runs the load test: its own installation or the given one, the baseline if asked, then shoal.
+pub async fn run(test: &LoadTest) -> Result<Report> {
+    test.validate().map_err(|e| anyhow!("invalid load test: {e}"))?;
+    match &test.target {
+        Target::Embedded { runtime, control_tick_ms, lease_ttl_s, fake_start_ms } => {
+            let names = Names::default();
+            let options = EmbeddedOptions {
+                control_tick_ms: *control_tick_ms,
+                lease_ttl_s: *lease_ttl_s,
+                gateway: matches!(test.transport, Transport::Http { url: None, .. }),
+                fake_start_ms: *fake_start_ms,
+            };
+            let embedded = Embedded::start(*runtime, names.clone(), &options).await?;
+            let url = embedded.server.url.clone();
+            let monitor = Some(embedded.server.monitor_url.clone());
+            let result = run_on(test, &url, &names, embedded.gateway_url.as_deref(), monitor.as_deref()).await;
+            embedded.stop().await;
+            result
+        }
+        Target::External { nats_url, prefix, monitor_url } => {
+            let names = Names::new(prefix).map_err(|e| anyhow!("--prefix: {}", e.message))?;
+            run_on(test, nats_url, &names, None, monitor_url.as_deref()).await
+        }
+    }
+}
+
+/// The worker command of the handler (process runtime), and its working directory.
+fn worker_command(test: &LoadTest) -> Result<(String, Option<String>)> {
+    if let Some(cmd) = &test.endpoint.command {
+        return Ok((cmd.clone(), None));
+    }
+    if let Target::Embedded { runtime: RuntimeKind::Fake, .. } = test.target {
+        return Ok(("fake worker (no process)".into(), None));
+    }
+    match test.handler {
+        Handler::Noop | Handler::Sleep { .. } => Ok((format!("exec {}", shell_quote(&example_worker_bin()?)), None)),
+        Handler::Python { .. } => {
+            let root = repo_root().context("the Python handler lives in examples/python-worker of a shoal checkout: run from one, or give --worker-command")?;
+            Ok((
+                format!("exec {} examples/python-worker/handler.py", shell_quote(&python_bin()?)),
+                Some(root.display().to_string()),
+            ))
+        }
+    }
+}
+
+fn endpoint_spec(test: &LoadTest, id: &str) -> Result<EndpointSpec> {
+    let (command, workdir) = worker_command(test)?;
+    let s = &test.endpoint;
+    let mut spec = EndpointSpec::with_command(id, &command);
+    spec.workdir = workdir;
+    spec.image = s.image.clone();
+    spec.workers_min = s.workers_min;
+    spec.workers_max = s.workers_max;
+    spec.scaler = s.scaler;
+    spec.scaler_value = s.scaler_value;
+    spec.idle_timeout_s = s.idle_timeout_s;
+    spec.env.extend(s.env.iter().cloned());
+    spec.validate().map_err(|e| anyhow!("endpoint settings: {}", e.message))?;
+    Ok(spec)
+}
+
+async fn wait_ready(api: &ApiClient, endpoint: &str, want: u32, ready: &std::sync::atomic::AtomicU64) -> Result<()> {
+    let deadline = tokio::time::Instant::now() + WARM_TIMEOUT;
+    while ready.load(Ordering::Relaxed) < u64::from(want) {
+        if tokio::time::Instant::now() >= deadline {
+            let reasons: Vec<String> = api
+                .workers(Some(endpoint))
+                .await
+                .map(|l| l.workers)
+                .unwrap_or_default()
+                .into_iter()
+                .map(|w| format!("{} {}: {}", w.id, w.state.as_str(), w.reason.unwrap_or_default()))
+                .collect();
+            bail!(
+                "only {} of {want} workers of {endpoint} got ready in {WARM_TIMEOUT:?}; workers: [{}]",
+                ready.load(Ordering::Relaxed),
+                reasons.join("; ")
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(())
+}
+
+async fn snapshot(monitor: &Option<Monitor>) -> Option<Snapshot> {
+    match monitor {
+        Some(m) => m.snapshot().await,
+        None => None,
+    }
+}
+
+async fn traffic(monitor: &Option<Monitor>, before: Option<Snapshot>, jobs: u64) -> Option<ServerTraffic> {
+    let after = snapshot(monitor).await?;
+    before?.per_job(&after, jobs)
+}
+
+/// Waits until a control replica owns the endpoint (its actors and scaler run).
+async fn wait_owned(api: &ApiClient, endpoint: &str) -> Result<()> {
+    let deadline = tokio::time::Instant::now() + WARM_TIMEOUT;
+    loop {
+        match api.health(endpoint).await {
+            Ok(h) if h.owner.is_some() => return Ok(()),
+            Ok(_) => {}
+            Err(e) => tracing::debug!(error = %e, "health"),
+        }
+        if tokio::time::Instant::now() >= deadline {
+            bail!("no control replica took endpoint {endpoint} within {WARM_TIMEOUT:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn run_on(
+    test: &LoadTest,
+    url: &str,
+    names: &Names,
+    gateway_url: Option<&str>,
+    monitor_url: Option<&str>,
+) -> Result<Report> {
+    let monitor = monitor_url.and_then(Monitor::new);
+    let started_at_ms = now_ms();
+    let client = connect(url, "shoal-loadtest").await?;
+    let watch_client = connect(url, "shoal-loadtest-events").await?;
+    let api = ApiClient::new(client.clone(), names.clone()).with_timeout(Duration::from_secs(30));
+    let input = job_input(test.handler, test.payload_bytes);
+    let planned = test.scenario.planned_jobs();
+    let mut notes = Vec::new();
+    if let Target::Embedded { runtime, .. } = &test.target {
+        notes.push(format!(
+            "embedded installation: nats-server, shoal (control + host, {} runtime), the workers and the tester share this machine",
+            runtime.name()
+        ));
+    }
+
+    let baseline = if test.baseline {
+        let worker_client = connect(url, "shoal-loadtest-baseline-worker").await?;
+        let progress = Arc::new(Progress::default());
+        let printer = ProgressPrinter::start(progress.clone(), "baseline".into(), planned, test.progress);
+        let before = snapshot(&monitor).await;
+        let result = BaselineRun {
+            client: &client,
+            worker_client: &worker_client,
+            prefix: names.prefix(),
+            run_id: &random_token(),
+            scenario: &test.scenario,
+            workers: test.endpoint.workers_max,
+            payload: Bytes::from(serde_json::to_vec(&input)?),
+            sleep_ms: test.handler.sleep_ms(),
+            timeout: test.job_timeout(),
+            max_in_flight: test.max_in_flight,
+            progress,
+        }
+        .run()
+        .await;
+        printer.finish().await;
+        let mut result = result.context("baseline run")?;
+        result.server = traffic(&monitor, before, result.completed).await;
+        Some(result)
+    } else {
+        None
+    };
+
+    let (endpoint_id, spec) = match &test.endpoint.id {
+        Some(id) => {
+            api.get_endpoint(id).await.map_err(|e| anyhow!("endpoint {id}: {e}"))?;
+            (id.clone(), None)
+        }
+        None => {
+            let id = format!("lt-{}", random_token());
+            let spec = endpoint_spec(test, &id)?;
+            (id, Some(spec))
+        }
+    };
+    let t0 = std::time::Instant::now();
+    let seed_api = api.clone();
+    let seed_id = endpoint_id.clone();
+    let watch = WorkerWatch::start(&watch_client, names, &endpoint_id, move || async move {
+        seed_api.workers(Some(&seed_id)).await.map(|l| l.workers).unwrap_or_default()
+    })
+    .await
+    .context("watch worker events")?;
+    tracing::debug!(elapsed = ?t0.elapsed(), "watch started");
+    let wait = test.effective_wait();
+    let tracker = Arc::new(JobTracker::default());
+    let tracker_task = match wait {
+        WaitMode::Async => Some(tracker.watch(&watch_client, names, &endpoint_id).await.context("watch job events")?),
+        _ => None,
+    };
+    if let Some(spec) = &spec {
+        api.create_endpoint(spec).await.map_err(|e| anyhow!("create endpoint {endpoint_id}: {e}"))?;
+    }
+    tracing::debug!(elapsed = ?t0.elapsed(), "endpoint created");
+    let outcome = async {
+        wait_owned(&api, &endpoint_id).await?;
+        if test.endpoint.warm && test.endpoint.workers_min > 0 {
+            wait_ready(&api, &endpoint_id, test.endpoint.workers_min, &watch.ready()).await?;
+        }
+        tracing::debug!(elapsed = ?t0.elapsed(), "warm");
+        let transport = match &test.transport {
+            Transport::Http { url: None, api_key } => {
+                Transport::Http { url: gateway_url.map(str::to_string), api_key: api_key.clone() }
+            }
+            other => other.clone(),
+        };
+        let jobs = Arc::new(ShoalJobs::new(
+            &transport,
+            wait,
+            client.clone(),
+            names,
+            &endpoint_id,
+            input.clone(),
+            test.job_timeout(),
+            tracker_task.as_ref().map(|_| tracker.clone()),
+        )?);
+        let progress = Arc::new(Progress::with_workers(watch.ready()));
+        let printer = ProgressPrinter::start(progress.clone(), "shoal".into(), planned, test.progress);
+        let job_fn = {
+            let jobs = jobs.clone();
+            move |_i: u64| {
+                let jobs = jobs.clone();
+                async move { jobs.run_job().await }
+            }
+        };
+        let before = snapshot(&monitor).await;
+        let (mut result, start) = drive(&test.scenario, test.max_in_flight, progress, job_fn).await;
+        printer.finish().await;
+        result.server = traffic(&monitor, before, result.completed).await;
+        anyhow::Ok((result, start, jobs.events_missed.load(Ordering::Relaxed)))
+    }
+    .await;
+    let (shoal, start, events_missed) = match outcome {
+        Ok(o) => o,
+        Err(e) => {
+            if let Some(t) = tracker_task {
+                t.abort();
+            }
+            if spec.is_some() {
+                let _ = api.delete_endpoint(&endpoint_id).await;
+            }
+            return Err(e);
+        }
+    };
+    let workers = watch.finish(start.into_std()).await;
+    if let Some(t) = tracker_task {
+        t.abort();
+    }
+    if spec.is_some()
+        && let Err(e) = api.delete_endpoint(&endpoint_id).await
+    {
+        tracing::warn!(endpoint_id = %endpoint_id, error = %e, "cannot delete the load test endpoint");
+    }
+    if wait == WaitMode::Async {
+        notes.push("async mode: queue delay and execution time come from the job events' timestamps (ms)".into());
+    }
+    if workers.cold_starts.iter().any(|c| c.restarts > 0)
+        || workers.timeline.iter().any(|p| p.other > 0)
+    {
+        notes.push("some workers were throttled, unhealthy or restarted during the run".into());
+    }
+    let ratio = baseline.as_ref().and_then(|b| Ratio::of(&shoal, b));
+    Ok(Report {
+        version: REPORT_VERSION,
+        tool: format!("shoal-loadtest {}", env!("CARGO_PKG_VERSION")),
+        started_at_ms,
+        command: None,
+        machine: Machine::detect(),
+        test: test.clone(),
+        endpoint_id,
+        mode: format!("{}/{}", test.transport.name(), if wait == WaitMode::Sync { "sync" } else { "async" }),
+        shoal,
+        baseline,
+        ratio,
+        workers,
+        events_missed,
+        notes,
+    })
+}
+
+/// Writes `<dir>/<name>.json` and `<dir>/<name>.html`; returns their paths.
+pub fn write_outputs(report: &Report, dir: &Path, name: &str) -> Result<(PathBuf, PathBuf)> {
+    std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+    let json = dir.join(format!("{name}.json"));
+    let html = dir.join(format!("{name}.html"));
+    std::fs::write(&json, serde_json::to_vec_pretty(report)?).with_context(|| format!("write {}", json.display()))?;
+    std::fs::write(&html, html::render(report)).with_context(|| format!("write {}", html.display()))?;
+    Ok((json, html))
+}

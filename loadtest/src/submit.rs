@@ -1,0 +1,408 @@
+//! Submitting shoal jobs the way clients do, and seeing their results.
+//!
+//! - NATS: a request on `<prefix>.v1.api.job.run` with a MessagePack [`RunRequest`] encoded once
+//!   (every job of a run has the same input, so the tester spends no CPU re-encoding it).
+//! - HTTP: `POST {url}/v2/{endpoint}/run` or `/runsync?wait=` on the RunPod-compatible gateway.
+//!
+//! Sync mode waits in the request (`wait_ms`, `/runsync`) and reads the delay and execution
+//! times from the reply. Async mode submits, then sees the job end on the job events
+//! (`<prefix>.events.job.>`) through a [`JobTracker`]; a job whose terminal event never comes is
+//! read back with `job.status` once, and counted as `events_missed`.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use anyhow::Context;
+use async_nats::HeaderMap;
+use bytes::Bytes;
+use futures::StreamExt;
+use serde_json::{Value, json};
+use shoal_actors::client::ApiClient;
+use shoal_protocol::api::{ERROR_CODE_HEADER, JobRef, JobStatus, RunRequest};
+use shoal_protocol::codec::{CONTENT_TYPE, Encoding, decode, encode, from_msgpack};
+use shoal_protocol::events::JobEvent;
+use shoal_protocol::job::JobState;
+use shoal_protocol::names::{Names, op};
+use shoal_protocol::{ApiError, ErrorCode};
+use tokio::sync::oneshot;
+use tokio::time::Instant;
+
+use crate::config::{Handler, Transport, WaitMode};
+use crate::driver::JobOutcome;
+
+/// The input of every job of a run: what the handler should do, padded to `payload_bytes`.
+pub fn job_input(handler: Handler, payload_bytes: usize) -> Value {
+    let mut input = match handler {
+        Handler::Noop => json!({}),
+        Handler::Sleep { ms } => json!({ "sleep_ms": ms }),
+        Handler::Python { sleep_ms: 0 } => json!({ "mode": "echo" }),
+        Handler::Python { sleep_ms } => json!({ "mode": "sleep", "seconds": sleep_ms as f64 / 1000.0 }),
+    };
+    if payload_bytes > 0
+        && let Some(obj) = input.as_object_mut()
+    {
+        obj.insert("pad".into(), Value::String("x".repeat(payload_bytes)));
+    }
+    input
+}
+
+/// The error key of a job that ended otherwise than COMPLETED.
+pub fn state_error(state: JobState) -> Option<String> {
+    match state {
+        JobState::Completed => None,
+        JobState::Failed => Some("job_failed".into()),
+        JobState::TimedOut => Some("job_timed_out".into()),
+        JobState::Cancelled => Some("job_cancelled".into()),
+        JobState::InQueue | JobState::InProgress => Some("no_result".into()),
+    }
+}
+
+/// A job's end as its events tell it.
+#[derive(Debug, Clone)]
+pub struct Finished {
+    pub state: JobState,
+    /// When the terminal event arrived here.
+    pub seen: Instant,
+    pub queue_ms: Option<u64>,
+    pub exec_ms: Option<u64>,
+}
+
+#[derive(Default)]
+struct Track {
+    queued_at_ms: Option<u64>,
+    started_at_ms: Option<u64>,
+    finished: Option<Finished>,
+    waiter: Option<oneshot::Sender<Finished>>,
+}
+
+/// Matches job events with the submissions waiting for them; events may arrive before the
+/// submit reply names the job, so both orders work.
+#[derive(Default)]
+pub struct JobTracker {
+    jobs: Mutex<HashMap<String, Track>>,
+    pub events: AtomicU64,
+}
+
+impl JobTracker {
+    pub fn on_event(&self, e: &JobEvent, seen: Instant) {
+        self.events.fetch_add(1, Ordering::Relaxed);
+        let Ok(mut jobs) = self.jobs.lock() else { return };
+        let t = jobs.entry(e.job_id.clone()).or_default();
+        match e.state {
+            JobState::InQueue => t.queued_at_ms = Some(e.at_ms),
+            JobState::InProgress => t.started_at_ms = Some(e.at_ms),
+            terminal => {
+                if t.finished.is_some() {
+                    return;
+                }
+                let f = Finished {
+                    state: terminal,
+                    seen,
+                    queue_ms: match (t.queued_at_ms, t.started_at_ms) {
+                        (Some(q), Some(s)) => Some(s.saturating_sub(q)),
+                        _ => None,
+                    },
+                    exec_ms: t.started_at_ms.map(|s| e.at_ms.saturating_sub(s)),
+                };
+                match t.waiter.take() {
+                    Some(w) => {
+                        let _ = w.send(f);
+                        jobs.remove(&e.job_id);
+                    }
+                    None => t.finished = Some(f),
+                }
+            }
+        }
+    }
+
+    /// The job's end, now if it already ended.
+    pub fn wait_for(&self, job_id: &str) -> oneshot::Receiver<Finished> {
+        let (tx, rx) = oneshot::channel();
+        if let Ok(mut jobs) = self.jobs.lock() {
+            let t = jobs.entry(job_id.to_string()).or_default();
+            match t.finished.take() {
+                Some(f) => {
+                    let _ = tx.send(f);
+                    jobs.remove(job_id);
+                }
+                None => t.waiter = Some(tx),
+            }
+        }
+        rx
+    }
+
+    pub fn forget(&self, job_id: &str) {
+        if let Ok(mut jobs) = self.jobs.lock() {
+            jobs.remove(job_id);
+        }
+    }
+
+    /// Subscribes to the job events of `endpoint` and feeds them to the tracker until dropped
+    /// (the returned task is aborted by the caller).
+    pub async fn watch(
+        self: &Arc<Self>,
+        client: &async_nats::Client,
+        names: &Names,
+        endpoint: &str,
+    ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+        let mut sub = client.subscribe(names.events_of_kind("job")).await?;
+        let (me, endpoint) = (self.clone(), endpoint.to_string());
+        Ok(tokio::spawn(async move {
+            while let Some(msg) = sub.next().await {
+                match from_msgpack::<JobEvent>(&msg.payload) {
+                    Ok(e) if e.endpoint == endpoint => me.on_event(&e, Instant::now()),
+                    Ok(_) => {}
+                    Err(e) => tracing::debug!(error = %e, "undecodable job event ignored"),
+                }
+            }
+        }))
+    }
+}
+
+enum Path {
+    Nats { client: async_nats::Client, subject: String, headers: HeaderMap, body: Bytes },
+    Http { http: reqwest::Client, url: String, api_key: Option<String>, body: Bytes },
+}
+
+/// Submits the jobs of one run and reports each one's outcome.
+pub struct ShoalJobs {
+    path: Path,
+    wait: WaitMode,
+    endpoint: String,
+    timeout: Duration,
+    tracker: Option<Arc<JobTracker>>,
+    api: ApiClient,
+    pub events_missed: AtomicU64,
+}
+
+impl ShoalJobs {
+    /// `tracker` is required for async mode.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        transport: &Transport,
+        wait: WaitMode,
+        client: async_nats::Client,
+        names: &Names,
+        endpoint: &str,
+        input: Value,
+        timeout: Duration,
+        tracker: Option<Arc<JobTracker>>,
+    ) -> anyhow::Result<ShoalJobs> {
+        let sync = wait == WaitMode::Sync;
+        let wait_ms = if sync { u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX) } else { 0 };
+        let path = match transport {
+            Transport::Nats => {
+                // built from its fields by name, so fields added to the request later keep their defaults
+                let req: RunRequest = serde_json::from_value(json!({
+                    "endpoint": endpoint, "input": input, "wait_ms": wait_ms, "sync": sync,
+                }))?;
+                let mut headers = HeaderMap::new();
+                headers.insert(CONTENT_TYPE, Encoding::MsgPack.content_type());
+                Path::Nats {
+                    client: client.clone(),
+                    subject: names.api_subject(op::JOB_RUN),
+                    headers,
+                    body: Bytes::from(encode(Encoding::MsgPack, &req)?),
+                }
+            }
+            Transport::Http { url, api_key } => {
+                let url = url.as_deref().context("no gateway URL")?;
+                let base = url.trim_end_matches('/');
+                let url = if sync {
+                    format!("{base}/v2/{endpoint}/runsync?wait={wait_ms}")
+                } else {
+                    format!("{base}/v2/{endpoint}/run")
+                };
+                let http = reqwest::Client::builder().pool_max_idle_per_host(4096).build()?;
+                Path::Http { http, url, api_key: api_key.clone(), body: Bytes::from(serde_json::to_vec(&json!({ "input": input }))?) }
+            }
+        };
+        if !sync && tracker.is_none() {
+            anyhow::bail!("async submits need a job tracker");
+        }
+        Ok(ShoalJobs {
+            path,
+            wait,
+            endpoint: endpoint.to_string(),
+            timeout,
+            tracker,
+            api: ApiClient::new(client, names.clone()).with_timeout(Duration::from_secs(10)),
+            events_missed: AtomicU64::new(0),
+        })
+    }
+
+    /// Submits one job and waits for its end.
+    pub async fn run_job(&self) -> JobOutcome {
+        let sent = Instant::now();
+        let reply = self.submit().await;
+        let replied = Instant::now();
+        let status = match reply {
+            Ok(s) => s,
+            Err(e) => return JobOutcome::failed(e.code.as_str(), sent),
+        };
+        if self.wait == WaitMode::Sync {
+            return JobOutcome {
+                error: state_error(status.status),
+                sent,
+                accepted: None,
+                done: replied,
+                queue_ms: status.delay_time_ms,
+                exec_ms: status.execution_time_ms,
+            };
+        }
+        let Some(tracker) = &self.tracker else {
+            return JobOutcome::failed("internal", sent);
+        };
+        let left = self.timeout.saturating_sub(sent.elapsed());
+        match tokio::time::timeout(left, tracker.wait_for(&status.id)).await {
+            Ok(Ok(f)) => JobOutcome {
+                error: state_error(f.state),
+                sent,
+                accepted: Some(replied),
+                done: f.seen,
+                queue_ms: f.queue_ms,
+                exec_ms: f.exec_ms,
+            },
+            _ => {
+                tracker.forget(&status.id);
+                self.read_back(&status.id, sent, replied).await
+            }
+        }
+    }
+
+    /// No terminal event in time: ask once.
+    async fn read_back(&self, id: &str, sent: Instant, accepted: Instant) -> JobOutcome {
+        let job = JobRef { endpoint: Some(self.endpoint.clone()), id: id.to_string(), wait_ms: 0 };
+        match self.api.status(&job).await {
+            Ok(s) if s.status.is_terminal() => {
+                self.events_missed.fetch_add(1, Ordering::Relaxed);
+                JobOutcome {
+                    error: state_error(s.status),
+                    sent,
+                    accepted: Some(accepted),
+                    done: Instant::now(),
+                    queue_ms: s.delay_time_ms,
+                    exec_ms: s.execution_time_ms,
+                }
+            }
+            _ => JobOutcome { accepted: Some(accepted), ..JobOutcome::failed("no_result", sent) },
+        }
+    }
+
+    async fn submit(&self) -> Result<JobStatus, ApiError> {
+        match &self.path {
+            Path::Nats { client, subject, headers, body } => {
+                let request = async_nats::Request::new()
+                    .payload(body.clone())
+                    .headers(headers.clone())
+                    .timeout(Some(self.timeout + Duration::from_secs(5)));
+                let msg = client.send_request(subject.clone(), request).await.map_err(|e| match e.kind() {
+                    async_nats::RequestErrorKind::NoResponders => ApiError::unavailable("no responders"),
+                    async_nats::RequestErrorKind::TimedOut => ApiError::new(ErrorCode::Timeout, "request timed out"),
+                    _ => ApiError::unavailable(e.to_string()),
+                })?;
+                if let Some(code) = msg.headers.as_ref().and_then(|h| h.get(ERROR_CODE_HEADER)) {
+                    let status: u16 = code.as_str().parse().unwrap_or(500);
+                    return Err(decode::<ApiError>(Encoding::MsgPack, &msg.payload)
+                        .unwrap_or_else(|_| ApiError::new(ErrorCode::from_status(status), "error reply")));
+                }
+                decode(Encoding::MsgPack, &msg.payload).map_err(|e| ApiError::internal(e.to_string()))
+            }
+            Path::Http { http, url, api_key, body } => {
+                let mut req = http
+                    .post(url)
+                    .header("content-type", "application/json")
+                    .timeout(self.timeout + Duration::from_secs(5))
+                    .body(body.clone());
+                if let Some(key) = api_key {
+                    req = req.header("authorization", format!("Bearer {key}"));
+                }
+                let resp = req.send().await.map_err(|e| {
+                    if e.is_timeout() {
+                        ApiError::new(ErrorCode::Timeout, e.to_string())
+                    } else {
+                        ApiError::unavailable(e.to_string())
+                    }
+                })?;
+                let status = resp.status();
+                let bytes = resp.bytes().await.map_err(|e| ApiError::unavailable(e.to_string()))?;
+                if !status.is_success() {
+                    return Err(ApiError::new(ErrorCode::from_status(status.as_u16()), String::from_utf8_lossy(&bytes)));
+                }
+                envelope(&bytes, &self.endpoint)
+            }
+        }
+    }
+}
+
+/// Reads RunPod's status envelope (`{"id", "status", "delayTime", "executionTime", ...}`).
+pub fn envelope(bytes: &[u8], endpoint: &str) -> Result<JobStatus, ApiError> {
+    let v: Value = serde_json::from_slice(bytes).map_err(|e| ApiError::internal(format!("reply is not JSON: {e}")))?;
+    let id = v.get("id").and_then(Value::as_str).ok_or_else(|| ApiError::internal(format!("reply has no id: {v}")))?;
+    let status: JobState = v
+        .get("status")
+        .cloned()
+        .and_then(|s| serde_json::from_value(s).ok())
+        .ok_or_else(|| ApiError::internal(format!("reply has no known status: {v}")))?;
+    serde_json::from_value(json!({
+        "id": id,
+        "endpoint": endpoint,
+        "status": status,
+        "delay_time_ms": v.get("delayTime").and_then(Value::as_u64),
+        "execution_time_ms": v.get("executionTime").and_then(Value::as_u64),
+        "error": v.get("error").map(|e| e.to_string()),
+    }))
+    .map_err(|e| ApiError::internal(format!("cannot read the status envelope: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ev(id: &str, state: JobState, at_ms: u64) -> JobEvent {
+        serde_json::from_value(json!({"job_id": id, "endpoint": "ep", "state": state, "attempts": 1, "at_ms": at_ms}))
+            .expect("a job event")
+    }
+
+    #[tokio::test]
+    async fn the_tracker_matches_events_in_either_order() {
+        let t = JobTracker::default();
+        // events first, then the submitter asks
+        t.on_event(&ev("a", JobState::InQueue, 100), Instant::now());
+        t.on_event(&ev("a", JobState::InProgress, 103), Instant::now());
+        t.on_event(&ev("a", JobState::Completed, 110), Instant::now());
+        let f = t.wait_for("a").await.expect("already finished");
+        assert_eq!((f.state, f.queue_ms, f.exec_ms), (JobState::Completed, Some(3), Some(7)));
+        // the submitter asks first
+        let rx = t.wait_for("b");
+        t.on_event(&ev("b", JobState::InQueue, 0), Instant::now());
+        t.on_event(&ev("b", JobState::InProgress, 5), Instant::now());
+        // a redelivery: queued again, started again; the delay counts from the last queueing
+        t.on_event(&ev("b", JobState::InQueue, 50), Instant::now());
+        t.on_event(&ev("b", JobState::InProgress, 52), Instant::now());
+        t.on_event(&ev("b", JobState::Failed, 60), Instant::now());
+        let f = rx.await.expect("finished");
+        assert_eq!((f.state, f.queue_ms, f.exec_ms), (JobState::Failed, Some(2), Some(8)));
+        assert!(t.jobs.lock().expect("lock").is_empty());
+        assert_eq!(t.events.load(Ordering::Relaxed), 8);
+    }
+
+    #[test]
+    fn inputs_carry_the_handler_and_the_padding() {
+        assert_eq!(job_input(Handler::Noop, 0), json!({}));
+        assert_eq!(job_input(Handler::Sleep { ms: 5 }, 3), json!({"sleep_ms": 5, "pad": "xxx"}));
+        assert_eq!(job_input(Handler::Python { sleep_ms: 250 }, 0), json!({"mode": "sleep", "seconds": 0.25}));
+    }
+
+    #[test]
+    fn runpod_envelopes_are_read() {
+        let s = envelope(br#"{"id":"x-u1","status":"COMPLETED","delayTime":3,"executionTime":4,"output":{}}"#, "ep")
+            .expect("valid");
+        assert_eq!((s.status, s.delay_time_ms, s.execution_time_ms), (JobState::Completed, Some(3), Some(4)));
+        assert!(envelope(br#"{"status":"COMPLETED"}"#, "ep").is_err());
+        assert_eq!(state_error(JobState::TimedOut).as_deref(), Some("job_timed_out"));
+    }
+}

@@ -1,0 +1,238 @@
+//! `shoal job run|status|cancel|retry|stream`.
+
+use std::path::Path;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, Result, anyhow};
+use serde_json::Value;
+use shoal_actors::client::ApiClient;
+use shoal_protocol::api::{JobRef, JobStatus, RunRequest};
+use shoal_protocol::job::{JobState, PolicyRequest};
+
+use super::{api, read_text};
+use crate::output::line;
+use crate::settings::Settings;
+
+/// How often `job stream` asks for new chunks.
+const STREAM_POLL: Duration = Duration::from_millis(500);
+
+#[derive(Debug, clap::Subcommand)]
+pub enum JobCommand {
+    /// Submit a job, wait for it to end and print its status (`--async`: print its id only).
+    /// Exits non-zero when the job ends FAILED, TIMED_OUT or CANCELLED.
+    Run(RunArgs),
+    /// Print a job's status.
+    Status(JobArgs),
+    /// Cancel a queued or running job.
+    Cancel(JobArgs),
+    /// Queue a FAILED or TIMED_OUT job again, under the same id.
+    Retry(JobArgs),
+    /// Print a generator job's chunks as JSON lines, as they come, until the job ends.
+    Stream(JobArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct RunArgs {
+    /// The endpoint to run the job on.
+    pub endpoint: String,
+    /// The job's input, one JSON value (`-` reads it from stdin, `@FILE` from a file).
+    pub input: String,
+    /// Print the job id at once instead of waiting for the job to end.
+    #[arg(long = "async")]
+    pub r#async: bool,
+    /// How long each request waits for the job to end before asking again.
+    #[arg(long, default_value_t = 30_000, value_name = "MS")]
+    pub wait_ms: u64,
+    /// Queue behind every normal job of the endpoint; does not trigger a scale-up.
+    #[arg(long)]
+    pub low_priority: bool,
+    /// End the job TIMED_OUT if it has not finished this long after submission
+    /// [default: the endpoint's, 24 h].
+    #[arg(long, value_name = "MS")]
+    pub ttl_ms: Option<u64>,
+    /// End the job TIMED_OUT (and stop its worker's handler) if it runs longer than this
+    /// [default: the endpoint's].
+    #[arg(long, value_name = "MS")]
+    pub execution_timeout_ms: Option<u64>,
+    /// The same key on the same endpoint returns the same job instead of a new one.
+    #[arg(long, value_name = "KEY")]
+    pub idempotency_key: Option<String>,
+    /// URL called with the job's status when it ends.
+    #[arg(long, value_name = "URL")]
+    pub webhook: Option<String>,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct JobArgs {
+    /// The job id.
+    pub id: String,
+    /// The job's endpoint (found from the id when absent).
+    #[arg(long)]
+    pub endpoint: Option<String>,
+}
+
+impl JobArgs {
+    fn job_ref(&self, wait_ms: u64) -> JobRef {
+        JobRef { endpoint: self.endpoint.clone(), id: self.id.clone(), wait_ms }
+    }
+}
+
+pub async fn job(settings: &Settings, cmd: &JobCommand) -> Result<ExitCode> {
+    match cmd {
+        JobCommand::Run(args) => {
+            // A mistake in the input is reported before anything is sent.
+            let request = run_request(args, parse_input(&args.input)?);
+            run(&api(settings).await?, args, &request).await
+        }
+        JobCommand::Status(args) => {
+            print_status(&api(settings).await?.status(&args.job_ref(0)).await?)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        JobCommand::Cancel(args) => {
+            print_status(&api(settings).await?.cancel(&args.job_ref(0)).await?)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        JobCommand::Retry(args) => {
+            print_status(&api(settings).await?.retry(&args.job_ref(0)).await?)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        JobCommand::Stream(args) => stream(&api(settings).await?, args).await,
+    }
+}
+
+/// Parses the input argument; the error says what was wrong and how to quote it.
+pub fn parse_input(arg: &str) -> Result<Value> {
+    let (text, source) = match arg {
+        "-" => (read_text(Path::new("-"))?, "stdin".to_string()),
+        _ => match arg.strip_prefix('@') {
+            Some(path) => (read_text(Path::new(path))?, path.to_string()),
+            None => (arg.to_string(), "the input argument".to_string()),
+        },
+    };
+    serde_json::from_str(&text).map_err(|e| {
+        anyhow!("{source} is not valid JSON: {e} (quote it for the shell, e.g. '{{\"prompt\":\"hello\"}}')")
+    })
+}
+
+fn run_request(args: &RunArgs, input: Value) -> RunRequest {
+    let policy =
+        (args.low_priority || args.ttl_ms.is_some() || args.execution_timeout_ms.is_some()).then_some(PolicyRequest {
+            execution_timeout_ms: args.execution_timeout_ms,
+            ttl_ms: args.ttl_ms,
+            low_priority: args.low_priority,
+        });
+    RunRequest {
+        policy,
+        webhook: args.webhook.clone(),
+        idempotency_key: args.idempotency_key.clone(),
+        wait_ms: if args.r#async { 0 } else { args.wait_ms },
+        ..RunRequest::new(&args.endpoint, input)
+    }
+}
+
+async fn run(api: &ApiClient, args: &RunArgs, request: &RunRequest) -> Result<ExitCode> {
+    let mut status = api.run(request).await?;
+    if args.r#async {
+        line(&status.id)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    if !status.status.is_terminal() {
+        eprintln!(
+            "job {} is {}; waiting for it to end (Ctrl-C stops waiting, not the job)",
+            status.id,
+            status.status.as_str()
+        );
+    }
+    while !status.status.is_terminal() {
+        if args.wait_ms == 0 {
+            tokio::time::sleep(STREAM_POLL).await;
+        }
+        let job = JobRef { endpoint: Some(status.endpoint.clone()), id: status.id.clone(), wait_ms: args.wait_ms };
+        status = api.status(&job).await?;
+    }
+    print_status(&status)?;
+    Ok(exit_code(status.status))
+}
+
+async fn stream(api: &ApiClient, args: &JobArgs) -> Result<ExitCode> {
+    let job = args.job_ref(0);
+    loop {
+        let reply = api.stream(&job).await?;
+        for chunk in &reply.stream {
+            line(serde_json::to_string(&chunk.output).context("encode a chunk")?)?;
+        }
+        if reply.status.is_terminal() && reply.stream.is_empty() {
+            eprintln!("job {} ended {}", reply.id, reply.status.as_str());
+            return Ok(exit_code(reply.status));
+        }
+        if reply.stream.is_empty() {
+            tokio::time::sleep(STREAM_POLL).await;
+        }
+    }
+}
+
+fn print_status(status: &JobStatus) -> Result<()> {
+    line(serde_json::to_string_pretty(status).context("encode the status")?)
+}
+
+/// Success only for a job that completed.
+fn exit_code(state: JobState) -> ExitCode {
+    match state {
+        JobState::Failed | JobState::TimedOut | JobState::Cancelled => ExitCode::FAILURE,
+        JobState::Completed | JobState::InQueue | JobState::InProgress => ExitCode::SUCCESS,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(input: &str) -> RunArgs {
+        RunArgs {
+            endpoint: "ep".into(),
+            input: input.into(),
+            r#async: false,
+            wait_ms: 1000,
+            low_priority: false,
+            ttl_ms: None,
+            execution_timeout_ms: None,
+            idempotency_key: None,
+            webhook: None,
+        }
+    }
+
+    #[test]
+    fn input_must_be_json() {
+        assert_eq!(parse_input(r#"{"a":[1,2]}"#).expect("json"), serde_json::json!({"a": [1, 2]}));
+        assert_eq!(parse_input("\"text\"").expect("a string is json"), serde_json::json!("text"));
+        let e = parse_input("{hello: world}").expect_err("not json").to_string();
+        assert!(e.contains("not valid JSON") && e.contains("quote"), "{e}");
+        let e = parse_input("@/nonexistent/input.json").expect_err("no file");
+        assert!(format!("{e:#}").contains("/nonexistent/input.json"), "{e:#}");
+    }
+
+    #[test]
+    fn the_request_carries_the_policy_only_when_one_is_given() {
+        let plain = run_request(&args("{}"), Value::Null);
+        assert_eq!((plain.policy, plain.wait_ms), (None, 1000));
+        let mut a = args("{}");
+        a.r#async = true;
+        a.low_priority = true;
+        a.ttl_ms = Some(5000);
+        let req = run_request(&a, Value::Null);
+        assert_eq!(req.wait_ms, 0, "--async does not wait");
+        assert_eq!(
+            req.policy,
+            Some(PolicyRequest { execution_timeout_ms: None, ttl_ms: Some(5000), low_priority: true })
+        );
+    }
+
+    #[test]
+    fn only_completed_jobs_succeed() {
+        assert_eq!(exit_code(JobState::Completed), ExitCode::SUCCESS);
+        for s in [JobState::Failed, JobState::TimedOut, JobState::Cancelled] {
+            assert_eq!(exit_code(s), ExitCode::FAILURE);
+        }
+    }
+}
