@@ -1,6 +1,7 @@
 //! `shoal dev`: everything on one machine. A child nats-server, then in this process a
-//! control plane and a host with the process runtime; the endpoints of a file are applied,
-//! and Ctrl-C stops the host (and its workers), the control plane, then nats-server.
+//! control plane, a host with the process runtime and an HTTP gateway (RunPod's API, with an
+//! API key given or generated); the endpoints of a file are applied, and Ctrl-C stops the
+//! gateway, the host (and its workers), the control plane, then nats-server.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -9,6 +10,7 @@ use anyhow::{Context, Result};
 use shoal_actors::client::ApiClient;
 use shoal_actors::nats::Nats;
 use shoal_actors::{control, host};
+use shoal_gateway::keys;
 use shoal_protocol::ErrorCode;
 use shoal_protocol::endpoint::EndpointSpec;
 use shoal_protocol::names::{DEFAULT_PREFIX, op};
@@ -36,6 +38,10 @@ pub struct DevArgs {
     /// endpoints survive a restart with the same directory [default: <tmp>/shoal-dev-<port>].
     #[arg(long, value_name = "DIR")]
     pub data_dir: Option<PathBuf>,
+    /// API key of the HTTP gateway (`Authorization: Bearer <key>`) [default: a new key,
+    /// printed at start]. The gateway listens on gateway.listen (127.0.0.1:8080).
+    #[arg(long, env = "SHOAL_API_KEY", value_name = "KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
 }
 
 impl DevArgs {
@@ -73,7 +79,7 @@ pub async fn run(settings: Settings, args: &DevArgs) -> Result<()> {
         }
     };
     let url = server.url.clone();
-    let result = run_on(&settings, &url, &endpoints, &data_dir, &mut shutdown).await;
+    let result = run_on(&settings, &url, &endpoints, &data_dir, args.api_key.as_deref(), &mut shutdown).await;
     info!("stopping nats-server");
     if let Err(e) = server.stop(Duration::from_secs(10)).await {
         warn!(error = %format!("{e:#}"), "cannot stop nats-server cleanly");
@@ -90,6 +96,7 @@ async fn run_on(
     url: &str,
     endpoints: &[EndpointSpec],
     data_dir: &Path,
+    api_key: Option<&str>,
     shutdown: &mut Shutdown,
 ) -> Result<()> {
     let nats = tokio::select! {
@@ -112,6 +119,25 @@ async fn run_on(
             return Err(e);
         }
     };
+    let gateway = async {
+        let key = match api_key {
+            Some(key) => keys::create_with_secret(&nats, "dev", &[], key).await,
+            None => keys::create(&nats, "dev", &[]).await,
+        }
+        .context("create the gateway's API key (--api-key)")?;
+        let handle = shoal_gateway::start(nats.clone(), settings.gateway.clone())
+            .await
+            .context("start the gateway (set gateway.listen, e.g. SHOAL_GATEWAY__LISTEN=127.0.0.1:8081)")?;
+        anyhow::Ok((handle, key.secret))
+    };
+    let (gateway, key) = match gateway.await {
+        Ok(started) => started,
+        Err(e) => {
+            host.stop().await;
+            control.stop().await;
+            return Err(e);
+        }
+    };
     let applied = tokio::select! {
         applied = apply_all(&nats, endpoints) => Some(applied),
         signal = shutdown.wait() => {
@@ -121,16 +147,25 @@ async fn run_on(
     };
     let result = match applied {
         Some(Ok(all)) => {
-            let banner =
-                Banner { settings, url, data_dir, bridge_url: &host.bridge_url, host_id: &host.id, endpoints: &all };
+            let banner = Banner {
+                settings,
+                url,
+                data_dir,
+                bridge_url: &host.bridge_url,
+                host_id: &host.id,
+                endpoints: &all,
+                gateway_url: &gateway.base_url(),
+                api_key: &key,
+            };
             crate::output::line(banner.render())?;
             let signal = shutdown.wait().await;
-            info!(signal, "stopping the host and its workers, the control plane, then nats-server");
+            info!(signal, "stopping the gateway, the host and its workers, the control plane, then nats-server");
             Ok(())
         }
         Some(Err(e)) => Err(e),
         None => Ok(()),
     };
+    gateway.stop().await;
     host.stop().await;
     control.stop().await;
     roles::close(&nats.client).await;
@@ -169,6 +204,9 @@ struct Banner<'a> {
     bridge_url: &'a str,
     host_id: &'a str,
     endpoints: &'a [EndpointSpec],
+    /// RunPod's API base URL (`.../v2`) and its key.
+    gateway_url: &'a str,
+    api_key: &'a str,
 }
 
 impl Banner<'_> {
@@ -184,6 +222,8 @@ impl Banner<'_> {
         line(format!("  NATS         {}  (store: {})", self.url, self.data_dir.join("nats").display()));
         line(format!("  NATS API     {}  (ops: {})", names.api_subject("<op>"), op::ALL.join(", ")));
         line(format!("  host         {}, worker bridge {}", self.host_id, self.bridge_url));
+        line(format!("  gateway      {}  (API key: {})", self.gateway_url, self.api_key));
+        line(format!("  metrics      {}/metrics  (Prometheus, no key)", self.gateway_url.trim_end_matches("/v2")));
         line(format!("  worker logs  {}/<endpoint>/<worker>.log", self.settings.host.state_dir.join("logs").display()));
         if self.endpoints.is_empty() {
             line("  endpoints    none (create one with `shoal endpoint apply -f FILE`)".into());
@@ -208,6 +248,11 @@ impl Banner<'_> {
         line(format!(
             "  nats req{server} -H 'Content-Type: application/json' {} '{{\"endpoint\":\"{example}\",\"input\":{{\"hello\":\"world\"}},\"wait_ms\":30000}}'",
             names.api_subject(op::JOB_RUN)
+        ));
+        line("or over HTTP, as RunPod clients do (RUNPOD_ENDPOINT_BASE_URL for the runpod SDK):".into());
+        line(format!(
+            "  curl -s -X POST {}/{example}/runsync -H 'Authorization: Bearer {}' -H 'Content-Type: application/json' -d '{{\"input\":{{\"hello\":\"world\"}}}}'",
+            self.gateway_url, self.api_key
         ));
         line("Watch the workers:".into());
         line(format!("  {shoal} workers"));
@@ -259,6 +304,8 @@ mod tests {
             bridge_url: "http://127.0.0.1:9",
             host_id: "h1",
             endpoints: &endpoints,
+            gateway_url: "http://127.0.0.1:8080/v2",
+            api_key: "shoal_k",
         }
         .render();
         assert!(banner.contains("job run echo-py '{\"hello\":\"world\"}'"), "{banner}");
@@ -269,6 +316,12 @@ mod tests {
             "{banner}"
         );
         assert!(banner.contains("http://127.0.0.1:9"), "{banner}");
+        assert!(
+            banner.contains(
+                "curl -s -X POST http://127.0.0.1:8080/v2/echo-py/runsync -H 'Authorization: Bearer shoal_k'"
+            ),
+            "{banner}"
+        );
         assert!(!banner.contains("--nats"), "default url needs no flag: {banner}");
 
         let banner = Banner {
@@ -278,6 +331,8 @@ mod tests {
             bridge_url: "http://127.0.0.1:9",
             host_id: "h1",
             endpoints: &endpoints,
+            gateway_url: "http://127.0.0.1:8080/v2",
+            api_key: "shoal_k",
         }
         .render();
         assert!(banner.contains("--nats nats://127.0.0.1:5000 job run"), "{banner}");

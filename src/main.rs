@@ -1,6 +1,6 @@
-//! `shoal`: the one binary of shoal. It runs the process roles (`control`, `host`, or all of
-//! them with a child nats-server in `dev`) and is the command-line client of the NATS API
-//! (`job`, `workers`, `endpoint`).
+//! `shoal`: the one binary of shoal. It runs the process roles (`control`, `host`, `gateway`,
+//! or all of them with a child nats-server in `dev`) and is the command-line client of the NATS
+//! API (`job`, `workers`, `endpoint`) and of the gateway's API keys (`keys`).
 //!
 //! This crate is wiring only: configuration, the CLI and process lifetimes. Behaviour lives in
 //! `shoal-actors`, wire types in `shoal-protocol`.
@@ -19,14 +19,14 @@ use std::process::ExitCode;
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 
-use crate::cli::{EndpointCommand, JobCommand};
+use crate::cli::{EndpointCommand, JobCommand, KeysCommand};
 use crate::settings::{ConfigError, Layers, Settings};
 
 /// Self-hosted serverless jobs with RunPod semantics, over NATS JetStream.
 #[derive(Debug, Parser)]
 #[command(name = "shoal", version, propagate_version = true)]
 struct Cli {
-    /// TOML configuration file (sections nats, topology, control, host).
+    /// TOML configuration file (sections nats, topology, control, host, gateway).
     #[arg(long, global = true, value_name = "FILE", env = "SHOAL_CONFIG")]
     config: Option<PathBuf>,
     /// NATS server URL [default: nats://127.0.0.1:4222, or nats.url from the configuration].
@@ -52,6 +52,12 @@ enum Command {
     /// Run a host (workers, their supervisor and the worker bridge) until Ctrl-C; the runtime
     /// is host.runtime.kind (process, docker or fake).
     Host,
+    /// Serve RunPod's HTTP API (`/v2/{endpoint}/run`, `/runsync`, `/status/{id}`, ...) over
+    /// the NATS API until Ctrl-C; stateless, so run as many as you like.
+    Gateway(GatewayArgs),
+    /// Create, list and revoke the API keys of the HTTP gateway.
+    #[command(subcommand)]
+    Keys(KeysCommand),
     /// Submit and follow jobs.
     #[command(subcommand)]
     Job(JobCommand),
@@ -63,11 +69,18 @@ enum Command {
     Endpoint(EndpointCommand),
 }
 
+#[derive(Debug, clap::Args)]
+struct GatewayArgs {
+    /// Address to listen on [default: gateway.listen, 127.0.0.1:8080].
+    #[arg(long, value_name = "ADDR")]
+    listen: Option<std::net::SocketAddr>,
+}
+
 impl Command {
     /// Servers log at info by default; client commands only print their result.
     fn default_log_filter(&self) -> &'static str {
         match self {
-            Command::Dev(_) | Command::Control | Command::Host => "info,async_nats=warn",
+            Command::Dev(_) | Command::Control | Command::Host | Command::Gateway(_) => "info,async_nats=warn",
             _ => "warn",
         }
     }
@@ -137,6 +150,11 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             roles::host(load_settings(&cli, vec![])?).await?;
             Ok(ExitCode::SUCCESS)
         }
+        Command::Gateway(args) => {
+            roles::gateway(load_settings(&cli, vec![])?, args.listen).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Keys(cmd) => cli::keys_command(&load_settings(&cli, vec![])?, cmd).await,
         Command::Job(cmd) => cli::job(&load_settings(&cli, vec![])?, cmd).await,
         Command::Workers(args) => cli::workers_command(&load_settings(&cli, vec![])?, args).await,
         Command::Endpoint(cmd) => cli::endpoint(&load_settings(&cli, vec![])?, cmd).await,

@@ -8,6 +8,7 @@ use anyhow::{Context, Result};
 use shoal_actors::nats::Nats;
 use shoal_actors::runtime::Runtime;
 use shoal_actors::{control, host};
+use shoal_gateway::GatewayConfig;
 use tracing::info;
 
 use crate::settings::{ConfigError, Settings};
@@ -43,9 +44,11 @@ pub async fn close(client: &async_nats::Client) {
         tracing::warn!(error = %e, "cannot flush the NATS connection");
     }
     if client.drain().await.is_ok() {
+        // Once the drain is done the connection is closed and every command fails; the
+        // connection state does not say so (it stays "connected").
         let _ = tokio::time::timeout(Duration::from_secs(2), async {
-            while client.connection_state() != async_nats::connection::State::Disconnected {
-                tokio::time::sleep(Duration::from_millis(20)).await;
+            while client.flush().await.is_ok() {
+                tokio::time::sleep(Duration::from_millis(10)).await;
             }
         })
         .await;
@@ -102,5 +105,30 @@ pub async fn host(settings: Settings) -> Result<()> {
     handle.stop().await;
     close(&nats.client).await;
     info!("host stopped");
+    Ok(())
+}
+
+/// `shoal gateway`: serves RunPod's HTTP API (`/v2/{endpoint}/...`) over the NATS API until
+/// Ctrl-C or SIGTERM. Stateless: run as many as you like.
+pub async fn gateway(settings: Settings, listen: Option<std::net::SocketAddr>) -> Result<()> {
+    let mut shutdown = Shutdown::install()?;
+    let nats = tokio::select! {
+        nats = connect(&settings, &settings.nats.url) => nats?,
+        signal = shutdown.wait() => {
+            info!(signal, "stopped before the connection to NATS was made");
+            return Ok(());
+        }
+    };
+    let config = GatewayConfig { listen: listen.unwrap_or(settings.gateway.listen), ..settings.gateway.clone() };
+    if !config.require_api_key {
+        tracing::warn!("gateway.require_api_key is off: anyone who reaches the gateway can use every endpoint");
+    }
+    let handle = shoal_gateway::start(nats.clone(), config).await.context("start the gateway")?;
+    info!(url = %handle.base_url(), nats = %settings.nats.url, prefix = %settings.nats.prefix, "gateway running");
+    let signal = shutdown.wait().await;
+    info!(signal, "stopping the gateway");
+    handle.stop().await;
+    close(&nats.client).await;
+    info!("gateway stopped");
     Ok(())
 }

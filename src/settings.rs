@@ -15,12 +15,13 @@ use serde::Deserialize;
 use shoal_actors::control::ControlConfig;
 use shoal_actors::host::HostConfig;
 use shoal_actors::nats::Topology;
+use shoal_gateway::GatewayConfig;
 use shoal_protocol::names::{DEFAULT_PREFIX, Names};
 
 pub const ENV_PREFIX: &str = "SHOAL";
 pub const DEFAULT_NATS_URL: &str = "nats://127.0.0.1:4222";
 /// The sections of [`Settings`]; an environment variable is read only if it names one.
-pub const SECTIONS: [&str; 4] = ["nats", "topology", "control", "host"];
+pub const SECTIONS: [&str; 5] = ["nats", "topology", "control", "host", "gateway"];
 
 /// Everything a shoal process can be configured with.
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -30,6 +31,7 @@ pub struct Settings {
     pub topology: Topology,
     pub control: ControlConfig,
     pub host: HostConfig,
+    pub gateway: GatewayConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -122,6 +124,7 @@ impl Settings {
         }
         self.control.validate()?;
         self.host.validate()?;
+        self.gateway.validate()?;
         Ok(())
     }
 
@@ -247,6 +250,9 @@ mod tests {
             ("SHOAL_HOST__ID", "my host", "host.id"),
             ("SHOAL_HOST__BRIDGE_LISTEN", "not-an-address", "host.bridge_listen"),
             ("SHOAL_TOPOLOGY__REPLICAS", "0", "topology.replicas"),
+            ("SHOAL_GATEWAY__MAX_RUN_BYTES", "0", "gateway.max_run_bytes"),
+            ("SHOAL_CONTROL__SYNC_RETENTION_S", "0", "control.sync_retention_s"),
+            ("SHOAL_CONTROL__WEBHOOK__TIMEOUT_MS", "0", "control.webhook.timeout_ms"),
             ("SHOAL_HOST__HEARTBEAT_MS", "60000", "host.heartbeat_ms"),
         ];
         for (key, value, named) in cases {
@@ -279,10 +285,8 @@ mod tests {
         assert_eq!((s.host.runtime.kind, s.host.runtime.fake.job_duration_ms), (RuntimeKind::Fake, 5));
         let e = refused(Layers { env: env(&[("SHOAL_HOST__RUNTIME__KIND", "podman")]), ..Layers::default() });
         assert!(e.contains("podman"), "{e}");
-        let e = refused(Layers {
-            env: env(&[("SHOAL_HOST__CONTAINER_BRIDGE_URL", "host1:9000")]),
-            ..Layers::default()
-        });
+        let e =
+            refused(Layers { env: env(&[("SHOAL_HOST__CONTAINER_BRIDGE_URL", "host1:9000")]), ..Layers::default() });
         assert!(e.contains("host.container_bridge_url"), "{e}");
     }
 

@@ -66,7 +66,8 @@ async fn hosts(args: &[String], nats: Nats, names: Names) -> Result<(), Error> {
     let state = std::env::temp_dir().join("shoal-fleet");
     let mut handles = Vec::new();
     for h in 0..n_hosts {
-        let config = HostConfig { id: Some(format!("fleet-host-{h}")), state_dir: state.clone(), ..HostConfig::default() };
+        let config =
+            HostConfig { id: Some(format!("fleet-host-{h}")), state_dir: state.clone(), ..HostConfig::default() };
         let runtime = Arc::new(FakeRuntime { start_latency_ms: 100, job_duration_ms: 50 });
         handles.push(host::start(nats.clone(), config, runtime).await?);
     }
@@ -129,10 +130,10 @@ async fn count_idle(nats: &Nats) -> u64 {
     let mut n = 0;
     let Ok(mut keys) = nats.workers.keys().await else { return 0 };
     while let Some(Ok(k)) = keys.next().await {
-        if let Ok(Some(v)) = nats.workers.get(&k).await {
-            if let Ok(w) = shoal_protocol::codec::from_msgpack::<shoal_protocol::worker::WorkerRecord>(&v) {
-                n += u64::from(w.state == shoal_protocol::worker::WorkerState::Idle);
-            }
+        if let Ok(Some(v)) = nats.workers.get(&k).await
+            && let Ok(w) = shoal_protocol::codec::from_msgpack::<shoal_protocol::worker::WorkerRecord>(&v)
+        {
+            n += u64::from(w.state == shoal_protocol::worker::WorkerState::Idle);
         }
     }
     n

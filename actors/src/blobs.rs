@@ -25,6 +25,8 @@ use crate::jobs::{JobStore, StoreError};
 
 /// NATS' default `max_payload`, assumed until the server's is known.
 const DEFAULT_MAX_PAYLOAD: usize = 1024 * 1024;
+/// The largest value kept inline in a record or a request.
+pub const MAX_INLINE: usize = 256 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BlobError {
@@ -55,14 +57,15 @@ impl Blobs {
     }
 
     /// Values whose JSON is longer than this go to the object store: a quarter of the server's
-    /// `max_payload`, so a record with an inline input and an inline output still fits in one
-    /// message.
+    /// `max_payload` (so a record with an inline input and an inline output still fits in one
+    /// message), and at most [`MAX_INLINE`] (so a run request stays far below control's
+    /// `max_input_bytes` whatever the server allows).
     pub fn inline_limit(&self) -> usize {
         let max_payload = match self.client.server_info().max_payload {
             0 => DEFAULT_MAX_PAYLOAD,
             n => n,
         };
-        max_payload / 4
+        (max_payload / 4).min(MAX_INLINE)
     }
 
     pub async fn put(&self, name: &str, bytes: Bytes) -> Result<(), BlobError> {

@@ -40,6 +40,7 @@ impl ApiClient {
         let body = encode(Encoding::MsgPack, req).map_err(ApiError::from)?;
         let mut headers = HeaderMap::new();
         headers.insert(CONTENT_TYPE, Encoding::MsgPack.content_type());
+        crate::trace_context::inject(&mut headers);
         let request = async_nats::Request::new()
             .payload(Bytes::from(body))
             .headers(headers)

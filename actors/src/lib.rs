@@ -8,6 +8,8 @@
 //! - [`nats`], [`jobs`]: the JetStream topology and the job store (compare-and-set on records).
 //! - [`blobs`]: payloads too large for a NATS message, in the JetStream object store.
 //! - [`webhook`]: the webhook dispatcher (one delivery per terminal state, across replicas).
+//! - [`metrics`]: the process's Prometheus registry and its `/metrics` listener.
+//! - [`trace_context`]: the W3C `traceparent` carried across NATS on the job path.
 //! - [`client`]: a typed client of the NATS API, used by the CLI and the tests.
 //!
 //! Actors own their state and talk to other processes only through NATS. Decisions (the job
@@ -19,7 +21,9 @@ pub mod clock;
 pub mod control;
 pub mod host;
 pub mod jobs;
+pub mod metrics;
 pub mod nats;
 pub mod runtime;
 pub mod spawn;
+pub mod trace_context;
 pub mod webhook;

@@ -340,6 +340,7 @@ async fn record(ctx: &Ctx, event: &JobEvent, url: &str, delivery: WebhookDeliver
         tracing::warn!(job_id = %event.job_id, error = %e, "cannot record the webhook outcome");
     }
     let outcome = if delivery.delivered { "delivered" } else { "failed" };
+    crate::metrics::webhook_outcome(&event.endpoint, outcome);
     let webhook_event = WebhookEvent {
         job_id: event.job_id.clone(),
         endpoint: event.endpoint.clone(),

@@ -43,9 +43,11 @@ pub fn router(nats: Nats, config: GatewayConfig) -> Router {
         .route("/v2/{endpoint}/purge-queue", post(purge))
         .route("/v2/{endpoint}/health", get(health))
         .route("/healthz", get(liveness))
+        .route("/metrics", get(shoal_actors::metrics::serve_metrics))
         .fallback(no_route)
         .method_not_allowed_fallback(wrong_method)
         .layer(middleware::from_fn_with_state(gw.clone(), authorize))
+        .layer(middleware::from_fn(traced))
         .with_state(gw)
 }
 
@@ -127,6 +129,21 @@ fn api_key(headers: &HeaderMap) -> Option<&str> {
 /// The `{endpoint}` of a `/v2/{endpoint}/...` path.
 fn endpoint_of(path: &str) -> Option<&str> {
     path.strip_prefix("/v2/")?.split('/').next().filter(|s| !s.is_empty())
+}
+
+/// Runs the request in the caller's trace (its `traceparent` header) or a new one, which the
+/// NATS requests it makes carry on; the reply's `traceparent` names it.
+async fn traced(req: Request, next: Next) -> Response {
+    use shoal_actors::trace_context::{TRACEPARENT, current, scope};
+    let incoming = req.headers().get(TRACEPARENT).and_then(|v| v.to_str().ok()).map(str::to_string);
+    scope(incoming.as_deref(), async {
+        let mut response = next.run(req).await;
+        if let Some(value) = current().and_then(|tp| header::HeaderValue::from_str(&tp).ok()) {
+            response.headers_mut().insert(TRACEPARENT, value);
+        }
+        response
+    })
+    .await
 }
 
 /// Checks the key of every `/v2/...` request before its body is read.
@@ -274,7 +291,17 @@ async fn status(
     let Path((endpoint, id)) = path?;
     let status = gw.api.status(&job_ref(endpoint, id)?).await?;
     let status = resolved(&gw, status).await?;
-    Ok(json(&Envelope::from(&status)))
+    Ok(json(&StatusReply { waiting_reason: status.waiting_reason.clone(), envelope: Envelope::from(&status) }))
+}
+
+/// `/status`: RunPod's envelope, plus `waitingReason` for a queued job (why it still waits).
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct StatusReply {
+    #[serde(flatten)]
+    envelope: Envelope,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    waiting_reason: Option<String>,
 }
 
 /// Consume-on-read: the chunks since the previous call (`{"id", "status", "stream": [...]}`).

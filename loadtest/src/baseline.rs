@@ -20,7 +20,7 @@ use futures::StreamExt;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
-use crate::driver::{JobOutcome, drive};
+use crate::driver::{Cancel, JobOutcome, drive};
 use crate::progress::Progress;
 use crate::scenario::Scenario;
 use crate::stats::RunResult;
@@ -64,6 +64,7 @@ pub struct BaselineRun<'a> {
     pub timeout: Duration,
     pub max_in_flight: usize,
     pub progress: Arc<Progress>,
+    pub cancel: Cancel,
 }
 
 type Waiters = Arc<Mutex<HashMap<u64, oneshot::Sender<Instant>>>>;
@@ -152,7 +153,7 @@ impl BaselineRun<'_> {
                 }
                 let accepted = Instant::now();
                 match tokio::time::timeout(timeout.saturating_sub(sent.elapsed()), rx).await {
-                    Ok(Ok(done)) => JobOutcome { error: None, sent, accepted: Some(accepted), done, queue_ms: None, exec_ms: None },
+                    Ok(Ok(done)) => JobOutcome { accepted: Some(accepted), done, ..JobOutcome::done(sent) },
                     _ => {
                         if let Ok(mut w) = waiters.lock() {
                             w.remove(&i);
@@ -162,7 +163,7 @@ impl BaselineRun<'_> {
                 }
             }
         };
-        let (result, _) = drive(self.scenario, self.max_in_flight, self.progress.clone(), job).await;
+        let (result, _) = drive(self.scenario, self.max_in_flight, self.progress.clone(), &self.cancel, job).await;
         router.abort();
         for t in tasks {
             t.abort();

@@ -47,6 +47,9 @@ fn rows_of(prefix: &str, old: Option<&RunResult>, new: Option<&RunResult>) -> Ve
     push("execution p50 ms", |r| r.execution.p50_ms, Better::Lower);
     push("execution p99 ms", |r| r.execution.p99_ms, Better::Lower);
     push("first result ms", |r| r.first_result_ms.unwrap_or(f64::NAN), Better::Lower);
+    push("NATS msgs in/job", |r| r.server.as_ref().map_or(f64::NAN, |t| t.msgs_in_per_job), Better::Lower);
+    push("CPU ms/job (process)", |r| r.cpu.as_ref().map_or(f64::NAN, |c| c.this_process_ms), Better::Lower);
+    push("CPU ms/job (nats)", |r| r.cpu.as_ref().and_then(|c| c.nats_server_ms).unwrap_or(f64::NAN), Better::Lower);
     rows
 }
 
@@ -66,12 +69,20 @@ fn cell(v: Option<f64>) -> String {
 /// The comparison table, `old` then `new`.
 pub fn compare(old: &Report, new: &Report) -> String {
     let mut out = String::new();
-    let _ = writeln!(out, "compare: old = {} ({}), new = {} ({})", old.test.scenario.describe(), old.mode, new.test.scenario.describe(), new.mode);
+    let _ = writeln!(
+        out,
+        "compare: old = {} ({}), new = {} ({})",
+        old.test.scenario.describe(),
+        old.mode,
+        new.test.scenario.describe(),
+        new.mode
+    );
     if old.test.scenario != new.test.scenario || old.mode != new.mode || old.test.handler != new.test.handler {
         let _ = writeln!(out, "  warning: the two runs differ in scenario, mode or handler");
     }
     if old.machine.cpus != new.machine.cpus || old.machine.cpu_model != new.machine.cpu_model {
-        let _ = writeln!(out, "  warning: different machines ({} / {})", old.machine.describe(), new.machine.describe());
+        let _ =
+            writeln!(out, "  warning: different machines ({} / {})", old.machine.describe(), new.machine.describe());
     }
     let mut rows = rows_of("", Some(&old.shoal), Some(&new.shoal));
     if old.baseline.is_some() || new.baseline.is_some() {
@@ -97,7 +108,13 @@ pub fn compare(old: &Report, new: &Report) -> String {
             }
             continue;
         };
-        let change = if o != 0.0 { format!("{:+.1} %", 100.0 * (n - o) / o.abs()) } else if n == 0.0 { "=".into() } else { "new".into() };
+        let change = if o != 0.0 {
+            format!("{:+.1} %", 100.0 * (n - o) / o.abs())
+        } else if n == 0.0 {
+            "=".into()
+        } else {
+            "new".into()
+        };
         let verdict = if (n - o).abs() <= 0.02 * o.abs() {
             ""
         } else if (n > o) == (r.better == Better::Higher) {

@@ -85,7 +85,8 @@ impl LoadTest {
         {
             return Err("the docker runtime needs --image".into());
         }
-        if matches!(self.transport, Transport::Http { url: None, .. }) && matches!(self.target, Target::External { .. }) {
+        if matches!(self.transport, Transport::Http { url: None, .. }) && matches!(self.target, Target::External { .. })
+        {
             return Err("--http without a URL starts a gateway in the embedded installation; with --nats give the gateway's URL".into());
         }
         Ok(())
@@ -276,7 +277,8 @@ mod tests {
         let mut t = LoadTest::burst(10);
         t.transport = Transport::Http { url: None, api_key: None };
         assert!(t.validate().is_ok());
-        t.target = Target::External { nats_url: "nats://127.0.0.1:4222".into(), prefix: "shoal".into(), monitor_url: None };
+        t.target =
+            Target::External { nats_url: "nats://127.0.0.1:4222".into(), prefix: "shoal".into(), monitor_url: None };
         assert!(t.validate().expect_err("no gateway").contains("--http"));
         assert!(LoadTest::burst(0).validate().is_err());
     }

@@ -112,6 +112,8 @@ pub fn shell_quote(p: &Path) -> String {
 
 /// A child nats-server, killed on drop.
 pub struct NatsChild {
+    /// Its process id, for its CPU time.
+    pub pid: u32,
     child: Child,
     pub url: String,
     /// The server's HTTP monitoring endpoint (`/varz`, `/jsz`).
@@ -140,6 +142,7 @@ impl NatsChild {
                 }
                 if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
                     return Ok(NatsChild {
+                        pid: child.id(),
                         child,
                         url: format!("nats://127.0.0.1:{port}"),
                         monitor_url: format!("http://127.0.0.1:{monitor}"),
@@ -173,7 +176,6 @@ pub fn runtime(kind: RuntimeKind, options: &EmbeddedOptions) -> Result<Arc<dyn R
                 // a job runs for its own `sleep_ms` (the sleep handler), or not at all
                 job_duration_ms: 0,
                 start_latency_ms: options.fake_start_ms.unwrap_or(defaults.start_latency_ms),
-                ..defaults
             }))
         }
         RuntimeKind::Docker => bail!(
@@ -232,13 +234,15 @@ impl Embedded {
         if let Some(tick) = options.control_tick_ms {
             control_config.tick_ms = tick;
         }
-        let control = Box::pin(control::start(nats.clone(), control_config)).await.context("start the control plane")?;
+        let control =
+            Box::pin(control::start(nats.clone(), control_config)).await.context("start the control plane")?;
         let state = tempfile::Builder::new().prefix("shoal-loadtest-host").tempdir().context("host state directory")?;
         let host =
             Box::pin(host::start(nats.clone(), host_config(state.path()), runtime)).await.context("start the host")?;
         let gateway = if options.gateway {
             // its own connection, as a separate `shoal gateway` process would have
-            let gw_nats = Nats::connect(&server.url, nats.names.clone(), &topology).await.context("connect the gateway")?;
+            let gw_nats =
+                Nats::connect(&server.url, nats.names.clone(), &topology).await.context("connect the gateway")?;
             let config = shoal_gateway::GatewayConfig {
                 listen: std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
                 require_api_key: false,
@@ -249,15 +253,7 @@ impl Embedded {
             None
         };
         let gateway_url = gateway.as_ref().map(|g| format!("http://{}", g.local_addr()));
-        Ok(Embedded {
-            server,
-            nats,
-            gateway_url,
-            control: Some(control),
-            host: Some(host),
-            gateway,
-            _state: state,
-        })
+        Ok(Embedded { server, nats, gateway_url, control: Some(control), host: Some(host), gateway, _state: state })
     }
 
     pub async fn stop(mut self) {

@@ -41,9 +41,31 @@ fn latency_table(out: &mut String, r: &RunResult, with_shoal_times: bool) {
     if with_shoal_times {
         pct_row(out, "queue delay", &r.queue_delay);
         pct_row(out, "execution", &r.execution);
+        pct_row(out, "send → queued event", &r.phase_queued);
+        pct_row(out, "queued → started event", &r.phase_take);
+        pct_row(out, "started event → result", &r.phase_run);
     }
     pct_row(out, "schedule lag", &r.schedule_lag);
     out.push_str("</table><p class=\"small\">milliseconds</p>");
+    let mut costs = Vec::new();
+    if let Some(c) = &r.cpu {
+        costs.push(format!("CPU per job: this process {:.3} ms", c.this_process_ms));
+        if let Some(n) = c.nats_server_ms {
+            costs.push(format!("nats-server {n:.3} ms"));
+        }
+        if let Some(w) = c.workers_ms {
+            costs.push(format!("worker processes {w:.3} ms"));
+        }
+    }
+    if let Some(t) = &r.server {
+        costs.push(format!(
+            "NATS server per job: {:.1} msgs in, {:.1} msgs out, {:.0} B in, {:.0} B out",
+            t.msgs_in_per_job, t.msgs_out_per_job, t.bytes_in_per_job, t.bytes_out_per_job
+        ));
+    }
+    if !costs.is_empty() {
+        let _ = write!(out, "<p>{}</p>", escape(&costs.join("; ")));
+    }
 }
 
 fn counts_table(out: &mut String, rows: &[(&str, &RunResult)]) {
@@ -85,17 +107,18 @@ fn latency_charts(r: &Report) -> String {
         series("shoal max", RED, s.timeline.iter().map(|b| (b.t_s, b.max_ms)).collect(), false),
     ];
     let mut thr = vec![series("shoal", BLUE, s.timeline.iter().map(|b| (b.t_s, b.jobs_per_s)).collect(), false)];
-    let mut pct = vec![series(
-        "shoal",
-        BLUE,
-        s.e2e_by_percentile.iter().map(|q| (nines(q.percentile), q.ms)).collect(),
-        false,
-    )];
+    let mut pct =
+        vec![series("shoal", BLUE, s.e2e_by_percentile.iter().map(|q| (nines(q.percentile), q.ms)).collect(), false)];
     if let Some(b) = &r.baseline {
         lat.push(series("baseline p50", GREY, b.timeline.iter().map(|b| (b.t_s, b.p50_ms)).collect(), true));
         lat.push(series("baseline p99", PURPLE, b.timeline.iter().map(|b| (b.t_s, b.p99_ms)).collect(), true));
         thr.push(series("baseline", GREY, b.timeline.iter().map(|b| (b.t_s, b.jobs_per_s)).collect(), true));
-        pct.push(series("baseline", GREY, b.e2e_by_percentile.iter().map(|q| (nines(q.percentile), q.ms)).collect(), true));
+        pct.push(series(
+            "baseline",
+            GREY,
+            b.e2e_by_percentile.iter().map(|q| (nines(q.percentile), q.ms)).collect(),
+            true,
+        ));
     }
     out.push_str(&line_chart(&Chart {
         title: "End-to-end latency over time (by completion time)".into(),
@@ -242,7 +265,11 @@ pre{{background:#f6f6f6;padding:8px;overflow:auto;font-size:12px}}</style></head
     if !r.notes.is_empty() || r.events_missed > 0 {
         out.push_str("<h2>Notes</h2><ul>");
         if r.events_missed > 0 {
-            let _ = write!(out, "<li>{} jobs had no terminal event; their results were read with status.</li>", r.events_missed);
+            let _ = write!(
+                out,
+                "<li>{} jobs had no terminal event; their results were read with status.</li>",
+                r.events_missed
+            );
         }
         for n in &r.notes {
             let _ = write!(out, "<li>{}</li>", escape(n));

@@ -16,15 +16,16 @@
 pub mod baseline;
 pub mod compare;
 pub mod config;
+pub mod cpu;
 pub mod driver;
 pub mod embedded;
 pub mod html;
+pub mod probe;
 pub mod progress;
 pub mod report;
 pub mod scenario;
 pub mod stats;
 pub mod submit;
-pub mod probe;
 pub mod svg;
 pub mod traffic;
 pub mod workers;
@@ -44,7 +45,8 @@ use shoal_protocol::names::Names;
 
 use crate::baseline::BaselineRun;
 use crate::config::{Handler, LoadTest, RuntimeKind, Target, Transport, WaitMode};
-use crate::driver::drive;
+use crate::cpu::{CpuSnapshot, workers_cpu_ms};
+use crate::driver::{Cancel, drive};
 use crate::embedded::{Embedded, EmbeddedOptions, example_worker_bin, python_bin, repo_root, shell_quote};
 use crate::progress::{Progress, ProgressPrinter};
 use crate::report::{Machine, REPORT_VERSION, Ratio, Report};
@@ -78,6 +80,12 @@ async fn connect(url: &str, name: &str) -> Result<async_nats::Client> {
 
 /// Runs the load test: its own installation or the given one, the baseline if asked, then shoal.
 pub async fn run(test: &LoadTest) -> Result<Report> {
+    run_until(test, &Cancel::never()).await
+}
+
+/// [`run`], stopped early when `cancel` fires (the report then covers what finished, and the
+/// installation and endpoint are still cleaned up).
+pub async fn run_until(test: &LoadTest, cancel: &Cancel) -> Result<Report> {
     test.validate().map_err(|e| anyhow!("invalid load test: {e}"))?;
     match &test.target {
         Target::Embedded { runtime, control_tick_ms, lease_ttl_s, fake_start_ms } => {
@@ -90,14 +98,16 @@ pub async fn run(test: &LoadTest) -> Result<Report> {
             };
             let embedded = Embedded::start(*runtime, names.clone(), &options).await?;
             let url = embedded.server.url.clone();
-            let monitor = Some(embedded.server.monitor_url.clone());
-            let result = run_on(test, &url, &names, embedded.gateway_url.as_deref(), monitor.as_deref()).await;
+            let server =
+                ServerInfo { monitor_url: Some(embedded.server.monitor_url.clone()), pid: Some(embedded.server.pid) };
+            let result = run_on(test, &url, &names, embedded.gateway_url.as_deref(), &server, cancel).await;
             embedded.stop().await;
             result
         }
         Target::External { nats_url, prefix, monitor_url } => {
             let names = Names::new(prefix).map_err(|e| anyhow!("--prefix: {}", e.message))?;
-            run_on(test, nats_url, &names, None, monitor_url.as_deref()).await
+            let server = ServerInfo { monitor_url: monitor_url.clone(), pid: None };
+            run_on(test, nats_url, &names, None, &server, cancel).await
         }
     }
 }
@@ -138,9 +148,18 @@ fn endpoint_spec(test: &LoadTest, id: &str) -> Result<EndpointSpec> {
     Ok(spec)
 }
 
-async fn wait_ready(api: &ApiClient, endpoint: &str, want: u32, ready: &std::sync::atomic::AtomicU64) -> Result<()> {
+async fn wait_ready(
+    api: &ApiClient,
+    endpoint: &str,
+    want: u32,
+    ready: &std::sync::atomic::AtomicU64,
+    cancel: &Cancel,
+) -> Result<()> {
     let deadline = tokio::time::Instant::now() + WARM_TIMEOUT;
     while ready.load(Ordering::Relaxed) < u64::from(want) {
+        if cancel.is_cancelled() {
+            bail!("interrupted while waiting for workers");
+        }
         if tokio::time::Instant::now() >= deadline {
             let reasons: Vec<String> = api
                 .workers(Some(endpoint))
@@ -161,6 +180,12 @@ async fn wait_ready(api: &ApiClient, endpoint: &str, want: u32, ready: &std::syn
     Ok(())
 }
 
+/// What the tester knows of the NATS server: its monitoring URL and, when it started it, its pid.
+struct ServerInfo {
+    monitor_url: Option<String>,
+    pid: Option<u32>,
+}
+
 async fn snapshot(monitor: &Option<Monitor>) -> Option<Snapshot> {
     match monitor {
         Some(m) => m.snapshot().await,
@@ -174,9 +199,12 @@ async fn traffic(monitor: &Option<Monitor>, before: Option<Snapshot>, jobs: u64)
 }
 
 /// Waits until a control replica owns the endpoint (its actors and scaler run).
-async fn wait_owned(api: &ApiClient, endpoint: &str) -> Result<()> {
+async fn wait_owned(api: &ApiClient, endpoint: &str, cancel: &Cancel) -> Result<()> {
     let deadline = tokio::time::Instant::now() + WARM_TIMEOUT;
     loop {
+        if cancel.is_cancelled() {
+            bail!("interrupted while waiting for the endpoint");
+        }
         match api.health(endpoint).await {
             Ok(h) if h.owner.is_some() => return Ok(()),
             Ok(_) => {}
@@ -194,9 +222,10 @@ async fn run_on(
     url: &str,
     names: &Names,
     gateway_url: Option<&str>,
-    monitor_url: Option<&str>,
+    server: &ServerInfo,
+    cancel: &Cancel,
 ) -> Result<Report> {
-    let monitor = monitor_url.and_then(Monitor::new);
+    let monitor = server.monitor_url.as_deref().and_then(Monitor::new);
     let started_at_ms = now_ms();
     let client = connect(url, "shoal-loadtest").await?;
     let watch_client = connect(url, "shoal-loadtest-events").await?;
@@ -216,6 +245,7 @@ async fn run_on(
         let progress = Arc::new(Progress::default());
         let printer = ProgressPrinter::start(progress.clone(), "baseline".into(), planned, test.progress);
         let before = snapshot(&monitor).await;
+        let cpu_before = CpuSnapshot::take(server.pid);
         let result = BaselineRun {
             client: &client,
             worker_client: &worker_client,
@@ -228,11 +258,13 @@ async fn run_on(
             timeout: test.job_timeout(),
             max_in_flight: test.max_in_flight,
             progress,
+            cancel: cancel.clone(),
         }
         .run()
         .await;
         printer.finish().await;
         let mut result = result.context("baseline run")?;
+        result.cpu = cpu_before.per_job(&CpuSnapshot::take(server.pid), result.completed, None);
         result.server = traffic(&monitor, before, result.completed).await;
         Some(result)
     } else {
@@ -270,9 +302,9 @@ async fn run_on(
     }
     tracing::debug!(elapsed = ?t0.elapsed(), "endpoint created");
     let outcome = async {
-        wait_owned(&api, &endpoint_id).await?;
+        wait_owned(&api, &endpoint_id, cancel).await?;
         if test.endpoint.warm && test.endpoint.workers_min > 0 {
-            wait_ready(&api, &endpoint_id, test.endpoint.workers_min, &watch.ready()).await?;
+            wait_ready(&api, &endpoint_id, test.endpoint.workers_min, &watch.ready(), cancel).await?;
         }
         tracing::debug!(elapsed = ?t0.elapsed(), "warm");
         let transport = match &test.transport {
@@ -301,9 +333,14 @@ async fn run_on(
             }
         };
         let before = snapshot(&monitor).await;
-        let (mut result, start) = drive(&test.scenario, test.max_in_flight, progress, job_fn).await;
+        let cpu_before = CpuSnapshot::take(server.pid);
+        let (mut result, start) = drive(&test.scenario, test.max_in_flight, progress, cancel, job_fn).await;
+        let cpu_after = CpuSnapshot::take(server.pid);
         printer.finish().await;
         result.server = traffic(&monitor, before, result.completed).await;
+        let workers = api.workers(Some(&endpoint_id)).await.map(|l| l.workers).unwrap_or_default();
+        let workers_ms = workers_cpu_ms(workers.iter().filter_map(|w| w.runtime_ref.as_deref()));
+        result.cpu = cpu_before.per_job(&cpu_after, result.completed, workers_ms);
         anyhow::Ok((result, start, jobs.events_missed.load(Ordering::Relaxed)))
     }
     .await;
@@ -328,12 +365,13 @@ async fn run_on(
     {
         tracing::warn!(endpoint_id = %endpoint_id, error = %e, "cannot delete the load test endpoint");
     }
+    if shoal.interrupted || baseline.as_ref().is_some_and(|b| b.interrupted) {
+        notes.push("interrupted: the run was stopped early; jobs in flight then are not counted".into());
+    }
     if wait == WaitMode::Async {
         notes.push("async mode: queue delay and execution time come from the job events' timestamps (ms)".into());
     }
-    if workers.cold_starts.iter().any(|c| c.restarts > 0)
-        || workers.timeline.iter().any(|p| p.other > 0)
-    {
+    if workers.cold_starts.iter().any(|c| c.restarts > 0) || workers.timeline.iter().any(|p| p.other > 0) {
         notes.push("some workers were throttled, unhealthy or restarted during the run".into());
     }
     let ratio = baseline.as_ref().and_then(|b| Ratio::of(&shoal, b));

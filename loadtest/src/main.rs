@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use anyhow::{Context, Result, anyhow};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use shoal_loadtest::config::{EndpointSettings, Handler, LoadTest, RuntimeKind, Target, Transport, WaitMode};
+use shoal_loadtest::driver::Cancel;
 use shoal_loadtest::scenario::Scenario;
 use shoal_loadtest::{compare, write_outputs};
 use shoal_protocol::endpoint::ScalerKind;
@@ -278,7 +279,15 @@ async fn main_async(cli: Cli) -> Result<()> {
     let c = &cli.common;
     let old = c.compare.as_deref().map(compare::load).transpose()?;
     let test = build(scenario, c)?;
-    let mut report = shoal_loadtest::run(&test).await?;
+    let (stop, cancel) = Cancel::new();
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        eprintln!("\nshoal-loadtest: interrupted; stopping and cleaning up (again to quit at once)");
+        let _ = stop.send(true);
+        wait_for_signal().await;
+        std::process::exit(130);
+    });
+    let mut report = shoal_loadtest::run_until(&test, &cancel).await?;
     report.command = Some(std::env::args().collect::<Vec<_>>().join(" "));
     print!("{}", report.summary());
     let name = c.name.clone().unwrap_or_else(|| format!("{}-{}", test.scenario.name(), report.started_at_ms / 1000));
@@ -289,6 +298,27 @@ async fn main_async(cli: Cli) -> Result<()> {
         print!("{}", compare::compare(&old, &report));
     }
     Ok(())
+}
+
+#[cfg(unix)]
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+#[cfg(not(unix))]
+async fn wait_for_signal() {
+    let _ = tokio::signal::ctrl_c().await;
 }
 
 fn main() -> ExitCode {

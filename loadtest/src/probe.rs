@@ -53,7 +53,6 @@ pub async fn probe(url: &str, n: u64, payload: usize) -> Result<Vec<OpCost>> {
     // core request/reply through a responder on another connection
     let subject = format!("loadtest.probe.{token}.echo");
     let mut sub = b.subscribe(subject.clone()).await?;
-    b.flush().await.context("flush the subscription")?;
     let responder = b.clone();
     let echo = tokio::spawn(async move {
         while let Some(m) = sub.next().await {
@@ -62,6 +61,16 @@ pub async fn probe(url: &str, n: u64, payload: usize) -> Result<Vec<OpCost>> {
             }
         }
     });
+    // the subscription reaches the server asynchronously: wait until it answers
+    let mut answered = false;
+    for _ in 0..200 {
+        if a.request(subject.clone(), body.clone()).await.is_ok() {
+            answered = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    anyhow::ensure!(answered, "the probe's echo responder never answered");
     out.push(
         measure("core request/reply", n, |_| {
             let (a, s, p) = (a.clone(), subject.clone(), body.clone());

@@ -198,6 +198,12 @@ impl Report {
         pct_line(&mut out, "queue delay", &s.queue_delay);
         pct_line(&mut out, "execution", &s.execution);
         pct_line(&mut out, "end to end", &s.e2e);
+        if s.phase_take.count > 0 {
+            let _ = writeln!(out, "  phases on the tester's clock, from the job events as they arrive:");
+            pct_line(&mut out, "  -> queued", &s.phase_queued);
+            pct_line(&mut out, "  -> started", &s.phase_take);
+            pct_line(&mut out, "  -> result", &s.phase_run);
+        }
         let open_rate = matches!(t.scenario, Scenario::Rate { .. } | Scenario::Ramp { .. } | Scenario::Step { .. });
         if open_rate && s.schedule_lag.p99_ms >= 5.0 {
             let _ = writeln!(
@@ -211,8 +217,18 @@ impl Report {
         }
         let _ = writeln!(out, "  submitted {}, completed {}, errors: {}", s.submitted, s.completed, errors_line(s));
         for (name, r) in [("shoal", Some(s)), ("baseline", self.baseline.as_ref())] {
+            if let Some(c) = r.and_then(|r| r.cpu.as_ref()) {
+                let mut parts = vec![format!("this process {:.3}", c.this_process_ms)];
+                if let Some(n) = c.nats_server_ms {
+                    parts.push(format!("nats-server {n:.3}"));
+                }
+                if let Some(w) = c.workers_ms {
+                    parts.push(format!("worker processes {w:.3}"));
+                }
+                let _ = writeln!(out, "  CPU ms per job ({name}): {}", parts.join(", "));
+            }
             if let Some(t) = r.and_then(|r| r.server.as_ref()) {
-                let api = if t.js_api_per_job > 0.0 {
+                let api = if t.js_api_per_job >= 0.05 {
                     format!(", {:.1} JetStream API calls", t.js_api_per_job)
                 } else {
                     String::new()
@@ -237,9 +253,20 @@ impl Report {
             );
         }
         let w = &self.workers;
-        let _ = writeln!(out, "  workers: at most {} ({} ready at most); {} cold starts", w.max_total, w.max_ready, w.cold_starts.len());
+        let _ = writeln!(
+            out,
+            "  workers: at most {} ({} ready at most); {} cold starts",
+            w.max_total,
+            w.max_ready,
+            w.cold_starts.len()
+        );
         if let Some(p) = &w.cold_start_ms {
-            let _ = writeln!(out, "    cold start (first event -> ready): p50 {} ms, max {} ms", ms(p.p50_ms), ms(p.max_ms));
+            let _ = writeln!(
+                out,
+                "    cold start (first event -> ready): p50 {} ms, max {} ms",
+                ms(p.p50_ms),
+                ms(p.max_ms)
+            );
         }
         for c in w.cold_starts.iter().filter(|c| c.phases.is_some()).take(5) {
             let phases = c.phases.as_ref().map(crate::workers::StartPhases::summary).unwrap_or_default();
@@ -268,6 +295,8 @@ mod tests {
                 queue_us: None,
                 exec_us: None,
                 lag_us: 0,
+                queued_seen_us: None,
+                started_seen_us: None,
             });
         }
         r.finish()

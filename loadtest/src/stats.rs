@@ -27,6 +27,10 @@ pub struct Sample {
     pub exec_us: Option<u64>,
     /// How late the request left compared with the schedule, in µs.
     pub lag_us: u64,
+    /// When the job's queued and started events were seen, in µs since the run started (async
+    /// mode): the phases of a job on the tester's own clock, at µs resolution.
+    pub queued_seen_us: Option<u64>,
+    pub started_seen_us: Option<u64>,
 }
 
 impl Sample {
@@ -91,11 +95,25 @@ pub struct RunResult {
     pub execution: Percentiles,
     /// How far sends fell behind the schedule (the generator's own health).
     pub schedule_lag: Percentiles,
+    /// The phases of completed jobs on the tester's clock, from the job events as they arrive
+    /// (async mode): send to queued event, queued to started event, started event to result.
+    #[serde(default)]
+    pub phase_queued: Percentiles,
+    #[serde(default)]
+    pub phase_take: Percentiles,
+    #[serde(default)]
+    pub phase_run: Percentiles,
     pub timeline: Vec<TimeBucket>,
     pub e2e_by_percentile: Vec<QuantilePoint>,
     /// What the NATS server handled per completed job, when its monitoring endpoint is known.
     #[serde(default)]
     pub server: Option<crate::traffic::ServerTraffic>,
+    /// CPU per completed job by process, when it can be read.
+    #[serde(default)]
+    pub cpu: Option<crate::cpu::CpuPerJob>,
+    /// The run was stopped early (Ctrl-C); jobs in flight then are not counted.
+    #[serde(default)]
+    pub interrupted: bool,
 }
 
 fn histogram() -> Histogram<u64> {
@@ -132,6 +150,7 @@ pub struct Recorder {
     queue: Histogram<u64>,
     exec: Histogram<u64>,
     lag: Histogram<u64>,
+    phases: [Histogram<u64>; 3],
     errors_by_code: BTreeMap<String, u64>,
     submitted: u64,
     completed: u64,
@@ -151,6 +170,7 @@ impl Default for Recorder {
             queue: histogram(),
             exec: histogram(),
             lag: histogram(),
+            phases: [histogram(), histogram(), histogram()],
             errors_by_code: BTreeMap::new(),
             submitted: 0,
             completed: 0,
@@ -185,6 +205,11 @@ impl Recorder {
                 if let Some(us) = s.exec_us {
                     self.exec.saturating_record(us.max(1));
                 }
+                if let (Some(q), Some(st)) = (s.queued_seen_us, s.started_seen_us) {
+                    self.phases[0].saturating_record(q.saturating_sub(s.sent_us).max(1));
+                    self.phases[1].saturating_record(st.saturating_sub(q).max(1));
+                    self.phases[2].saturating_record(s.done_us.saturating_sub(st).max(1));
+                }
                 self.first_result_us = Some(self.first_result_us.map_or(s.done_us, |f| f.min(s.done_us)));
                 self.log.push((s.done_us, e2e));
             }
@@ -215,9 +240,14 @@ impl Recorder {
             queue_delay: percentiles(&self.queue),
             execution: percentiles(&self.exec),
             schedule_lag: percentiles(&self.lag),
+            phase_queued: percentiles(&self.phases[0]),
+            phase_take: percentiles(&self.phases[1]),
+            phase_run: percentiles(&self.phases[2]),
             timeline: timeline(&mut self.log, first),
             e2e_by_percentile: by_percentile(&self.e2e),
             server: None,
+            cpu: None,
+            interrupted: false,
         }
     }
 }
@@ -277,6 +307,8 @@ mod tests {
             queue_us: Some(2000),
             exec_us: Some(1000),
             lag_us: 0,
+            queued_seen_us: Some(sent_ms * 1000 + 100),
+            started_seen_us: Some(sent_ms * 1000 + 300),
         }
     }
 
@@ -299,6 +331,7 @@ mod tests {
         assert_eq!(res.first_result_ms, Some(10.0));
         assert_eq!(res.queue_delay.p50_ms, 2.0);
         assert_eq!(res.execution.count, 100);
+        assert_eq!((res.phase_queued.p50_ms, res.phase_take.p50_ms), (0.1, 0.2));
         assert!(!res.timeline.is_empty());
         assert_eq!(res.timeline.iter().map(|b| b.completed).sum::<u64>(), 100);
         assert_eq!(res.e2e_by_percentile.last().map(|p| p.percentile), Some(100.0));

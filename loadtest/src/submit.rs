@@ -68,12 +68,17 @@ pub struct Finished {
     pub seen: Instant,
     pub queue_ms: Option<u64>,
     pub exec_ms: Option<u64>,
+    /// When the (last) queued and started events arrived here.
+    pub queued_seen: Option<Instant>,
+    pub started_seen: Option<Instant>,
 }
 
 #[derive(Default)]
 struct Track {
     queued_at_ms: Option<u64>,
     started_at_ms: Option<u64>,
+    queued_seen: Option<Instant>,
+    started_seen: Option<Instant>,
     finished: Option<Finished>,
     waiter: Option<oneshot::Sender<Finished>>,
 }
@@ -92,8 +97,8 @@ impl JobTracker {
         let Ok(mut jobs) = self.jobs.lock() else { return };
         let t = jobs.entry(e.job_id.clone()).or_default();
         match e.state {
-            JobState::InQueue => t.queued_at_ms = Some(e.at_ms),
-            JobState::InProgress => t.started_at_ms = Some(e.at_ms),
+            JobState::InQueue => (t.queued_at_ms, t.queued_seen) = (Some(e.at_ms), Some(seen)),
+            JobState::InProgress => (t.started_at_ms, t.started_seen) = (Some(e.at_ms), Some(seen)),
             terminal => {
                 if t.finished.is_some() {
                     return;
@@ -106,6 +111,8 @@ impl JobTracker {
                         _ => None,
                     },
                     exec_ms: t.started_at_ms.map(|s| e.at_ms.saturating_sub(s)),
+                    queued_seen: t.queued_seen,
+                    started_seen: t.started_seen,
                 };
                 match t.waiter.take() {
                     Some(w) => {
@@ -217,7 +224,12 @@ impl ShoalJobs {
                     format!("{base}/v2/{endpoint}/run")
                 };
                 let http = reqwest::Client::builder().pool_max_idle_per_host(4096).build()?;
-                Path::Http { http, url, api_key: api_key.clone(), body: Bytes::from(serde_json::to_vec(&json!({ "input": input }))?) }
+                Path::Http {
+                    http,
+                    url,
+                    api_key: api_key.clone(),
+                    body: Bytes::from(serde_json::to_vec(&json!({ "input": input }))?),
+                }
             }
         };
         if !sync && tracker.is_none() {
@@ -246,11 +258,10 @@ impl ShoalJobs {
         if self.wait == WaitMode::Sync {
             return JobOutcome {
                 error: state_error(status.status),
-                sent,
-                accepted: None,
                 done: replied,
                 queue_ms: status.delay_time_ms,
                 exec_ms: status.execution_time_ms,
+                ..JobOutcome::done(sent)
             };
         }
         let Some(tracker) = &self.tracker else {
@@ -260,11 +271,13 @@ impl ShoalJobs {
         match tokio::time::timeout(left, tracker.wait_for(&status.id)).await {
             Ok(Ok(f)) => JobOutcome {
                 error: state_error(f.state),
-                sent,
                 accepted: Some(replied),
                 done: f.seen,
                 queue_ms: f.queue_ms,
                 exec_ms: f.exec_ms,
+                queued_seen: f.queued_seen,
+                started_seen: f.started_seen,
+                ..JobOutcome::done(sent)
             },
             _ => {
                 tracker.forget(&status.id);
@@ -281,11 +294,10 @@ impl ShoalJobs {
                 self.events_missed.fetch_add(1, Ordering::Relaxed);
                 JobOutcome {
                     error: state_error(s.status),
-                    sent,
                     accepted: Some(accepted),
-                    done: Instant::now(),
                     queue_ms: s.delay_time_ms,
                     exec_ms: s.execution_time_ms,
+                    ..JobOutcome::done(sent)
                 }
             }
             _ => JobOutcome { accepted: Some(accepted), ..JobOutcome::failed("no_result", sent) },
@@ -330,7 +342,10 @@ impl ShoalJobs {
                 let status = resp.status();
                 let bytes = resp.bytes().await.map_err(|e| ApiError::unavailable(e.to_string()))?;
                 if !status.is_success() {
-                    return Err(ApiError::new(ErrorCode::from_status(status.as_u16()), String::from_utf8_lossy(&bytes)));
+                    return Err(ApiError::new(
+                        ErrorCode::from_status(status.as_u16()),
+                        String::from_utf8_lossy(&bytes),
+                    ));
                 }
                 envelope(&bytes, &self.endpoint)
             }

@@ -74,8 +74,12 @@ pub fn line_chart(chart: &Chart) -> String {
         r#"<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {W} {H}" width="{W}" height="{H}" font-family="sans-serif" font-size="11">"#
     );
     let _ = write!(out, r#"<text x="{LEFT}" y="18" font-size="13" font-weight="bold">{}</text>"#, escape(&chart.title));
-    let all: Vec<(f64, f64)> =
-        chart.series.iter().flat_map(|s| s.points.iter().copied()).filter(|(x, y)| x.is_finite() && y.is_finite()).collect();
+    let all: Vec<(f64, f64)> = chart
+        .series
+        .iter()
+        .flat_map(|s| s.points.iter().copied())
+        .filter(|(x, y)| x.is_finite() && y.is_finite())
+        .collect();
     if all.is_empty() {
         let _ = write!(out, r##"<text x="{}" y="{}" fill="#888">no data</text></svg>"##, W / 2.0 - 20.0, H / 2.0);
         return out;
@@ -161,7 +165,13 @@ pub fn line_chart(chart: &Chart) -> String {
             escape(&s.name)
         );
         if pts.len() == 1 {
-            let _ = write!(out, r#"<circle cx="{:.1}" cy="{:.1}" r="2.5" fill="{}"/>"#, sx(pts[0].0), sy(pts[0].1), s.color);
+            let _ = write!(
+                out,
+                r#"<circle cx="{:.1}" cy="{:.1}" r="2.5" fill="{}"/>"#,
+                sx(pts[0].0),
+                sy(pts[0].1),
+                s.color
+            );
         }
     }
     // legend
@@ -205,8 +215,20 @@ mod tests {
             x_label: "s".into(),
             y_label: "ms".into(),
             series: vec![
-                Series { name: "p50".into(), color: "#1f77b4", points: vec![(0.0, 1.0), (1.0, 2.0)], step: false, dashed: false },
-                Series { name: "workers".into(), color: "#d62728", points: vec![(0.0, 1.0), (1.0, 3.0)], step: true, dashed: true },
+                Series {
+                    name: "p50".into(),
+                    color: "#1f77b4",
+                    points: vec![(0.0, 1.0), (1.0, 2.0)],
+                    step: false,
+                    dashed: false,
+                },
+                Series {
+                    name: "workers".into(),
+                    color: "#d62728",
+                    points: vec![(0.0, 1.0), (1.0, 3.0)],
+                    step: true,
+                    dashed: true,
+                },
             ],
             x_ticks: None,
         };
@@ -219,7 +241,8 @@ mod tests {
 
     #[test]
     fn an_empty_chart_says_so() {
-        let chart = Chart { title: "t".into(), x_label: "x".into(), y_label: "y".into(), series: vec![], x_ticks: None };
+        let chart =
+            Chart { title: "t".into(), x_label: "x".into(), y_label: "y".into(), series: vec![], x_ticks: None };
         assert!(line_chart(&chart).contains("no data"));
     }
 }

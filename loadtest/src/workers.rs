@@ -288,8 +288,13 @@ impl WorkerTracker {
         }
         let step = self.timeline.len().div_ceil(2000).max(1);
         let n = self.timeline.len();
-        let mut timeline: Vec<WorkerPoint> =
-            self.timeline.into_iter().enumerate().filter(|(i, _)| i % step == 0 || *i + 1 == n).map(|(_, p)| p).collect();
+        let mut timeline: Vec<WorkerPoint> = self
+            .timeline
+            .into_iter()
+            .enumerate()
+            .filter(|(i, _)| i % step == 0 || *i + 1 == n)
+            .map(|(_, p)| p)
+            .collect();
         for p in &mut timeline {
             p.t_s = round3(p.t_s - shift_s);
         }
@@ -333,7 +338,12 @@ pub struct WorkerWatch {
 impl WorkerWatch {
     /// Subscribes first, then seeds with the endpoint's current workers (`seed`), so no change
     /// falls between the two.
-    pub async fn start<F, Fut>(client: &async_nats::Client, names: &Names, endpoint: &str, seed: F) -> anyhow::Result<Self>
+    pub async fn start<F, Fut>(
+        client: &async_nats::Client,
+        names: &Names,
+        endpoint: &str,
+        seed: F,
+    ) -> anyhow::Result<Self>
     where
         F: FnOnce() -> Fut,
         Fut: std::future::Future<Output = Vec<WorkerRecord>>,

@@ -23,9 +23,9 @@ fn quick(jobs: u64) -> LoadTest {
 }
 
 fn require_example_worker() -> Result<()> {
-    embedded::example_worker_bin()
-        .map(|_| ())
-        .context("the smoke test runs the Rust example worker: `cargo build -p shoal-example-worker` first (scripts/test does)")
+    embedded::example_worker_bin().map(|_| ()).context(
+        "the smoke test runs the Rust example worker: `cargo build -p shoal-example-worker` first (scripts/test does)",
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -293,17 +293,9 @@ fn docker_runtime_message_samples_still_decode() {
     );
     check(
         "get_worker_logs",
-        GetWorkerLogs {
-            endpoint: "e".into(),
-            worker_id: "w".into(),
-            lines: 50,
-            follow_to: Some("_INBOX.x".into()),
-        },
+        GetWorkerLogs { endpoint: "e".into(), worker_id: "w".into(), lines: 50, follow_to: Some("_INBOX.x".into()) },
     );
-    check(
-        "worker_logs",
-        WorkerLogs { lines: vec!["started".into(), "took job j".into()], end: true, error: None },
-    );
+    check("worker_logs", WorkerLogs { lines: vec!["started".into(), "took job j".into()], end: true, error: None });
 }
 
 #[test]

@@ -136,7 +136,9 @@ mod tests {
         let lines: Vec<&str> = t.lines().collect();
         assert_eq!(lines.len(), 2, "{t}");
         assert!(lines[0].starts_with("WORKER") && lines[0].ends_with("START"), "{t}");
-        for cell in ["w1", "echo-py", "h1", "unhealthy", "exited with code 1 …", "4", "j1,j2", "warm: start 95ms, job 400ms"] {
+        for cell in
+            ["w1", "echo-py", "h1", "unhealthy", "exited with code 1 …", "4", "j1,j2", "warm: start 95ms, job 400ms"]
+        {
             assert!(lines[1].contains(cell), "{cell} missing: {t}");
         }
     }

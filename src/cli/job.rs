@@ -48,7 +48,7 @@ pub struct RunArgs {
     #[arg(long)]
     pub low_priority: bool,
     /// End the job TIMED_OUT if it has not finished this long after submission
-    /// [default: the endpoint's, 24 h].
+    /// [default: 24 h].
     #[arg(long, value_name = "MS")]
     pub ttl_ms: Option<u64>,
     /// End the job TIMED_OUT (and stop its worker's handler) if it runs longer than this

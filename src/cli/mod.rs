@@ -1,8 +1,10 @@
-//! The client commands: `shoal job ...`, `shoal workers`, `shoal endpoint ...`. Each speaks
-//! the NATS API through [`ApiClient`] and prints a result a person (or `jq`) can read.
+//! The client commands: `shoal job ...`, `shoal workers`, `shoal endpoint ...`, `shoal keys ...`.
+//! Each speaks the NATS API through [`ApiClient`] (keys: the `shoal-keys` bucket) and prints a
+//! result a person (or `jq`) can read.
 
 mod endpoint;
 mod job;
+mod keys;
 mod table;
 mod workers;
 
@@ -15,6 +17,7 @@ use shoal_protocol::endpoint::{EndpointSpec, EndpointsFile};
 
 pub use endpoint::{EndpointCommand, endpoint};
 pub use job::{JobCommand, job};
+pub use keys::{KeysCommand, keys_command};
 pub use workers::{WorkersArgs, workers_command};
 
 use crate::roles;

@@ -123,8 +123,12 @@ async fn the_api_is_discoverable_as_a_nats_micro_service() -> Result<()> {
     let reply = client.request("$SRV.INFO.shoal", Bytes::new()).await?;
     let info: Value = serde_json::from_slice(&reply.payload)?;
     assert_eq!(info["name"], "shoal");
-    let subjects: Vec<String> =
-        info["endpoints"].as_array().context("endpoints")?.iter().filter_map(|e| e["subject"].as_str().map(String::from)).collect();
+    let subjects: Vec<String> = info["endpoints"]
+        .as_array()
+        .context("endpoints")?
+        .iter()
+        .filter_map(|e| e["subject"].as_str().map(String::from))
+        .collect();
     let prefix = shoal.nats.names.prefix();
     for op in shoal_protocol::names::op::ALL {
         assert!(subjects.contains(&format!("{prefix}.v1.api.{op}")), "{op} is listed: {subjects:?}");

@@ -76,7 +76,12 @@ async fn serve(ctx: &Ctx, operation: &'static str, request: async_nats::service:
     let content_type =
         request.message.headers.as_ref().and_then(|h| h.get(CONTENT_TYPE)).map(|v| v.as_str().to_string());
     let enc = Encoding::from_content_type(content_type.as_deref());
-    let result = dispatch(ctx, operation, enc, &request.message.payload).await;
+    let traceparent = crate::trace_context::from_headers(request.message.headers.as_ref());
+    let result = crate::trace_context::scope(traceparent.as_deref(), async {
+        let span = tracing::debug_span!("request", op = operation, trace_id = crate::trace_context::current_trace_id());
+        tracing::Instrument::instrument(dispatch(ctx, operation, enc, &request.message.payload), span).await
+    })
+    .await;
     let mut headers = HeaderMap::new();
     headers.insert(CONTENT_TYPE, enc.content_type());
     let body = match result {

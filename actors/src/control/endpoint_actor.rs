@@ -158,12 +158,17 @@ impl Actor for EndpointActor {
             t.abort();
         }
         st.scaler.stop(None);
+        crate::metrics::forget_endpoint(&st.spec.id);
         Ok(())
     }
 }
 
 impl EndpointState {
     fn on_record(&mut self, rec: JobRecord) {
+        let was_open = self.seen.get(&rec.id).is_some_and(|(state, _)| !state.is_terminal());
+        if was_open && rec.state.is_terminal() {
+            crate::metrics::job_ended(&rec);
+        }
         self.seen.insert(rec.id.clone(), (rec.state, rec.retries));
         if rec.state.is_terminal() {
             self.open.remove(&rec.id);
@@ -219,6 +224,7 @@ impl EndpointState {
     /// Ends overdue jobs. Each is a compare-and-set that re-checks the deadline on the record
     /// it reads, so a job that finished meanwhile is left alone.
     fn on_tick(&mut self) {
+        crate::metrics::set_demand(&self.spec.id, &self.demand());
         let now = now_ms();
         for rec in self.open.values() {
             if lifecycle::overdue(rec, now).is_none() {

@@ -175,10 +175,12 @@ async fn enqueue(ctx: &Ctx, rec: &JobRecord) -> Result<(), ApiError> {
     let token = JobToken { id: rec.id.clone(), endpoint: rec.endpoint.clone() };
     let bytes = to_msgpack(&token).map_err(|e| ApiError::internal(e.to_string()))?;
     let subject = ctx.nats.names.job_subject(&rec.endpoint, rec.policy.priority);
+    let mut headers = async_nats::HeaderMap::new();
+    crate::trace_context::inject(&mut headers);
     let ack = ctx
         .nats
         .js
-        .publish(subject, Bytes::from(bytes))
+        .publish_with_headers(subject, headers, Bytes::from(bytes))
         .await
         .map_err(|e| ApiError::unavailable(format!("cannot queue the job: {e}")))?;
     ack.await.map_err(|e| ApiError::unavailable(format!("cannot queue the job: {e}")))?;

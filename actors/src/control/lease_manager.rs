@@ -158,7 +158,10 @@ impl Actor for LeaseManager {
             LeaseMsg::SpecPut(spec) => st.on_spec_put(*spec),
             LeaseMsg::SpecDeleted(id) => st.on_spec_deleted(&id).await,
             LeaseMsg::KeySeen(key, owner) => st.on_key_seen(key, owner),
-            LeaseMsg::Tick => st.on_tick(&myself).await,
+            LeaseMsg::Tick => {
+                let span = tracing::debug_span!("lease", replica_id = %st.args.replica_id);
+                tracing::Instrument::instrument(st.on_tick(&myself), span).await
+            }
         }
         Ok(())
     }
@@ -303,6 +306,7 @@ impl LeaseState {
         match crate::spawn::spawn_linked(EndpointActor, args, myself.get_cell()).await {
             Ok((actor, _)) => {
                 tracing::info!(endpoint_id = %id, epoch, replica_id = %self.args.replica_id, "endpoint acquired");
+                crate::metrics::lease_acquired(id);
                 self.args.directory.set_actor(id, Some(actor));
                 self.owned.insert(id.to_string(), Owned { revision, epoch });
             }
@@ -314,7 +318,9 @@ impl LeaseState {
     }
 
     fn stop_owned(&mut self, id: &str) {
-        self.owned.remove(id);
+        if self.owned.remove(id).is_some() {
+            crate::metrics::lease_released(id);
+        }
         if let Some(actor) = self.args.directory.actor(id) {
             actor.stop(None);
         }

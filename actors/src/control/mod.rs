@@ -45,6 +45,8 @@ pub struct ControlConfig {
     pub sync_retention_s: u64,
     /// Webhook calls: signing secret, retries, timeouts.
     pub webhook: crate::webhook::WebhookConfig,
+    /// Where Prometheus scrapes `/metrics`; none: no listener.
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 impl Default for ControlConfig {
@@ -57,6 +59,7 @@ impl Default for ControlConfig {
             run_retention_s: shoal_protocol::job::DEFAULT_RETENTION_S,
             sync_retention_s: shoal_protocol::job::DEFAULT_SYNC_RETENTION_S,
             webhook: crate::webhook::WebhookConfig::default(),
+            metrics_listen: None,
         }
     }
 }
@@ -88,6 +91,8 @@ pub enum StartControlError {
     Hosts(String),
     #[error("cannot start the webhook dispatcher: {0}")]
     Webhooks(#[from] crate::webhook::StartDispatcherError),
+    #[error("cannot listen for metrics on {0}: {1}")]
+    Metrics(std::net::SocketAddr, std::io::Error),
 }
 
 /// A running control plane; [`ControlHandle::stop`] shuts it down.
@@ -97,6 +102,8 @@ pub struct ControlHandle {
     hosts_watch: tokio::task::JoinHandle<()>,
     webhooks: crate::webhook::Dispatcher,
     pub replica_id: String,
+    /// The `/metrics` listener, when `metrics_listen` is set.
+    pub metrics: Option<crate::metrics::MetricsServer>,
 }
 
 impl ControlHandle {
@@ -126,6 +133,12 @@ impl ControlHandle {
 /// comes to own) and the API service.
 pub async fn start(nats: Nats, config: ControlConfig) -> Result<ControlHandle, StartControlError> {
     let replica_id = config.replica_id.clone().unwrap_or_else(|| crate::host::default_id("control"));
+    let metrics = match config.metrics_listen {
+        Some(addr) => {
+            Some(crate::metrics::MetricsServer::bind(addr).await.map_err(|e| StartControlError::Metrics(addr, e))?)
+        }
+        None => None,
+    };
     let directory = lease_manager::Directory::default();
     let (hosts, hosts_watch) = hosts::HostDirectory::watch(&nats, nats.topology.host_ttl_s * 1000)
         .await
@@ -141,5 +154,5 @@ pub async fn start(nats: Nats, config: ControlConfig) -> Result<ControlHandle, S
     let (manager, _) = crate::spawn::spawn(lease_manager::LeaseManager, args).await?;
     let webhooks = crate::webhook::start(nats.clone(), config.webhook.clone()).await?;
     let api = api::start(nats, config, directory).await.map_err(|e| StartControlError::Service(e.to_string()))?;
-    Ok(ControlHandle { manager, api, hosts_watch, webhooks, replica_id })
+    Ok(ControlHandle { manager, api, hosts_watch, webhooks, replica_id, metrics })
 }

@@ -114,7 +114,10 @@ impl Actor for ScalerActor {
         st: &mut ScalerState,
     ) -> Result<(), ActorProcessingErr> {
         match msg {
-            ScalerMsg::Tick => st.on_tick().await,
+            ScalerMsg::Tick => {
+                let span = tracing::debug_span!("scaler", endpoint_id = %st.spec.id);
+                tracing::Instrument::instrument(st.on_tick(), span).await
+            }
             ScalerMsg::SpecChanged(spec) => st.spec = *spec,
             ScalerMsg::WorkerPut(rec) => st.on_worker(*rec),
             ScalerMsg::WorkerGone(id) => {
@@ -185,10 +188,12 @@ impl ScalerState {
         let decision = decide(&self.spec, &demand, &views, now);
         self.publish_fleet(decision.target);
         for id in &decision.stop {
+            crate::metrics::scaler_decision(&self.spec.id, "stopped");
             self.stop(id, false, "idle timeout").await;
         }
         let reason = format!("rolling update to version {}", self.spec.version);
         for id in &decision.drain {
+            crate::metrics::scaler_decision(&self.spec.id, "drained");
             self.stop(id, true, &reason).await;
         }
         // place: the throttled first (they are counted already), then the new ones
@@ -232,6 +237,7 @@ impl ScalerState {
             }
         }
         f.initializing += self.pending.keys().filter(|id| !self.workers.contains_key(*id)).count() as u32;
+        crate::metrics::set_fleet(&self.spec.id, &f);
         if let Ok(mut shared) = self.fleet.lock() {
             *shared = f;
         }
@@ -252,6 +258,7 @@ impl ScalerState {
             StartWorker { spec: self.spec.clone(), worker_id: id.to_string(), gpu_type: p.gpu_type, epoch: self.epoch };
         match self.command(self.nats.names.host_start_worker_subject(&p.host), &cmd).await {
             Ok(()) => {
+                crate::metrics::scaler_decision(&self.spec.id, "started");
                 tracing::info!(endpoint_id = %self.spec.id, worker_id = id, host_id = %p.host, "worker started");
                 self.pending.insert(id.to_string(), Instant::now());
             }

@@ -112,6 +112,7 @@ fn router(state: Bridge) -> Router {
         // results above NATS' message size go to the object store; RunPod accepts (and only
         // warns about) results above 20 MB
         .layer(axum::extract::DefaultBodyLimit::max(MAX_POST_BYTES))
+        .layer(axum::middleware::from_fn(crate::metrics::track_bridge))
         .with_state(state)
 }
 

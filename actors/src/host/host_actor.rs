@@ -137,7 +137,8 @@ impl Actor for HostActor {
             .await?,
         );
         // worker logs, asked by `shoal workers logs`
-        tasks.push(super::logs::serve(&args.nats, &args.id, args.runtime.clone(), args.config.state_dir.clone()).await?);
+        tasks
+            .push(super::logs::serve(&args.nats, &args.id, args.runtime.clone(), args.config.state_dir.clone()).await?);
         myself.send_interval(Duration::from_millis(args.config.heartbeat_ms), || HostMsg::Heartbeat);
         let inventory = GpuInventory::open(&args.config);
         let gpus = inventory.read(&[]).await;
@@ -281,8 +282,7 @@ impl HostState {
         }
         let gpus = match &cmd.gpu_type {
             Some(kind) => {
-                let is_free =
-                    |g: &Gpu| g.healthy && g.worker_id.is_none() && &g.name == kind;
+                let is_free = |g: &Gpu| g.healthy && g.worker_id.is_none() && &g.name == kind;
                 // the GPUs of a warm container of this version first, so it can be reused
                 let warm_set = self.runtime.warm().into_iter().find(|w| {
                     w.endpoint == cmd.spec.id

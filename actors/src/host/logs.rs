@@ -24,6 +24,8 @@ pub const DEFAULT_LINES: u32 = 100;
 const MAX_LINES: u32 = 10_000;
 /// Largest message of lines (NATS' default limit is 1 MiB).
 const MAX_BATCH_BYTES: usize = 512 * 1024;
+/// How long the first answer waits for the log's first lines.
+const FIRST_BATCH_WAIT: Duration = Duration::from_secs(2);
 /// How long a follower has to acknowledge a batch before the host stops sending.
 const FOLLOW_ACK: Duration = Duration::from_secs(10);
 
@@ -49,7 +51,8 @@ pub async fn serve(
                 let req = match from_msgpack::<GetWorkerLogs>(&msg.payload) {
                     Ok(req) => req,
                     Err(e) => {
-                        let reply = WorkerLogs { end: true, error: Some(format!("bad request: {e}")), ..Default::default() };
+                        let reply =
+                            WorkerLogs { end: true, error: Some(format!("bad request: {e}")), ..Default::default() };
                         send(&client, reply_to.to_string(), &reply).await;
                         return;
                     }
@@ -89,10 +92,15 @@ async fn answer(
         Ok(s) => s,
         Err(e) => return send(client, reply_to, &failed(e)).await,
     };
-    let first = stream.next().await.unwrap_or_default();
-    let first = WorkerLogs { lines: fit(first), end: req.follow_to.is_none(), error: None };
+    // a followed log may have nothing to say yet: answer with what came in time
+    let (first, ended) = match tokio::time::timeout(FIRST_BATCH_WAIT, stream.next()).await {
+        Ok(Some(lines)) => (lines, false),
+        Ok(None) => (vec![], true),
+        Err(_) => (vec![], false),
+    };
+    let first = WorkerLogs { lines: fit(first), end: req.follow_to.is_none() || ended, error: None };
     send(client, reply_to, &first).await;
-    let Some(follow_to) = req.follow_to else { return };
+    let Some(follow_to) = req.follow_to.filter(|_| !ended) else { return };
     while let Some(batch) = stream.next().await {
         for lines in split(batch) {
             if !deliver(client, &follow_to, &WorkerLogs { lines, end: false, error: None }).await {
@@ -106,10 +114,7 @@ async fn answer(
 /// Sends one batch to a follower; false when nobody acknowledges it.
 async fn deliver(client: &async_nats::Client, subject: &str, logs: &WorkerLogs) -> bool {
     let Ok(bytes) = to_msgpack(logs) else { return false };
-    matches!(
-        tokio::time::timeout(FOLLOW_ACK, client.request(subject.to_string(), Bytes::from(bytes))).await,
-        Ok(Ok(_))
-    )
+    matches!(tokio::time::timeout(FOLLOW_ACK, client.request(subject.to_string(), Bytes::from(bytes))).await, Ok(Ok(_)))
 }
 
 /// The last lines that fit one message.
@@ -187,6 +192,9 @@ pub async fn follow(
     let sub = client.subscribe(inbox.clone()).await.map_err(|e| LogsError::Failed(e.to_string()))?;
     let req = GetWorkerLogs { endpoint: endpoint.into(), worker_id: worker_id.into(), lines, follow_to: Some(inbox) };
     let first = ask(client, names, host, &req).await?;
+    if first.end {
+        return Ok(Box::pin(futures::stream::once(async move { first.lines })));
+    }
     let client = client.clone();
     let rest = sub
         .then(move |msg| {

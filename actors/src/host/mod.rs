@@ -60,6 +60,8 @@ pub struct HostConfig {
     pub fake_gpus: Option<String>,
     /// Most GPU-less workers this host runs; 0 = no limit.
     pub max_workers: u32,
+    /// Where Prometheus scrapes `/metrics`; none: no listener.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 impl Default for HostConfig {
@@ -80,6 +82,7 @@ impl Default for HostConfig {
             backoff: backoff::BackoffPolicy::default(),
             fake_gpus: None,
             max_workers: 0,
+            metrics_listen: None,
         }
     }
 }
@@ -172,6 +175,8 @@ pub enum StartHostError {
     Config(String),
     #[error("cannot recover what this host left behind: {0}")]
     Recover(String),
+    #[error("cannot listen for metrics on {0}: {1}")]
+    Metrics(SocketAddr, std::io::Error),
 }
 
 /// A running host; [`HostHandle::stop`] stops its workers and the bridge.
@@ -180,6 +185,8 @@ pub struct HostHandle {
     pub bridge_url: String,
     actor: ActorRef<host_actor::HostMsg>,
     bridge: bridge::BridgeServer,
+    /// The `/metrics` listener, when `metrics_listen` is set.
+    pub metrics: Option<crate::metrics::MetricsServer>,
 }
 
 impl HostHandle {
@@ -235,6 +242,12 @@ pub fn default_id(fallback: &str) -> String {
 pub async fn start(nats: Nats, config: HostConfig, runtime: Arc<dyn Runtime>) -> Result<HostHandle, StartHostError> {
     config.validate().map_err(StartHostError::Config)?;
     let id = config.id.clone().unwrap_or_else(|| default_id("host"));
+    let metrics = match config.metrics_listen {
+        Some(addr) => {
+            Some(crate::metrics::MetricsServer::bind(addr).await.map_err(|e| StartHostError::Metrics(addr, e))?)
+        }
+        None => None,
+    };
     let registry = bridge::Registry::default();
     let bridge =
         bridge::BridgeServer::bind(config.bridge_listen, registry.clone(), Duration::from_millis(config.hold_ms))
@@ -252,5 +265,5 @@ pub async fn start(nats: Nats, config: HostConfig, runtime: Arc<dyn Runtime>) ->
         host_actor::HostArgs { nats, id: id.clone(), bridge_url: bridge_url.clone(), registry, runtime, config },
     )
     .await?;
-    Ok(HostHandle { id, bridge_url, actor, bridge })
+    Ok(HostHandle { id, bridge_url, actor, bridge, metrics })
 }

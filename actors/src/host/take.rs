@@ -65,7 +65,12 @@ pub async fn fetch_and_take(
                 ack.ack().await;
                 continue;
             };
-            if let Some(t) = take_one(store, &token, worker, host, ack).await {
+            let trace_id = crate::trace_context::trace_id_of(message.headers.as_ref());
+            let span = tracing::info_span!("job", endpoint_id = %token.endpoint, job_id = %token.id, worker_id = worker, trace_id);
+            let taken_one =
+                tracing::Instrument::instrument(take_one(store, &token, worker, host, ack), span.clone()).await;
+            span.in_scope(|| tracing::debug!(taken = taken_one.is_some(), "job token delivered"));
+            if let Some(t) = taken_one {
                 taken.push(t);
             }
         }

@@ -26,7 +26,7 @@ use super::take::{TakenJob, fetch_and_take};
 use crate::clock::now_ms;
 use crate::jobs::{Applied, JobStore, jobs_consumer};
 use crate::nats::Nats;
-use crate::runtime::{Exit, Launch, Runtime, StartWorkerError, WorkerHandle};
+use crate::runtime::{Exit, IdentityHook, Launch, Runtime, StartWorkerError, WorkerHandle};
 
 /// Why a worker actor stopped without failing; the supervisor restarts it at once.
 pub const STOP_REFRESH: &str = "refresh";
@@ -151,6 +151,13 @@ impl Actor for WorkerActor {
             Registered { endpoint: args.spec.id.clone(), token: token.clone(), actor: myself.clone() },
         );
         let (progress_tx, mut progress_rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+        let on_identity = {
+            let (registry, endpoint, me) = (args.registry.clone(), args.spec.id.clone(), myself.clone());
+            IdentityHook::new(move |identity| {
+                let reg = Registered { endpoint: endpoint.clone(), token: identity.token.clone(), actor: me.clone() };
+                registry.register(&identity.worker_id, reg);
+            })
+        };
         let launch = Launch {
             worker_id: args.worker_id.clone(),
             host_id: args.host_id.clone(),
@@ -160,6 +167,7 @@ impl Actor for WorkerActor {
             workdir: args.config.workdir.clone(),
             gpus: args.gpus.clone(),
             progress: Some(progress_tx),
+            on_identity: Some(on_identity),
         };
         let me = myself.clone();
         tokio::spawn(async move {
@@ -235,7 +243,9 @@ impl Actor for WorkerActor {
         if let Some(handle) = st.handle.as_mut() {
             handle.kill();
         }
-        // jobs it held go back to the queue (or fail past their attempts), then redeliver
+        // post_stop runs only on a deliberate stop (a failed worker skips it and its jobs come
+        // back by redelivery, counted): jobs it held go back to the queue without using one of
+        // their attempts, then redeliver
         let me = st.args.worker_id.clone();
         for (id, inflight) in st.inflight.drain() {
             let attempt = inflight.record.attempts;
@@ -245,7 +255,7 @@ impl Actor for WorkerActor {
                     if r.worker_id.as_deref() != Some(me.as_str()) || r.attempts != attempt {
                         return Err(lifecycle::TransitionError::NotRunning("held by another worker"));
                     }
-                    lifecycle::worker_lost(r, now_ms())
+                    lifecycle::release(r, &me)
                 })
                 .await;
             match lost {

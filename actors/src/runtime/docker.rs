@@ -279,11 +279,14 @@ impl Inner {
                 bridge: &made.bridge,
             });
             if let Some(warm) = warm {
+                let identity = BridgeIdentity { worker_id: warm.worker_id.clone(), token: warm.token.clone() };
+                if let Some(hook) = &launch.on_identity {
+                    hook.announce(&identity);
+                }
                 let t = Instant::now();
                 match self.docker.start_container(&warm.container_id, None).await {
                     Ok(()) => {
                         let phases = StartPhases { warm: true, start_ms: ms_since(t), ..StartPhases::default() };
-                        let identity = BridgeIdentity { worker_id: warm.worker_id.clone(), token: warm.token.clone() };
                         let made = Made { identity: identity.clone(), ..made };
                         return Ok(self.watch(&launch.worker_id, warm.container_id, made, phases, Some(identity)));
                     }
@@ -386,6 +389,7 @@ impl Inner {
                     let _ = exit_tx.send(Exit { code, description, log_tail });
                 }
                 None => {
+                    tracing::debug!(container = %id, "stopping container");
                     inner.stop(&id).await;
                     inner.keep_or_remove(id, made).await;
                     let _ = exit_tx.send(Exit { code: None, description: "stopped".into(), log_tail: String::new() });
@@ -456,6 +460,7 @@ impl Inner {
     /// A stopped container: into the warm pool when its endpoint wants FlashBoot and there is
     /// room, else removed (and so are the containers it displaces).
     async fn keep_or_remove(&self, id: String, made: Made) {
+        tracing::debug!(container = %id, endpoint = %made.endpoint, version = made.version, "container stopped");
         let gone = if made.flashboot {
             lock(&self.pool).offer(Warm {
                 container_id: id,
@@ -537,17 +542,17 @@ impl Inner {
         for c in found {
             let Some(id) = c.id else { continue };
             let labels = c.labels.unwrap_or_default();
-            if matches!(
-                c.state,
-                Some(ContainerSummaryStateEnum::RUNNING | ContainerSummaryStateEnum::RESTARTING)
-            ) {
+            if matches!(c.state, Some(ContainerSummaryStateEnum::RUNNING | ContainerSummaryStateEnum::RESTARTING)) {
                 self.stop(&id).await;
                 stopped += 1;
             }
             let keep = c.state != Some(ContainerSummaryStateEnum::PAUSED)
                 && labels.get(LABEL_FLASHBOOT).map(String::as_str) == Some("true")
                 && labels.get(LABEL_BRIDGE).map(|b| b.trim_end_matches('/')) == Some(bridge_url.trim_end_matches('/'));
-            let warm = match keep { true => self.warm_entry(&id, &labels).await, false => None };
+            let warm = match keep {
+                true => self.warm_entry(&id, &labels).await,
+                false => None,
+            };
             match warm {
                 Some(warm) => {
                     kept += 1;
@@ -564,7 +569,13 @@ impl Inner {
             }
         }
         if stopped + kept + removed > 0 {
-            tracing::info!(host_id, stopped, kept_warm = kept, removed, "recovered the containers an earlier run of this host left");
+            tracing::info!(
+                host_id,
+                stopped,
+                kept_warm = kept,
+                removed,
+                "recovered the containers an earlier run of this host left"
+            );
         }
         Ok(())
     }

@@ -38,6 +38,28 @@ pub struct Launch {
     pub gpus: Vec<String>,
     /// Progress of a long start (an image pull), one line at a time, for the worker's reason.
     pub progress: Option<mpsc::UnboundedSender<String>>,
+    /// Tells the bridge, before a reused container starts, the identity it speaks with.
+    pub on_identity: Option<IdentityHook>,
+}
+
+/// A callback a runtime calls with the identity a worker will speak with, when it is not
+/// the launch's own, before the worker starts (so its first request is already routed).
+#[derive(Clone)]
+pub struct IdentityHook(Arc<dyn Fn(&BridgeIdentity) + Send + Sync>);
+
+impl IdentityHook {
+    pub fn new(f: impl Fn(&BridgeIdentity) + Send + Sync + 'static) -> IdentityHook {
+        IdentityHook(Arc::new(f))
+    }
+    pub fn announce(&self, identity: &BridgeIdentity) {
+        (self.0)(identity)
+    }
+}
+
+impl std::fmt::Debug for IdentityHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("IdentityHook")
+    }
 }
 
 impl Launch {

@@ -6,6 +6,7 @@
 //! request cannot change) and the same bridge URL (its environment cannot change); it keeps
 //! the worker id and token it was created with, which the bridge then maps to the new worker.
 
+use std::collections::HashMap;
 use std::time::Instant;
 
 /// One stopped container kept for reuse.
@@ -38,11 +39,15 @@ pub struct WarmPool {
     entries: Vec<Warm>,
     /// Most containers kept per endpoint version.
     per_version: usize,
+    /// The oldest version of each endpoint still worth keeping (`u64::MAX`: none, the
+    /// endpoint is deleted), so a container that stops after its version was replaced is
+    /// not kept.
+    floor: HashMap<String, u64>,
 }
 
 impl WarmPool {
     pub fn new(per_version: usize) -> WarmPool {
-        WarmPool { entries: Vec::new(), per_version }
+        WarmPool { entries: Vec::new(), per_version, floor: HashMap::new() }
     }
 
     /// The most recently stopped container that fits, taken out of the pool.
@@ -52,7 +57,10 @@ impl WarmPool {
             .iter()
             .enumerate()
             .filter(|(_, w)| {
-                w.endpoint == want.endpoint && w.version == want.version && w.gpus == want.gpus && w.bridge == want.bridge
+                w.endpoint == want.endpoint
+                    && w.version == want.version
+                    && w.gpus == want.gpus
+                    && w.bridge == want.bridge
             })
             .max_by_key(|(_, w)| w.since)
             .map(|(i, _)| i)?;
@@ -64,7 +72,8 @@ impl WarmPool {
     /// versions it replaces, and the oldest of its version beyond the bound.
     pub fn offer(&mut self, warm: Warm) -> Vec<String> {
         let newer = self.entries.iter().any(|w| w.endpoint == warm.endpoint && w.version > warm.version);
-        if self.per_version == 0 || newer {
+        let retired = self.floor.get(&warm.endpoint).is_some_and(|floor| warm.version < *floor);
+        if self.per_version == 0 || newer || retired {
             return vec![warm.container_id];
         }
         let mut removed = self.discard(&warm.endpoint, Some(warm.version));
@@ -82,8 +91,10 @@ impl WarmPool {
         removed
     }
 
-    /// Drops an endpoint's containers, except those of `keep_version`; returns their ids.
+    /// Drops an endpoint's containers, except those of `keep_version` (none: the endpoint is
+    /// gone), now and when they stop later; returns their ids.
     pub fn discard(&mut self, endpoint: &str, keep_version: Option<u64>) -> Vec<String> {
+        self.floor.insert(endpoint.to_string(), keep_version.unwrap_or(u64::MAX));
         let (gone, kept): (Vec<Warm>, Vec<Warm>) = std::mem::take(&mut self.entries)
             .into_iter()
             .partition(|w| w.endpoint == endpoint && Some(w.version) != keep_version);
@@ -91,11 +102,12 @@ impl WarmPool {
         gone.into_iter().map(|w| w.container_id).collect()
     }
 
-    /// Drops an endpoint's containers of versions before `version`; returns their ids.
+    /// A worker of `version` starts: drops the endpoint's containers of older versions (now
+    /// and when they stop later); returns their ids.
     pub fn discard_older(&mut self, endpoint: &str, version: u64) -> Vec<String> {
-        let (gone, kept): (Vec<Warm>, Vec<Warm>) = std::mem::take(&mut self.entries)
-            .into_iter()
-            .partition(|w| w.endpoint == endpoint && w.version < version);
+        self.floor.insert(endpoint.to_string(), version);
+        let (gone, kept): (Vec<Warm>, Vec<Warm>) =
+            std::mem::take(&mut self.entries).into_iter().partition(|w| w.endpoint == endpoint && w.version < version);
         self.entries = kept;
         gone.into_iter().map(|w| w.container_id).collect()
     }
@@ -167,6 +179,19 @@ mod tests {
         assert!(pool.discard_older("ep", 2).is_empty());
         assert_eq!(pool.discard_older("ep", 3), vec!["d".to_string()]);
         assert_eq!(pool.drain(), vec!["x".to_string()]);
+    }
+
+    #[test]
+    fn a_container_stopping_after_its_version_was_replaced_or_deleted_is_not_kept() {
+        let t0 = Instant::now();
+        let mut pool = WarmPool::new(2);
+        pool.discard("ep", Some(2));
+        assert_eq!(pool.offer(warm("old", "ep", 1, &[], t0)), vec!["old".to_string()]);
+        assert!(pool.offer(warm("cur", "ep", 2, &[], t0)).is_empty());
+        pool.discard("ep", None);
+        assert_eq!(pool.offer(warm("late", "ep", 2, &[], t0)), vec!["late".to_string()], "deleted");
+        pool.discard_older("ep", 1); // created again
+        assert!(pool.offer(warm("new", "ep", 1, &[], t0)).is_empty());
     }
 
     #[test]

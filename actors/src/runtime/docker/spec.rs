@@ -41,12 +41,7 @@ pub fn normalize_image(image: &str) -> String {
 
 /// The bridge base URL (`http://host:port`) of a worker's environment.
 pub fn bridge_base(launch: &Launch) -> String {
-    launch
-        .env
-        .get("RUNPOD_WEBHOOK_PING")
-        .and_then(|url| url.split("/v2/").next())
-        .unwrap_or_default()
-        .to_string()
+    launch.env.get("RUNPOD_WEBHOOK_PING").and_then(|url| url.split("/v2/").next()).unwrap_or_default().to_string()
 }
 
 /// The GPUs sorted, as the pool and the labels compare them.
@@ -159,6 +154,7 @@ mod tests {
             workdir: None,
             gpus: vec!["GPU-b".into(), "GPU-a".into()],
             progress: None,
+            on_identity: None,
         }
     }
 

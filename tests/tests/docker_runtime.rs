@@ -1,0 +1,262 @@
+//! The Docker runtime on a real engine, with the Rust example worker's image (built locally,
+//! no registry): jobs through the bridge from inside a container, scale to zero, warm starts,
+//! a container killed from outside, crash logs in the reason and `workers logs`, and an image
+//! that cannot be pulled. These tests need the Docker engine and fail without it.
+
+use std::time::Duration;
+
+use anyhow::{Context, Result, ensure};
+use futures::StreamExt;
+use serde_json::json;
+use shoal_actors::host::logs;
+use shoal_protocol::api::{JobRef, RunRequest};
+use shoal_protocol::codec::from_msgpack;
+use shoal_protocol::endpoint::{EndpointSpec, ScalerKind};
+use shoal_protocol::events::WorkerEvent;
+use shoal_protocol::host::HostRecord;
+use shoal_protocol::job::JobState;
+use shoal_protocol::worker::{WorkerRecord, WorkerState};
+use shoal_tests::docker::{Sweeper, host_containers, require_docker, run, start_docker_host, worker_image};
+use shoal_tests::{Shoal, eventually, test_prefix};
+
+/// A control plane and one host with the Docker runtime (the harness's process host stopped).
+async fn docker_shoal() -> Result<(Shoal, String, Sweeper)> {
+    require_docker()?;
+    let mut shoal = Shoal::start().await?;
+    shoal.host.take().context("host")?.stop().await;
+    let host_id = format!("dk-{}", test_prefix());
+    let sweeper = Sweeper { host_ids: vec![host_id.clone()] };
+    let (host, _) = start_docker_host(&shoal.nats, shoal.state_dir.path(), &host_id, |_| {}).await?;
+    shoal.host = Some(host);
+    Ok((shoal, host_id, sweeper))
+}
+
+fn docker_endpoint(id: &str, image: &str) -> EndpointSpec {
+    let mut spec = EndpointSpec::with_command(id, "unused");
+    spec.command = None;
+    spec.image = Some(image.to_string());
+    spec.workers_max = 1;
+    spec.scaler = ScalerKind::RequestCount;
+    spec.scaler_value = 1.0;
+    spec.idle_timeout_s = 2;
+    spec
+}
+
+async fn live_worker(shoal: &Shoal, endpoint: &str, state: WorkerState) -> Result<WorkerRecord> {
+    eventually(Duration::from_secs(60), &format!("a {} worker of {endpoint}", state.as_str()), || async {
+        let list = shoal.api.workers(Some(endpoint)).await.ok()?;
+        list.workers.into_iter().find(|w| w.state == state && w.runtime_ref.is_some())
+    })
+    .await
+}
+
+fn phases(w: &WorkerRecord) -> String {
+    w.start.as_ref().map(|s| s.summary()).unwrap_or_else(|| "-".into())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_docker_host_runs_jobs_in_a_container_scales_to_zero_and_starts_warm_again() -> Result<()> {
+    let image = worker_image()?;
+    let (shoal, host_id, _sweeper) = docker_shoal().await?;
+    let created = shoal.api.create_endpoint(&docker_endpoint("dk-echo", &image)).await?;
+
+    let mut ids = Vec::new();
+    for n in 0..5 {
+        ids.push(shoal.api.run(&RunRequest::new("dk-echo", json!({"n": n, "sleep_ms": 50}))).await?.id);
+    }
+    for (n, id) in ids.iter().enumerate() {
+        let s =
+            shoal.api.status(&JobRef { endpoint: Some("dk-echo".into()), id: id.clone(), wait_ms: 120_000 }).await?;
+        assert_eq!(s.status, JobState::Completed, "{s:?}");
+        assert_eq!(s.output, Some(json!({"n": n, "sleep_ms": 50})));
+    }
+    let worker = shoal.api.workers(Some("dk-echo")).await?.workers.into_iter().find(|w| w.jobs_done > 0);
+    let worker = worker.context("the worker that ran the jobs")?;
+    let container = worker.runtime_ref.clone().unwrap_or_default();
+    ensure!(container.starts_with("docker:"), "a container runs the worker: {worker:?}");
+    let start = worker.start.clone().context("start phases")?;
+    assert!(!start.warm && start.create_ms.is_some() && start.first_job_ms.is_some(), "{start:?}");
+    println!("cold start: {}", start.summary());
+    let running = host_containers(&host_id)?;
+    assert_eq!(running.iter().filter(|c| c.running()).count(), 1, "{running:?}");
+
+    // idle past the timeout: scaled to zero, the container stopped and kept warm
+    eventually(Duration::from_secs(60), "the worker stopped and its container with it", || async {
+        let workers = shoal.api.workers(Some("dk-echo")).await.ok()?.workers;
+        let stopped = workers.iter().all(|w| w.state == WorkerState::Stopped);
+        let none_running = host_containers(&host_id).ok()?.iter().all(|c| !c.running());
+        (stopped && none_running).then_some(())
+    })
+    .await?;
+    let warm_key = format!("dk-echo@{}", created.version);
+    eventually(Duration::from_secs(10), "the host lists the endpoint version warm", || async {
+        let entry = shoal.nats.hosts.get(&host_id).await.ok()??;
+        let rec: HostRecord = from_msgpack(&entry).ok()?;
+        rec.warm.contains(&warm_key).then_some(())
+    })
+    .await?;
+    assert_eq!(host_containers(&host_id)?.len(), 1, "one stopped container kept");
+
+    // the next job starts that container again: a warm start
+    let s = shoal.api.run(&RunRequest::new("dk-echo", json!({"again": true}))).await?;
+    let s = shoal.api.status(&JobRef { endpoint: Some("dk-echo".into()), id: s.id, wait_ms: 120_000 }).await?;
+    assert_eq!(s.status, JobState::Completed, "{s:?}");
+    let again = shoal
+        .api
+        .workers(Some("dk-echo"))
+        .await?
+        .workers
+        .into_iter()
+        .find(|w| w.state != WorkerState::Stopped)
+        .context("the new worker")?;
+    let warm = again.start.clone().context("start phases")?;
+    assert!(warm.warm && warm.create_ms.is_none() && warm.pull_ms.is_none(), "{warm:?}");
+    assert_eq!(again.runtime_ref.as_deref(), Some(container.as_str()), "the same container, started again");
+    println!("warm start: {}", warm.summary());
+    assert_eq!(host_containers(&host_id)?.len(), 1, "no second container");
+
+    // a new version: the old version's container is not kept, the new version starts cold
+    let mut v2 = docker_endpoint("dk-echo", &image);
+    v2.env.insert("RELEASE".into(), "2".into());
+    let v2 = shoal.api.apply_endpoint(&v2).await?;
+    let old_label = format!("io.shoal.version={}", created.version);
+    eventually(Duration::from_secs(60), "the old version's container discarded", || async {
+        host_containers(&host_id).ok()?.iter().all(|c| !c.labels.contains(&old_label)).then_some(())
+    })
+    .await?;
+    let s = shoal.api.run(&RunRequest::new("dk-echo", json!({"version": 2}))).await?;
+    let s = shoal.api.status(&JobRef { endpoint: Some("dk-echo".into()), id: s.id, wait_ms: 120_000 }).await?;
+    assert_eq!(s.status, JobState::Completed, "{s:?}");
+    let newest = shoal.api.workers(Some("dk-echo")).await?.workers;
+    let newest = newest.iter().find(|w| w.spec_version == v2.version).context("a worker of the new version")?;
+    assert!(newest.start.as_ref().is_some_and(|s| !s.warm), "{newest:?}");
+    let label = format!("io.shoal.version={}", v2.version);
+    let all = host_containers(&host_id)?;
+    assert!(!all.is_empty() && all.iter().all(|c| c.labels.contains(&label)), "{all:?}");
+    shoal.stop().await;
+    assert!(host_containers(&host_id)?.is_empty(), "a stopped host removes its containers");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_container_killed_from_outside_is_restarted_warm_under_backoff() -> Result<()> {
+    let image = worker_image()?;
+    let (shoal, _host_id, _sweeper) = docker_shoal().await?;
+    let mut spec = docker_endpoint("dk-kill", &image);
+    spec.workers_min = 1;
+    let mut events = shoal.nats.client.subscribe(shoal.nats.names.events_of_kind("worker")).await?;
+    shoal.api.create_endpoint(&spec).await?;
+    let first = live_worker(&shoal, "dk-kill", WorkerState::Idle).await?;
+    println!("first start: {}", phases(&first));
+    let container = first.runtime_ref.clone().context("container")?;
+    let id = container.trim_start_matches("docker:");
+    run(std::process::Command::new("docker").args(["kill", id]))?;
+
+    // the supervisor schedules a restart, with the container's fate in the reason
+    let restart = loop {
+        let msg = tokio::time::timeout(Duration::from_secs(30), events.next()).await?.context("events")?;
+        let ev: WorkerEvent = from_msgpack(&msg.payload)?;
+        if ev.worker_id == first.id && ev.backoff_ms.is_some() {
+            break ev;
+        }
+    };
+    let reason = restart.reason.clone().unwrap_or_default();
+    assert!(reason.contains("137") || reason.contains("killed"), "{reason}");
+    println!("restart scheduled in {:?} ms: {reason}", restart.backoff_ms);
+    // back, warm: the killed container itself, started again
+    let back = eventually(Duration::from_secs(60), "the worker idle again after a warm start", || async {
+        let list = shoal.api.workers(Some("dk-kill")).await.ok()?;
+        list.workers
+            .into_iter()
+            .find(|w| w.id == first.id && w.state == WorkerState::Idle && w.start.as_ref().is_some_and(|s| s.warm))
+    })
+    .await?;
+    assert_eq!(back.restarts, first.restarts + 1);
+    assert_eq!(back.runtime_ref, first.runtime_ref, "the same container");
+    let warm = back.start.clone().context("phases")?;
+    assert!(warm.start_ms.is_some() && warm.create_ms.is_none(), "{warm:?}");
+    println!("warm restart: {}", warm.summary());
+    let s = shoal.api.run(&RunRequest::new("dk-kill", json!({"after": "kill"}))).await?;
+    let s = shoal.api.status(&JobRef { endpoint: Some("dk-kill".into()), id: s.id, wait_ms: 60_000 }).await?;
+    assert_eq!((s.status, s.worker_id.as_deref()), (JobState::Completed, Some(first.id.as_str())), "{s:?}");
+    shoal.stop().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_loop_carries_the_containers_last_lines_and_its_log_can_be_read_and_followed() -> Result<()> {
+    let image = worker_image()?;
+    let (shoal, host_id, _sweeper) = docker_shoal().await?;
+    let mut spec = docker_endpoint("dk-crash", &image);
+    spec.workers_min = 1;
+    spec.max_attempts = 1;
+    let mut events = shoal.nats.client.subscribe(shoal.nats.names.events_of_kind("worker")).await?;
+    shoal.api.create_endpoint(&spec).await?;
+    let worker = live_worker(&shoal, "dk-crash", WorkerState::Idle).await?;
+    let (client, names) = (&shoal.nats.client, &shoal.nats.names);
+    let mut followed = logs::follow(client, names, &host_id, "dk-crash", &worker.id, 10).await?;
+    assert!(followed.next().await.is_some(), "the last lines come first");
+
+    // three crashes in a row: the worker turns Unhealthy, the reason ends with its last line
+    for n in 0..3 {
+        let job = shoal.api.run(&RunRequest::new("dk-crash", json!({"exit": 3, "n": n}))).await?;
+        let s = shoal.api.status(&JobRef { endpoint: Some("dk-crash".into()), id: job.id, wait_ms: 60_000 }).await?;
+        assert_eq!(s.status, JobState::Failed, "{s:?}");
+    }
+    let unhealthy = loop {
+        let msg = tokio::time::timeout(Duration::from_secs(60), events.next()).await?.context("events")?;
+        let ev: WorkerEvent = from_msgpack(&msg.payload)?;
+        if ev.worker_id == worker.id && ev.state == WorkerState::Unhealthy {
+            break ev;
+        }
+    };
+    let reason = unhealthy.reason.unwrap_or_default();
+    assert!(reason.contains("exited with code 3") && reason.contains("asks to exit with code 3"), "{reason}");
+    println!("unhealthy: {reason}");
+
+    // the followed log saw the first crash's line, then ended with that container run
+    let mut seen = Vec::new();
+    tokio::time::timeout(Duration::from_secs(30), async {
+        while let Some(batch) = followed.next().await {
+            seen.extend(batch);
+        }
+    })
+    .await
+    .context("the followed log ends when the container stops")?;
+    assert!(seen.iter().any(|l| l.contains("asks to exit with code 3")), "{seen:?}");
+    let lines = logs::get(client, names, &host_id, "dk-crash", &worker.id, 50).await?;
+    assert!(lines.iter().filter(|l| l.contains("asks to exit with code 3")).count() >= 3, "{lines:?}");
+    let unknown = logs::get(client, names, &host_id, "dk-crash", "w-nobody", 5).await;
+    assert!(unknown.is_err_and(|e| e.to_string().contains("no container")));
+    shoal.stop().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_image_that_cannot_be_pulled_makes_the_worker_unhealthy_with_the_reason() -> Result<()> {
+    let (shoal, _host_id, _sweeper) = docker_shoal().await?;
+    let image = "registry.invalid/shoal/missing:1";
+    let mut spec = docker_endpoint("dk-nopull", image);
+    spec.workers_min = 1;
+    let mut events = shoal.nats.client.subscribe(shoal.nats.names.events_of_kind("worker")).await?;
+    shoal.api.create_endpoint(&spec).await?;
+    let mut pulling = false;
+    let reason = loop {
+        let msg = tokio::time::timeout(Duration::from_secs(60), events.next()).await?.context("events")?;
+        let ev: WorkerEvent = from_msgpack(&msg.payload)?;
+        let reason = ev.reason.clone().unwrap_or_default();
+        if ev.state == WorkerState::Initializing && reason.starts_with("pulling image") {
+            pulling = true;
+        }
+        if ev.state == WorkerState::Unhealthy {
+            break reason;
+        }
+    };
+    assert!(pulling, "the pull shows in the Initializing reason");
+    assert!(reason.contains(&format!("cannot pull image {image}")), "{reason}");
+    println!("unhealthy: {reason}");
+    let listed = shoal.api.workers(Some("dk-nopull")).await?;
+    assert!(listed.workers.iter().any(|w| w.state == WorkerState::Unhealthy), "{listed:?}");
+    shoal.stop().await;
+    Ok(())
+}
