@@ -37,6 +37,9 @@ fn d_true() -> bool {
 fn d_concurrency() -> u32 {
     1
 }
+fn d_extra_workers() -> u32 {
+    2
+}
 fn d_max_attempts() -> u32 {
     2
 }
@@ -98,6 +101,10 @@ pub struct EndpointSpec {
     /// Takes of a job whose workers keep vanishing before it fails.
     #[serde(default = "d_max_attempts")]
     pub max_attempts: u32,
+    /// During a spike, up to this many workers beyond what the rule asks, started only where a
+    /// host has this endpoint version warm (RunPod's "extra workers"; never above max).
+    #[serde(default = "d_extra_workers")]
+    pub extra_workers: u32,
     /// Queued jobs above which submissions are refused with `overloaded`; none = unbounded.
     #[serde(default)]
     pub queue_limit: Option<u64>,
@@ -130,6 +137,7 @@ impl EndpointSpec {
             cpus: None,
             concurrency: d_concurrency(),
             max_attempts: d_max_attempts(),
+            extra_workers: d_extra_workers(),
             queue_limit: None,
             version: 0,
         }

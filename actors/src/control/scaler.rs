@@ -144,9 +144,11 @@ impl ScalerState {
     }
 
     async fn on_tick(&mut self) {
-        let Ok(demand) = ractor::call!(self.endpoint, EndpointMsg::GetDemand) else { return };
+        let Ok(mut demand) = ractor::call!(self.endpoint, EndpointMsg::GetDemand) else { return };
         let now = now_ms();
         let live = self.hosts.live();
+        let warm_key = format!("{}@{}", self.spec.id, self.spec.version);
+        demand.warm_slots = live.iter().map(|h| h.warm.iter().filter(|w| **w == warm_key).count() as u32).sum();
         let live_ids: HashSet<&str> = live.iter().map(|h| h.id.as_str()).collect();
         // workers on hosts that went silent are gone; their jobs come back by redelivery
         let lost: Vec<WorkerRecord> = self

@@ -21,6 +21,8 @@ pub struct Demand {
     pub in_progress: u64,
     /// How long the oldest normal-priority queued job has waited.
     pub oldest_wait_ms: Option<u64>,
+    /// Warm containers of this endpoint version on live hosts (cheap starts).
+    pub warm_slots: u32,
 }
 
 /// One worker as the scaler sees it.
@@ -80,8 +82,15 @@ pub fn decide(spec: &EndpointSpec, demand: &Demand, workers: &[WorkerView], now_
     let current = counted.len() as u32;
     let target = desired(spec, demand, current);
     let mut decision = Decision { target, ..Decision::default() };
-    if current + leaving < target {
-        decision.start = target - current - leaving;
+    // a spike: extra workers beyond the rule where they start warm, never above max; they go
+    // again with the idle timeout like any other
+    let with_extra = if demand.queued > 0 {
+        (target + spec.extra_workers.min(demand.warm_slots)).min(spec.workers_max)
+    } else {
+        target
+    };
+    if current + leaving < with_extra {
+        decision.start = with_extra - current - leaving;
     }
     // scale down: idle past the timeout, beyond the target and never below min
     let idle_timeout_ms = u64::from(spec.idle_timeout_s) * 1000;
@@ -144,17 +153,32 @@ mod tests {
     #[test]
     fn request_count_scales_to_the_jobs_and_clamps() {
         let s = spec(ScalerKind::RequestCount, 1.0, 0, 5);
-        let d = decide(&s, &Demand { queued: 50, in_progress: 0, oldest_wait_ms: Some(0) }, &[], 0);
+        let d = decide(&s, &Demand { queued: 50, in_progress: 0, oldest_wait_ms: Some(0), warm_slots: 0 }, &[], 0);
         assert_eq!((d.target, d.start), (5, 5));
         let s2 = spec(ScalerKind::RequestCount, 4.0, 0, 5);
-        assert_eq!(desired(&s2, &Demand { queued: 9, in_progress: 0, oldest_wait_ms: None }, 0), 3);
+        assert_eq!(desired(&s2, &Demand { queued: 9, in_progress: 0, oldest_wait_ms: None, warm_slots: 0 }, 0), 3);
         assert_eq!(desired(&s2, &Demand::default(), 0), 0);
+    }
+
+    #[test]
+    fn a_spike_adds_extra_workers_only_where_they_start_warm() {
+        let s = spec(ScalerKind::RequestCount, 5.0, 0, 10);
+        let cold = Demand { queued: 10, in_progress: 0, oldest_wait_ms: Some(0), warm_slots: 0 };
+        assert_eq!(decide(&s, &cold, &[], 0).start, 2, "the rule alone");
+        let warm = Demand { warm_slots: 1, ..cold };
+        assert_eq!(decide(&s, &warm, &[], 0).start, 3, "one extra: one warm slot");
+        let warm = Demand { warm_slots: 9, ..cold };
+        assert_eq!(decide(&s, &warm, &[], 0).start, 4, "at most extra_workers (2)");
+        let tight = spec(ScalerKind::RequestCount, 5.0, 0, 3);
+        assert_eq!(decide(&tight, &warm, &[], 0).start, 3, "never above max");
+        let idle = Demand { queued: 0, warm_slots: 9, ..cold };
+        assert_eq!(decide(&s, &idle, &[], 0).start, 0, "no spike, no extra");
     }
 
     #[test]
     fn queue_delay_adds_one_worker_per_tick_once_jobs_wait_too_long() {
         let s = spec(ScalerKind::QueueDelay, 2.0, 0, 3);
-        let waiting = Demand { queued: 10, in_progress: 0, oldest_wait_ms: Some(1_000) };
+        let waiting = Demand { queued: 10, in_progress: 0, oldest_wait_ms: Some(1_000), warm_slots: 0 };
         assert_eq!(desired(&s, &waiting, 0), 0, "not yet delayed");
         let late = Demand { oldest_wait_ms: Some(2_500), ..waiting };
         assert_eq!(desired(&s, &late, 0), 1);
@@ -182,10 +206,10 @@ mod tests {
         s.version = 2;
         let mut workers: Vec<WorkerView> = (0..10).map(|i| w(&format!("w{i}"), WorkerState::Running, None)).collect();
         workers[7].state = WorkerState::Idle;
-        let d = decide(&s, &Demand { queued: 0, in_progress: 9, oldest_wait_ms: None }, &workers, 0);
+        let d = decide(&s, &Demand { queued: 0, in_progress: 9, oldest_wait_ms: None, warm_slots: 0 }, &workers, 0);
         assert_eq!(d.drain, vec!["w7".to_string()]);
         workers[7].stopping = true;
-        let d = decide(&s, &Demand { queued: 0, in_progress: 9, oldest_wait_ms: None }, &workers, 0);
+        let d = decide(&s, &Demand { queued: 0, in_progress: 9, oldest_wait_ms: None, warm_slots: 0 }, &workers, 0);
         assert!(d.drain.is_empty(), "one at a time");
         assert_eq!(d.start, 0, "the draining worker still holds its place under max");
     }
@@ -199,7 +223,7 @@ mod tests {
             let max = min + extra;
             let s = spec(if rc { ScalerKind::RequestCount } else { ScalerKind::QueueDelay }, value, min, max);
             let workers: Vec<WorkerView> = (0..n).map(|i| w(&format!("w{i}"), if i % 2 == 0 { WorkerState::Idle } else { WorkerState::Running }, Some(0))).collect();
-            let d = decide(&s, &Demand { queued, in_progress: running, oldest_wait_ms: wait }, &workers, now);
+            let d = decide(&s, &Demand { queued, in_progress: running, oldest_wait_ms: wait, warm_slots: 3 }, &workers, now);
             prop_assert!(d.target >= min && d.target <= max);
             prop_assert!(n as u32 + d.start <= max.max(n as u32));
             let after = n as u32 + d.start - d.stop.len() as u32;
