@@ -93,6 +93,11 @@ build_image() {
     fi
   fi
   docker tag "$image" "shoal/$name:$tag"
+  # keep the three newest content tags of this image; older ones only fill the disk
+  local old
+  for old in $(docker images "shoal/$name" --format '{{.Tag}}' | { grep '^h-' || true; } | { grep -vx "h-$hash" || true; } | tail -n +3); do
+    docker rmi "shoal/$name:$old" >/dev/null 2>&1 || true
+  done
   echo "$name $image"
 }
 

@@ -285,6 +285,10 @@ impl WorkerTracker {
         // the stretch before the first worker is noise on the plot: keep its last point only
         if let Some(first) = self.timeline.iter().position(|p| p.total > 0) {
             self.timeline.drain(..first.saturating_sub(1));
+            if first > 0 && self.timeline.len() >= 2 {
+                // the zero point just before the first worker, not wherever the watch began
+                self.timeline[0].t_s = self.timeline[0].t_s.max(round3(self.timeline[1].t_s - 0.1));
+            }
         }
         let step = self.timeline.len().div_ceil(2000).max(1);
         let n = self.timeline.len();
@@ -474,6 +478,14 @@ mod tests {
         let totals: Vec<u32> = r.timeline.iter().map(|p| p.total).collect();
         assert_eq!(totals, vec![1, 2, 1, 1]);
         assert_eq!(r.timeline.last().map(|p| p.t_s), Some(1.0));
+        // a watch that began long before the first worker starts its plot just before it
+        let mut t = WorkerTracker::default();
+        t.sample(0.0);
+        t.sample(3.0);
+        t.on_event(&ev("w1", WorkerState::Initializing, 0), None, 5.0);
+        t.sample(5.0);
+        let r = t.finish(6.0, 0.0);
+        assert_eq!(r.timeline.first().map(|p| (p.t_s, p.total)), Some((4.9, 0)));
     }
 
     #[test]

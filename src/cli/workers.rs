@@ -78,3 +78,33 @@ async fn worker_logs(settings: &Settings, worker: &str, follow: bool, lines: u32
     }
     Ok(ExitCode::SUCCESS)
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    #[derive(Debug, Parser)]
+    struct Cli {
+        #[command(flatten)]
+        workers: super::WorkersArgs,
+    }
+
+    #[test]
+    fn workers_lists_and_workers_logs_follows() {
+        let cli = Cli::try_parse_from(["workers", "--endpoint", "echo"]).expect("parses");
+        assert!(cli.workers.command.is_none());
+        assert_eq!(cli.workers.endpoint.as_deref(), Some("echo"));
+        let cli = Cli::try_parse_from(["workers", "logs", "w1", "--follow", "-n", "20"]).expect("parses");
+        let Some(super::WorkersCommand::Logs { worker, follow, lines }) = cli.workers.command else {
+            panic!("not logs")
+        };
+        assert_eq!((worker.as_str(), follow, lines), ("w1", true, 20));
+    }
+
+    #[test]
+    fn the_deploy_endpoints_file_is_valid() {
+        let specs = super::super::parse_endpoints(include_str!("../../deploy/endpoints.toml")).expect("valid");
+        assert_eq!(specs.len(), 1);
+        assert!(specs[0].image.is_some() && specs[0].command.is_none());
+    }
+}

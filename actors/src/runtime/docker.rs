@@ -164,11 +164,6 @@ impl DockerRuntime {
             }),
         })
     }
-
-    /// The engine client, for callers that inspect what this runtime made (tests, tools).
-    pub fn docker(&self) -> &Docker {
-        &self.inner.docker
-    }
 }
 
 impl Runtime for DockerRuntime {
