@@ -32,20 +32,6 @@ fn rmp_serde_value(bytes: &[u8]) -> Value {
     shoal_protocol::codec::from_msgpack(bytes).unwrap_or(Value::Null)
 }
 
-fn run_req(endpoint: &str, input: Value) -> RunRequest {
-    RunRequest {
-        endpoint: endpoint.into(),
-        input,
-        policy: None,
-        webhook: None,
-        s3_config: None,
-        idempotency_key: None,
-        wait_ms: 0,
-        sync: false,
-        input_ref: None,
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_requests_get_clear_errors_and_the_service_keeps_serving() -> Result<()> {
     let shoal =
@@ -69,12 +55,12 @@ async fn bad_requests_get_clear_errors_and_the_service_keeps_serving() -> Result
     assert!(body["message"].as_str().unwrap_or_default().contains("input"), "{body}");
 
     // unknown endpoint
-    let err: ApiError = shoal.api.run(&run_req("nope", json!(1))).await.expect_err("unknown");
+    let err: ApiError = shoal.api.run(&RunRequest::new("nope", json!(1))).await.expect_err("unknown");
     assert_eq!(err.code, ErrorCode::NotFound);
     assert!(err.message.contains("nope"));
     // wildcards and separators in ids
     for bad in ["ep*", ">", "a.b", "a b", ""] {
-        let err = shoal.api.run(&run_req(bad, json!(1))).await.expect_err(bad);
+        let err = shoal.api.run(&RunRequest::new(bad, json!(1))).await.expect_err(bad);
         assert_eq!(err.code, ErrorCode::BadRequest, "{bad}: {err}");
         let err =
             shoal.api.status(&JobRef { endpoint: Some("ok".into()), id: bad.into(), wait_ms: 0 }).await.expect_err(bad);
@@ -91,11 +77,11 @@ async fn bad_requests_get_clear_errors_and_the_service_keeps_serving() -> Result
     assert_eq!(err.code, ErrorCode::NotFound);
     // oversize payload
     let big = "x".repeat(100 * 1024);
-    let err = shoal.api.run(&run_req("ok", json!({"blob": big}))).await.expect_err("too large");
+    let err = shoal.api.run(&RunRequest::new("ok", json!({"blob": big}))).await.expect_err("too large");
     assert_eq!(err.code, ErrorCode::TooLarge);
     assert!(err.message.contains("max_input_bytes"), "{err}");
     // invalid policy and spec
-    let mut req = run_req("ok", json!(1));
+    let mut req = RunRequest::new("ok", json!(1));
     req.policy = Some(shoal_protocol::job::PolicyRequest { ttl_ms: Some(5), ..Default::default() });
     assert_eq!(shoal.api.run(&req).await.expect_err("ttl").code, ErrorCode::BadRequest);
     let mut spec = EndpointSpec::with_command("bad-spec", "true");
@@ -106,12 +92,12 @@ async fn bad_requests_get_clear_errors_and_the_service_keeps_serving() -> Result
     assert_eq!(shoal.api.create_endpoint(&rust_endpoint("ok")?).await.expect_err("exists").code, ErrorCode::Conflict);
 
     // still serving
-    let mut req = run_req("ok", json!({"still": "alive"}));
+    let mut req = RunRequest::new("ok", json!({"still": "alive"}));
     req.wait_ms = 30_000;
     let done = shoal.api.run(&req).await?;
     assert_eq!(done.output, Some(json!({"still": "alive"})));
     // idempotency: the same key returns the same job
-    let mut req = run_req("ok", json!({"once": true}));
+    let mut req = RunRequest::new("ok", json!({"once": true}));
     req.idempotency_key = Some("order-42".into());
     let a = shoal.api.run(&req).await?;
     let b = shoal.api.run(&req).await?;

@@ -13,27 +13,13 @@ use shoal_protocol::job::JobState;
 use shoal_protocol::worker::WorkerState;
 use shoal_tests::{Shoal, eventually, python_endpoint};
 
-fn run_req(endpoint: &str, input: serde_json::Value) -> RunRequest {
-    RunRequest {
-        endpoint: endpoint.into(),
-        input,
-        policy: None,
-        webhook: None,
-        s3_config: None,
-        idempotency_key: None,
-        wait_ms: 0,
-        sync: false,
-        input_ref: None,
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_killed_mid_job_gets_its_job_redelivered_and_recorded_once() -> Result<()> {
     let shoal = Shoal::start().await?;
     shoal.api.create_endpoint(&python_endpoint("fragile")?).await?;
     let mut events = shoal.nats.client.subscribe(shoal.nats.names.events_of_kind("job")).await?;
 
-    let submitted = shoal.api.run(&run_req("fragile", json!({"mode": "sleep", "seconds": 3}))).await?;
+    let submitted = shoal.api.run(&RunRequest::new("fragile", json!({"mode": "sleep", "seconds": 3}))).await?;
     let jref = JobRef { endpoint: Some("fragile".into()), id: submitted.id.clone(), wait_ms: 0 };
     let running = eventually(Duration::from_secs(60), "job running", || async {
         shoal.api.status(&jref).await.ok().filter(|s| s.status == JobState::InProgress)
@@ -79,7 +65,7 @@ async fn a_handler_crashing_at_start_backs_off_turns_unhealthy_and_recovers() ->
     let mut events = shoal.nats.client.subscribe(shoal.nats.names.events_of_kind("worker")).await?;
     shoal.api.create_endpoint(&spec).await?;
     // a job waits for the worker meanwhile
-    let queued = shoal.api.run(&run_req("crashy", json!({"waited": true}))).await?;
+    let queued = shoal.api.run(&RunRequest::new("crashy", json!({"waited": true}))).await?;
 
     // restarts follow the schedule: 300 ms, 600 ms, 1200 ms (±10 %) ...
     let mut delays = Vec::new();

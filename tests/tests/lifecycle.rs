@@ -10,20 +10,6 @@ use shoal_protocol::job::{JobState, PolicyRequest};
 use shoal_protocol::{ApiError, ErrorCode};
 use shoal_tests::{Shoal, eventually, python_endpoint, rust_endpoint};
 
-fn run_req(endpoint: &str, input: Value) -> RunRequest {
-    RunRequest {
-        endpoint: endpoint.into(),
-        input,
-        policy: None,
-        webhook: None,
-        s3_config: None,
-        idempotency_key: None,
-        wait_ms: 0,
-        sync: false,
-        input_ref: None,
-    }
-}
-
 fn job(endpoint: &str, id: &str) -> JobRef {
     JobRef { endpoint: Some(endpoint.into()), id: id.into(), wait_ms: 0 }
 }
@@ -42,13 +28,13 @@ async fn cancel_a_queued_job_and_ttl_expiry_without_workers() -> Result<()> {
     spec.workers_min = 0; // nobody will take its jobs
     shoal.api.create_endpoint(&spec).await?;
 
-    let queued = shoal.api.run(&run_req("idle", json!({"a": 1}))).await?;
+    let queued = shoal.api.run(&RunRequest::new("idle", json!({"a": 1}))).await?;
     let cancelled = shoal.api.cancel(&job("idle", &queued.id)).await?;
     assert_eq!(cancelled.status, JobState::Cancelled);
     // cancelling again leaves it as it is
     assert_eq!(shoal.api.cancel(&job("idle", &queued.id)).await?.status, JobState::Cancelled);
 
-    let mut req = run_req("idle", json!({"b": 2}));
+    let mut req = RunRequest::new("idle", json!({"b": 2}));
     req.policy = Some(PolicyRequest { ttl_ms: Some(1_000), ..Default::default() });
     let expiring = shoal.api.run(&req).await?;
     let timed_out = wait_state(&shoal, "idle", &expiring.id, JobState::TimedOut, Duration::from_secs(10)).await?;
@@ -77,23 +63,23 @@ async fn cancel_and_time_out_running_jobs_on_the_python_worker() -> Result<()> {
     shoal.api.create_endpoint(&python_endpoint("slow")?).await?;
 
     // cancel while it runs: the worker is told to stop and is free again at once
-    let running = shoal.api.run(&run_req("slow", json!({"mode": "sleep", "seconds": 60}))).await?;
+    let running = shoal.api.run(&RunRequest::new("slow", json!({"mode": "sleep", "seconds": 60}))).await?;
     wait_state(&shoal, "slow", &running.id, JobState::InProgress, Duration::from_secs(60)).await?;
     let cancelled = shoal.api.cancel(&job("slow", &running.id)).await?;
     assert_eq!(cancelled.status, JobState::Cancelled);
 
-    let mut next = run_req("slow", json!({"mode": "echo", "after": "cancel"}));
+    let mut next = RunRequest::new("slow", json!({"mode": "echo", "after": "cancel"}));
     next.wait_ms = 30_000;
     let after = shoal.api.run(&next).await?;
     assert_eq!(after.status, JobState::Completed, "the worker was freed by the stop: {after:?}");
 
     // execution timeout: TIMED_OUT, and the worker is stopped from running it
-    let mut req = run_req("slow", json!({"mode": "sleep", "seconds": 60}));
+    let mut req = RunRequest::new("slow", json!({"mode": "sleep", "seconds": 60}));
     req.policy = Some(PolicyRequest { execution_timeout_ms: Some(1_500), ..Default::default() });
     let slow = shoal.api.run(&req).await?;
     let timed_out = wait_state(&shoal, "slow", &slow.id, JobState::TimedOut, Duration::from_secs(30)).await?;
     assert_eq!(timed_out.error.as_deref(), Some("execution timeout exceeded"));
-    let mut next = run_req("slow", json!({"mode": "echo", "after": "timeout"}));
+    let mut next = RunRequest::new("slow", json!({"mode": "echo", "after": "timeout"}));
     next.wait_ms = 30_000;
     assert_eq!(shoal.api.run(&next).await?.status, JobState::Completed);
 
@@ -131,7 +117,7 @@ async fn generator_chunks_stream_in_order_each_once() -> Result<()> {
     shoal.api.create_endpoint(&aggregate).await?;
 
     let expected: Vec<Value> = (0..6).map(|i| json!({"i": i})).collect();
-    let a = shoal.api.run(&run_req("gen", json!({"chunks": 6, "chunk_delay_s": 0.2}))).await?;
+    let a = shoal.api.run(&RunRequest::new("gen", json!({"chunks": 6, "chunk_delay_s": 0.2}))).await?;
     let (chunks, state) = collect_stream(&shoal, "gen", &a.id).await?;
     assert_eq!(state, JobState::Completed);
     assert_eq!(chunks, expected, "every chunk once, in order");
@@ -139,7 +125,7 @@ async fn generator_chunks_stream_in_order_each_once() -> Result<()> {
     assert!(shoal.api.stream(&job("gen", &a.id)).await?.stream.is_empty());
     assert_eq!(shoal.api.status(&job("gen", &a.id)).await?.output, Some(json!([])));
 
-    let b = shoal.api.run(&run_req("gen-agg", json!({"chunks": 6}))).await?;
+    let b = shoal.api.run(&RunRequest::new("gen-agg", json!({"chunks": 6}))).await?;
     let (chunks, _) = collect_stream(&shoal, "gen-agg", &b.id).await?;
     assert_eq!(chunks, expected);
     assert_eq!(shoal.api.status(&job("gen-agg", &b.id)).await?.output, Some(Value::Array(expected)));

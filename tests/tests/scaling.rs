@@ -14,10 +14,6 @@ use shoal_protocol::worker::WorkerState;
 use shoal_tests::cluster::start_host;
 use shoal_tests::{Shoal, eventually, rust_endpoint};
 
-fn run_req(endpoint: &str, input: serde_json::Value) -> RunRequest {
-    RunRequest::new(endpoint, input)
-}
-
 fn autoscaled(id: &str, scaler: ScalerKind, value: f64, max: u32) -> Result<EndpointSpec> {
     let mut spec = rust_endpoint(id)?;
     spec.workers_min = 0;
@@ -49,7 +45,7 @@ async fn request_count_scales_a_burst_to_max_then_back_to_zero() -> Result<()> {
     shoal.api.create_endpoint(&autoscaled("burst", ScalerKind::RequestCount, 1.0, 5)?).await?;
     let mut ids = Vec::new();
     for n in 0..50 {
-        ids.push(shoal.api.run(&run_req("burst", json!({"sleep_ms": 150, "n": n}))).await?.id);
+        ids.push(shoal.api.run(&RunRequest::new("burst", json!({"sleep_ms": 150, "n": n}))).await?.id);
     }
     let mut most = 0;
     let mut done = 0;
@@ -85,11 +81,11 @@ async fn queue_delay_waits_for_the_delay_and_low_priority_alone_never_scales_up(
     shoal.api.create_endpoint(&autoscaled("low", ScalerKind::RequestCount, 1.0, 2)?).await?;
 
     // low priority on an endpoint at zero: nothing starts, the job waits
-    let mut low = run_req("low", json!({"low": true}));
+    let mut low = RunRequest::new("low", json!({"low": true}));
     low.policy = Some(PolicyRequest { low_priority: true, ..Default::default() });
     let low = shoal.api.run(&low).await?;
 
-    let mut req = run_req("lazy", json!({"x": 1}));
+    let mut req = RunRequest::new("lazy", json!({"x": 1}));
     req.wait_ms = 60_000;
     let done = shoal.api.run(&req).await?;
     assert_eq!(done.status, JobState::Completed, "{done:?}");
@@ -100,7 +96,7 @@ async fn queue_delay_waits_for_the_delay_and_low_priority_alone_never_scales_up(
     let s = shoal.api.status(&JobRef { endpoint: Some("low".into()), id: low.id.clone(), wait_ms: 0 }).await?;
     assert_eq!(s.status, JobState::InQueue);
     // a normal job brings a worker, which then also serves the low-priority one
-    let mut normal = run_req("low", json!({"normal": true}));
+    let mut normal = RunRequest::new("low", json!({"normal": true}));
     normal.wait_ms = 60_000;
     assert_eq!(shoal.api.run(&normal).await?.status, JobState::Completed);
     let s = shoal.api.status(&JobRef { endpoint: Some("low".into()), id: low.id, wait_ms: 30_000 }).await?;
@@ -123,7 +119,7 @@ async fn workers_land_on_the_highest_priority_gpu_type_then_the_next_then_thrott
     spec.gpu_types = vec!["NVIDIA H200".into(), "NVIDIA A100".into()];
     shoal.api.create_endpoint(&spec).await?;
     for n in 0..4 {
-        shoal.api.run(&run_req("gpu", json!({"sleep_ms": 20_000, "n": n}))).await?;
+        shoal.api.run(&RunRequest::new("gpu", json!({"sleep_ms": 20_000, "n": n}))).await?;
     }
     let workers = eventually(Duration::from_secs(60), "3 placed and 1 throttled", || async {
         let w = shoal.api.workers(Some("gpu")).await.ok()?.workers;
@@ -167,7 +163,7 @@ async fn a_rolling_update_replaces_workers_one_at_a_time_without_failing_a_job()
     let load = tokio::spawn(async move {
         let mut ids = Vec::new();
         for n in 0..60 {
-            if let Ok(s) = api.run(&run_req("roll", json!({"sleep_ms": 300, "n": n}))).await {
+            if let Ok(s) = api.run(&RunRequest::new("roll", json!({"sleep_ms": 300, "n": n}))).await {
                 ids.push(s.id);
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
