@@ -207,17 +207,27 @@ where
     }
 }
 
+impl Bridge {
+    /// A worker's post: its registration and its body, read as JSON.
+    async fn authorize_post(
+        &self,
+        endpoint: &str,
+        worker: &str,
+        headers: &HeaderMap,
+        body: &Bytes,
+    ) -> Result<(Registered, Value), Response> {
+        let reg = self.authorize(endpoint, worker, headers).await?;
+        Ok((reg, parse_body(body)?))
+    }
+}
+
 async fn job_done(
     State(bridge): State<Bridge>,
     Path((endpoint, worker, job)): Path<(String, String, String)>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let reg = match bridge.authorize(&endpoint, &worker, &headers).await {
-        Ok(r) => r,
-        Err(resp) => return resp,
-    };
-    let body = match parse_body(&body) {
+    let (reg, body) = match bridge.authorize_post(&endpoint, &worker, &headers, &body).await {
         Ok(v) => v,
         Err(resp) => return resp,
     };
@@ -230,11 +240,7 @@ async fn job_stream(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let reg = match bridge.authorize(&endpoint, &worker, &headers).await {
-        Ok(r) => r,
-        Err(resp) => return resp,
-    };
-    let body = match parse_body(&body) {
+    let (reg, body) = match bridge.authorize_post(&endpoint, &worker, &headers, &body).await {
         Ok(v) => v,
         Err(resp) => return resp,
     };

@@ -461,22 +461,7 @@ impl HostState {
         };
         tracing::warn!(worker_id, endpoint_id = %slot.endpoint, failures = decision.failures, delay_ms = decision.delay_ms, "worker failed");
         let now = now_ms();
-        let record = WorkerRecord {
-            id: worker_id.to_string(),
-            endpoint: slot.endpoint.clone(),
-            host: host.clone(),
-            state,
-            reason: Some(reason.clone()),
-            spec_version: slot.spec.version,
-            current_jobs: vec![],
-            runtime_ref: None,
-            restarts: slot.restarts,
-            failures: slot.failures,
-            started_at_ms: now,
-            updated_at_ms: now,
-            jobs_done: 0,
-            start: None,
-        };
+        let record = slot_record(worker_id, slot, &host, state, reason.clone());
         let event = WorkerEvent {
             worker_id: worker_id.to_string(),
             endpoint: slot.endpoint.clone(),
@@ -533,13 +518,18 @@ impl HostState {
 }
 
 fn stopped_record(worker_id: &str, slot: &Slot, host: &str) -> WorkerRecord {
+    slot_record(worker_id, slot, host, WorkerState::Stopped, "stopped".into())
+}
+
+/// The record of a slot's worker between incarnations (restarting, unhealthy, stopped).
+fn slot_record(worker_id: &str, slot: &Slot, host: &str, state: WorkerState, reason: String) -> WorkerRecord {
     let now = now_ms();
     WorkerRecord {
         id: worker_id.to_string(),
         endpoint: slot.endpoint.clone(),
         host: host.to_string(),
-        state: WorkerState::Stopped,
-        reason: Some("stopped".into()),
+        state,
+        reason: Some(reason),
         spec_version: slot.spec.version,
         current_jobs: vec![],
         runtime_ref: None,
