@@ -104,4 +104,11 @@ impl ApiClient {
     pub async fn workers(&self, endpoint: Option<&str>) -> Result<WorkerList, ApiError> {
         self.request(op::WORKERS_LIST, &WorkersRequest { endpoint: endpoint.map(str::to_string) }, Duration::ZERO).await
     }
+    /// An endpoint's jobs, newest first (see [`JobsRequest`]).
+    pub async fn jobs(&self, req: &JobsRequest) -> Result<JobList, ApiError> {
+        self.request(op::JOBS_LIST, req, Duration::ZERO).await
+    }
+    pub async fn hosts(&self) -> Result<HostList, ApiError> {
+        self.request(op::HOSTS_LIST, &(), Duration::ZERO).await
+    }
 }

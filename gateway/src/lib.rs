@@ -9,6 +9,8 @@
 //!   the `shoal-keys` bucket before the body is read; a key may be scoped to endpoints.
 //! - **RunPod's shapes** ([`shoal_protocol::runpod`]): camelCase bodies, milliseconds,
 //!   `{"error": "..."}` for every error, the status codes of shared/reference/runpod.md.
+//! - **A dashboard** (`dashboard`) at `/dashboard`: workers, queue and latency charts, recent
+//!   jobs and dead letters, read with the same API keys.
 //! - **Large payloads**: an input above the inline limit is stored in the `shoal-blobs` object
 //!   store first (the run request then carries `input_ref`), and an output stored there by the
 //!   host is read back before it is returned.
@@ -16,6 +18,7 @@
 //! It must not depend on anything but the NATS API and the buckets it reads (keys, blobs): no
 //! endpoint or job state lives here.
 
+mod dashboard;
 pub mod keys;
 mod routes;
 

@@ -44,6 +44,7 @@ pub fn router(nats: Nats, config: GatewayConfig) -> Router {
         .route("/v2/{endpoint}/health", get(health))
         .route("/healthz", get(liveness))
         .route("/metrics", get(shoal_actors::metrics::serve_metrics))
+        .merge(crate::dashboard::routes())
         .fallback(no_route)
         .method_not_allowed_fallback(wrong_method)
         .layer(middleware::from_fn_with_state(gw.clone(), authorize))
@@ -59,13 +60,13 @@ pub(crate) struct HttpError {
 }
 
 impl HttpError {
-    fn new(status: StatusCode, message: impl Into<String>) -> HttpError {
+    pub(crate) fn new(status: StatusCode, message: impl Into<String>) -> HttpError {
         HttpError { status, message: message.into() }
     }
-    fn bad_request(message: impl Into<String>) -> HttpError {
+    pub(crate) fn bad_request(message: impl Into<String>) -> HttpError {
         HttpError::new(StatusCode::BAD_REQUEST, message)
     }
-    fn unauthorized(message: impl Into<String>) -> HttpError {
+    pub(crate) fn unauthorized(message: impl Into<String>) -> HttpError {
         HttpError::new(StatusCode::UNAUTHORIZED, message)
     }
 }
@@ -110,14 +111,14 @@ impl From<QueryRejection> for HttpError {
     }
 }
 
-fn json<T: Serialize>(value: &T) -> Response {
+pub(crate) fn json<T: Serialize>(value: &T) -> Response {
     axum::Json(value).into_response()
 }
 
 // ---- API keys ------------------------------------------------------------------------------
 
 /// The key of `Authorization: Bearer <key>` (scheme case-insensitive) or a bare `<key>`.
-fn api_key(headers: &HeaderMap) -> Option<&str> {
+pub(crate) fn api_key(headers: &HeaderMap) -> Option<&str> {
     let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?.trim();
     let key = match value.split_once(char::is_whitespace) {
         Some((scheme, rest)) if scheme.eq_ignore_ascii_case("bearer") => rest.trim(),
@@ -134,9 +135,11 @@ fn endpoint_of(path: &str) -> Option<&str> {
 /// Runs the request in the caller's trace (its `traceparent` header) or a new one, which the
 /// NATS requests it makes carry on; the reply's `traceparent` names it.
 async fn traced(req: Request, next: Next) -> Response {
-    use shoal_actors::trace_context::{TRACEPARENT, current, scope};
+    use shoal_actors::trace_context::{TRACEPARENT, current, within};
     let incoming = req.headers().get(TRACEPARENT).and_then(|v| v.to_str().ok()).map(str::to_string);
-    scope(incoming.as_deref(), async {
+    let (method, path) = (req.method(), req.uri().path());
+    let span = tracing::debug_span!("request", %method, path, trace_id = tracing::field::Empty, otel.kind = "server");
+    within(span, incoming.as_deref(), async {
         let mut response = next.run(req).await;
         if let Some(value) = current().and_then(|tp| header::HeaderValue::from_str(&tp).ok()) {
             response.headers_mut().insert(TRACEPARENT, value);

@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::job::{JobRecord, JobState, PolicyRequest, WebhookDelivery};
+use crate::job::{JobRecord, JobState, PolicyRequest, Priority, WebhookDelivery};
 
 pub const ERROR_HEADER: &str = "Nats-Service-Error";
 pub const ERROR_CODE_HEADER: &str = "Nats-Service-Error-Code";
@@ -207,6 +207,104 @@ pub struct WorkersRequest {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct WorkerList {
     pub workers: Vec<crate::worker::WorkerRecord>,
+}
+
+/// `jobs.list`: an endpoint's jobs, newest first (by submission), for dashboards.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobsRequest {
+    pub endpoint: String,
+    /// Only jobs in these states; empty: every state.
+    #[serde(default)]
+    pub states: Vec<JobState>,
+    /// At most this many jobs (0: [`JobsRequest::DEFAULT_LIMIT`]; above [`JobsRequest::MAX_LIMIT`]
+    /// is a bad request).
+    #[serde(default)]
+    pub limit: u32,
+}
+
+impl JobsRequest {
+    pub const DEFAULT_LIMIT: u32 = 50;
+    pub const MAX_LIMIT: u32 = 500;
+}
+
+/// One job of a [`JobList`]: its state and timings, without input or output.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobSummary {
+    pub id: String,
+    pub endpoint: String,
+    pub state: JobState,
+    #[serde(default)]
+    pub priority: Priority,
+    pub submitted_at_ms: u64,
+    #[serde(default)]
+    pub started_at_ms: Option<u64>,
+    #[serde(default)]
+    pub finished_at_ms: Option<u64>,
+    /// Queued before the last attempt started.
+    #[serde(default)]
+    pub delay_time_ms: Option<u64>,
+    /// The last attempt's run time, once it ended.
+    #[serde(default)]
+    pub execution_time_ms: Option<u64>,
+    #[serde(default)]
+    pub attempts: u32,
+    #[serde(default)]
+    pub retries: u32,
+    #[serde(default)]
+    pub worker_id: Option<String>,
+    #[serde(default)]
+    pub host_id: Option<String>,
+    /// Why it failed (cut to [`JobSummary::MAX_ERROR_CHARS`]).
+    #[serde(default)]
+    pub error: Option<String>,
+    /// For a queued job: why it still waits.
+    #[serde(default)]
+    pub waiting_reason: Option<String>,
+}
+
+impl JobSummary {
+    pub const MAX_ERROR_CHARS: usize = 500;
+
+    /// When it last changed state: ended, else started, else submitted.
+    pub fn last_change_ms(&self) -> u64 {
+        self.finished_at_ms.or(self.started_at_ms).unwrap_or(self.submitted_at_ms)
+    }
+}
+
+impl From<&JobRecord> for JobSummary {
+    fn from(r: &JobRecord) -> Self {
+        JobSummary {
+            id: r.id.clone(),
+            endpoint: r.endpoint.clone(),
+            state: r.state,
+            priority: r.policy.priority,
+            submitted_at_ms: r.submitted_at_ms,
+            started_at_ms: r.started_at_ms,
+            finished_at_ms: r.finished_at_ms,
+            delay_time_ms: r.delay_time_ms(),
+            execution_time_ms: r.execution_time_ms(),
+            attempts: r.attempts,
+            retries: r.retries,
+            worker_id: r.worker_id.clone(),
+            host_id: r.host_id.clone(),
+            error: r.error.as_ref().map(|e| e.chars().take(JobSummary::MAX_ERROR_CHARS).collect()),
+            waiting_reason: None,
+        }
+    }
+}
+
+/// `jobs.list` reply: the newest `limit` matching jobs, and how many matched in all.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobList {
+    pub jobs: Vec<JobSummary>,
+    #[serde(default)]
+    pub matched: u64,
+}
+
+/// `hosts.list` reply: every live host (inventory and heartbeat), by id.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct HostList {
+    pub hosts: Vec<crate::host::HostRecord>,
 }
 
 /// `endpoint.delete` reply.

@@ -73,8 +73,12 @@ pub mod op {
     pub const ENDPOINT_LIST: &str = "endpoint.list";
     pub const ENDPOINT_DELETE: &str = "endpoint.delete";
     pub const WORKERS_LIST: &str = "workers.list";
+    /// An endpoint's recent jobs (dashboards).
+    pub const JOBS_LIST: &str = "jobs.list";
+    /// Every live host (dashboards).
+    pub const HOSTS_LIST: &str = "hosts.list";
 
-    pub const ALL: [&str; 13] = [
+    pub const ALL: [&str; 15] = [
         JOB_RUN,
         JOB_STATUS,
         JOB_CANCEL,
@@ -88,6 +92,8 @@ pub mod op {
         ENDPOINT_LIST,
         ENDPOINT_DELETE,
         WORKERS_LIST,
+        JOBS_LIST,
+        HOSTS_LIST,
     ];
 }
 
