@@ -12,6 +12,7 @@ mod output;
 mod roles;
 mod settings;
 mod shutdown;
+mod telemetry;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -84,25 +85,23 @@ impl Command {
             _ => "warn",
         }
     }
-}
 
-fn init_logging(json: bool, default_filter: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
-    if json {
-        builder.json().init();
-    } else {
-        builder.init();
+    /// The `service.name` of this process's traces (unless `OTEL_SERVICE_NAME` says otherwise).
+    fn service_name(&self) -> &'static str {
+        match self {
+            Command::Dev(_) => "shoal-dev",
+            Command::Control => "shoal-control",
+            Command::Host => "shoal-host",
+            Command::Gateway(_) => "shoal-gateway",
+            _ => "shoal-cli",
+        }
     }
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.log_json, cli.command.default_log_filter());
+    let telemetry =
+        telemetry::Telemetry::init(cli.log_json, cli.command.default_log_filter(), cli.command.service_name());
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -110,7 +109,10 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(cli)) {
+    let result = runtime.block_on(run(cli));
+    drop(runtime);
+    telemetry.shutdown();
+    match result {
         Ok(code) => code,
         Err(e) if output::is_broken_pipe(&e) => ExitCode::SUCCESS,
         Err(e) => {
