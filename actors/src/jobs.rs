@@ -1,6 +1,7 @@
 //! The job store: job records in the `shoal-jobs` KV, changed only by compare-and-set with the
 //! pure transitions of [`shoal_protocol::lifecycle`]. Each applied change publishes a job event.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream::kv;
@@ -41,14 +42,15 @@ pub enum Applied {
     NotFound,
 }
 
+/// Cheap to clone (the job path clones it per job): the connection and stores are shared.
 #[derive(Clone, Debug)]
 pub struct JobStore {
-    nats: Nats,
+    nats: Arc<Nats>,
 }
 
 impl JobStore {
     pub fn new(nats: Nats) -> JobStore {
-        JobStore { nats }
+        JobStore { nats: Arc::new(nats) }
     }
 
     /// The object store of inputs and outputs too large to inline in a record.
@@ -105,9 +107,29 @@ impl JobStore {
     where
         F: Fn(&JobRecord) -> Result<JobRecord, TransitionError>,
     {
+        self.transition_from(endpoint, id, None, f).await
+    }
+
+    /// [`JobStore::transition`] starting from a record the caller holds at `revision` (the one
+    /// its own last write returned): the first compare-and-set needs no read, and a conflict
+    /// (someone wrote since) falls back to reading and re-applying.
+    pub async fn transition_from<F>(
+        &self,
+        endpoint: &str,
+        id: &str,
+        mut known: Option<(JobRecord, u64)>,
+        f: F,
+    ) -> Result<Applied, StoreError>
+    where
+        F: Fn(&JobRecord) -> Result<JobRecord, TransitionError>,
+    {
         let key = self.key(endpoint, id);
         for _ in 0..16 {
-            let Some((current, revision)) = self.get(endpoint, id).await? else {
+            let found = match known.take() {
+                Some(held) => Some(held),
+                None => self.get(endpoint, id).await?,
+            };
+            let Some((current, revision)) = found else {
                 return Ok(Applied::NotFound);
             };
             let next = match f(&current) {

@@ -16,6 +16,7 @@ use shoal_actors::control::{self, ControlConfig, ControlHandle};
 use shoal_actors::host::{self, HostConfig, HostHandle};
 use shoal_actors::nats::{Nats, Topology};
 use shoal_actors::runtime::Runtime;
+use shoal_actors::runtime::docker::{DockerConfig, DockerRuntime};
 use shoal_actors::runtime::fake::FakeRuntime;
 use shoal_actors::runtime::process::ProcessRuntime;
 use shoal_protocol::names::Names;
@@ -165,9 +166,9 @@ impl Drop for NatsChild {
     }
 }
 
-/// The runtime of the embedded host. Docker (`shoal_actors::runtime::docker`) is being built
-/// and plugs in here.
-pub fn runtime(kind: RuntimeKind, options: &EmbeddedOptions) -> Result<Arc<dyn Runtime>> {
+/// The runtime of the embedded host. Docker runs the endpoint's `--image` on the local engine
+/// (`$DOCKER_HOST` or its socket); `deploy/build-images.sh worker` builds the example worker's.
+pub async fn runtime(kind: RuntimeKind, options: &EmbeddedOptions) -> Result<Arc<dyn Runtime>> {
     match kind {
         RuntimeKind::Process => Ok(Arc::new(ProcessRuntime)),
         RuntimeKind::Fake => {
@@ -178,17 +179,21 @@ pub fn runtime(kind: RuntimeKind, options: &EmbeddedOptions) -> Result<Arc<dyn R
                 start_latency_ms: options.fake_start_ms.unwrap_or(defaults.start_latency_ms),
             }))
         }
-        RuntimeKind::Docker => bail!(
-            "the docker runtime is not in shoal-actors yet; run against an installation that has it \
-             (--nats URL --prefix P --image IMAGE)"
-        ),
+        RuntimeKind::Docker => {
+            let config = DockerConfig { stop_timeout_s: 2, ..DockerConfig::default() };
+            let docker = DockerRuntime::connect(config).await.context("the docker runtime")?;
+            Ok(Arc::new(docker))
+        }
     }
 }
 
 /// Host settings for load tests: workers' logs in a temporary directory, the checkout as the
-/// working directory (the Python handler's path is relative to it).
-pub fn host_config(state_dir: &Path) -> HostConfig {
+/// working directory (the Python handler's path is relative to it). Containers reach the
+/// bridge through the host's gateway, so with Docker it listens on every interface.
+pub fn host_config(state_dir: &Path, kind: RuntimeKind) -> HostConfig {
+    let bridge_ip = if kind == RuntimeKind::Docker { [0, 0, 0, 0] } else { [127, 0, 0, 1] };
     HostConfig {
+        bridge_listen: std::net::SocketAddr::from((bridge_ip, 0)),
         state_dir: state_dir.to_path_buf(),
         workdir: repo_root(),
         hold_ms: 5_000,
@@ -223,7 +228,7 @@ pub struct Embedded {
 
 impl Embedded {
     pub async fn start(kind: RuntimeKind, names: Names, options: &EmbeddedOptions) -> Result<Embedded> {
-        let runtime = runtime(kind, options)?;
+        let runtime = runtime(kind, options).await?;
         let server = NatsChild::start()?;
         let mut topology = Topology::default();
         if let Some(ttl) = options.lease_ttl_s {
@@ -237,8 +242,12 @@ impl Embedded {
         let control =
             Box::pin(control::start(nats.clone(), control_config)).await.context("start the control plane")?;
         let state = tempfile::Builder::new().prefix("shoal-loadtest-host").tempdir().context("host state directory")?;
-        let host =
-            Box::pin(host::start(nats.clone(), host_config(state.path()), runtime)).await.context("start the host")?;
+        // the host on a connection of its own, as a separate `shoal host` process has it (one
+        // connection for both would funnel all their traffic through one reader task)
+        let host_nats = Nats::connect(&server.url, nats.names.clone(), &topology).await.context("connect the host")?;
+        let host = Box::pin(host::start(host_nats, host_config(state.path(), kind), runtime))
+            .await
+            .context("start the host")?;
         let gateway = if options.gateway {
             // its own connection, as a separate `shoal gateway` process would have
             let gw_nats =

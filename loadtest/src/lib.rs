@@ -123,6 +123,9 @@ fn worker_command(test: &LoadTest) -> Result<(String, Option<String>)> {
     if let Target::Embedded { runtime: RuntimeKind::Fake, .. } = test.target {
         return Ok(("fake worker (no process)".into(), None));
     }
+    if let (Target::Embedded { runtime: RuntimeKind::Docker, .. }, Some(image)) = (&test.target, &test.endpoint.image) {
+        return Ok((format!("the image's entrypoint ({image})"), None));
+    }
     match test.handler {
         Handler::Noop | Handler::Sleep { .. } => Ok((format!("exec {}", shell_quote(&example_worker_bin()?)), None)),
         Handler::Python { .. } => {
@@ -141,6 +144,9 @@ fn endpoint_spec(test: &LoadTest, id: &str) -> Result<EndpointSpec> {
     let mut spec = EndpointSpec::with_command(id, &command);
     spec.workdir = workdir;
     spec.image = s.image.clone();
+    if let Target::Embedded { runtime: RuntimeKind::Docker, .. } = test.target {
+        spec.command = None; // the container runs its image's entrypoint
+    }
     spec.workers_min = s.workers_min;
     spec.workers_max = s.workers_max;
     spec.scaler = s.scaler;

@@ -192,12 +192,31 @@ impl JobRecord {
     }
 }
 
-/// The message on `<prefix>.jobs.<endpoint>.<priority>`: a delivery token. The record holds
-/// the input; the token only says which job to take, and which enqueue it belongs to.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// The message on `<prefix>.jobs.<endpoint>.<priority>`: a delivery token. The record is the
+/// truth; the token says which job to take and may carry a snapshot of the record as queued,
+/// so that a taker can compare-and-set against the snapshot's revision without reading the
+/// record first (a conflict means the record changed since: the taker reads it then).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct JobToken {
     pub id: String,
     pub endpoint: String,
+    /// The record as queued, when it was small enough to carry (older tokens: none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot: Option<RecordSnapshot>,
+}
+
+/// A job record at a KV revision.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RecordSnapshot {
+    pub revision: u64,
+    pub record: JobRecord,
+}
+
+impl JobToken {
+    /// A token without a snapshot: the taker reads the record.
+    pub fn new(id: impl Into<String>, endpoint: impl Into<String>) -> JobToken {
+        JobToken { id: id.into(), endpoint: endpoint.into(), snapshot: None }
+    }
 }
 
 /// What the worker bridge hands a worker on job-take: RunPod's job object.

@@ -1,7 +1,7 @@
 //! Encoded samples of every wire message. Each sample file was written by an earlier version
 //! of this crate; it must keep decoding, so peers of different versions interoperate.
 //! Regenerate (only when adding a message) with:
-//! `SHOAL_WRITE_SAMPLES=1 cargo test -p shoal-protocol --test samples`.
+//! `SHOAL_WRITE_SAMPLES=<sample name> cargo test -p shoal-protocol --test samples`.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -49,7 +49,8 @@ fn record() -> JobRecord {
 
 fn check<T: Serialize + DeserializeOwned + PartialEq + std::fmt::Debug>(name: &str, value: T) {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/samples").join(format!("{name}.msgpack"));
-    if std::env::var_os("SHOAL_WRITE_SAMPLES").is_some() {
+    // `SHOAL_WRITE_SAMPLES=<name>` writes only that sample (a new message), leaving the others
+    if std::env::var("SHOAL_WRITE_SAMPLES").is_ok_and(|v| v == "1" || v == name) {
         std::fs::write(&path, to_msgpack(&value).expect("encode")).expect("write sample");
     }
     let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("sample {name} is missing ({e}); regenerate it"));
@@ -74,7 +75,17 @@ fn every_message_sample_still_decodes() {
         at_ms: 1_700_000_001_000,
     });
     check("job_record_with_refs", with_refs);
-    check("job_token", JobToken { id: "j".into(), endpoint: "e".into() });
+    check("job_token", JobToken::new("j", "e"));
+    let mut queued = record();
+    queued.state = JobState::InQueue;
+    check(
+        "job_token_with_snapshot",
+        JobToken {
+            id: "j".into(),
+            endpoint: "e".into(),
+            snapshot: Some(RecordSnapshot { revision: 7, record: queued }),
+        },
+    );
     check("worker_job", WorkerJob { id: "j".into(), input: json!(null), s3_config: None });
     check(
         "run_request",
@@ -309,4 +320,50 @@ fn a_record_with_unknown_future_fields_still_decodes() {
     let bytes = to_msgpack(&Future { rec: record(), some_new_field: 1 }).expect("encode");
     let rec: JobRecord = from_msgpack(&bytes).expect("decode");
     assert_eq!(rec, record());
+}
+
+/// The dashboard's queries (`jobs.list`, `hosts.list`), added after the samples above.
+#[test]
+fn dashboard_samples_still_decode() {
+    check(
+        "jobs_request",
+        JobsRequest { endpoint: "echo".into(), states: vec![JobState::Failed, JobState::TimedOut], limit: 20 },
+    );
+    let mut summary = JobSummary::from(&record());
+    summary.error = Some("boom".into());
+    let queued = JobSummary {
+        state: JobState::InQueue,
+        started_at_ms: None,
+        finished_at_ms: None,
+        delay_time_ms: None,
+        execution_time_ms: None,
+        waiting_reason: Some("a worker is starting (1 initializing)".into()),
+        ..summary.clone()
+    };
+    check("job_list", JobList { jobs: vec![summary, queued], matched: 7 });
+    check(
+        "host_list",
+        HostList {
+            hosts: vec![HostRecord {
+                id: "h-1".into(),
+                runtime: "docker".into(),
+                labels: BTreeMap::new(),
+                gpus: vec![Gpu {
+                    name: "NVIDIA H200".into(),
+                    uuid: "GPU-1".into(),
+                    memory_mb: 141_000,
+                    healthy: true,
+                    worker_id: Some("w-1".into()),
+                    utilization_pct: Some(87),
+                    error: None,
+                }],
+                bridge_url: "http://127.0.0.1:1".into(),
+                workers: 1,
+                max_workers: 4,
+                warm: vec!["echo@3".into()],
+                started_at_ms: 1,
+                heartbeat_at_ms: 2,
+            }],
+        },
+    );
 }

@@ -106,15 +106,15 @@ pub(super) async fn run(ctx: &Ctx, mut req: RunRequest) -> Result<JobStatus, Api
     };
     // a waiter subscribes before the job can change
     let events = if wait_ms > 0 { Some(subscribe(ctx, &spec.id, &id).await?) } else { None };
-    if ctx.store.create(&record).await.map_err(store_err)?.is_none() {
+    let Some(revision) = ctx.store.create(&record).await.map_err(store_err)? else {
         return Err(ApiError::conflict(format!("job id {id} exists")));
-    }
-    if let Err(e) = enqueue(ctx, &record).await {
+    };
+    if let Err(e) = enqueue(ctx, &record, Some(revision)).await {
         let _ = ctx.store.delete(&record.endpoint, &record.id).await;
         return Err(e);
     }
     match events {
-        Some(events) => wait_terminal(ctx, &spec.id, &id, events, wait_ms).await,
+        Some(events) => wait_terminal(ctx, &spec.id, &id, events, wait_ms, Some(record)).await,
         None => Ok(JobStatus::from(&record)),
     }
 }
@@ -170,10 +170,24 @@ async fn check_queue_limit(ctx: &Ctx, spec: &shoal_protocol::endpoint::EndpointS
     Ok(())
 }
 
+/// The largest token that carries a snapshot of its record; a larger record is read by the
+/// taker instead of travelling twice.
+const MAX_SNAPSHOT_TOKEN_BYTES: usize = 16 * 1024;
+
 /// Publishes the job's delivery token, awaiting JetStream's ack (the job is durable after it).
-async fn enqueue(ctx: &Ctx, rec: &JobRecord) -> Result<(), ApiError> {
-    let token = JobToken { id: rec.id.clone(), endpoint: rec.endpoint.clone() };
-    let bytes = to_msgpack(&token).map_err(|e| ApiError::internal(e.to_string()))?;
+/// With the revision just written, the token carries the record as a snapshot (when small),
+/// so the taking worker skips reading it.
+async fn enqueue(ctx: &Ctx, rec: &JobRecord, revision: Option<u64>) -> Result<(), ApiError> {
+    let mut token = JobToken::new(rec.id.clone(), rec.endpoint.clone());
+    let encode = |t: &JobToken| to_msgpack(t).map_err(|e| ApiError::internal(e.to_string()));
+    let mut bytes = encode(&token)?;
+    if let Some(revision) = revision {
+        token.snapshot = Some(RecordSnapshot { revision, record: rec.clone() });
+        let with_snapshot = encode(&token)?;
+        if with_snapshot.len() <= MAX_SNAPSHOT_TOKEN_BYTES {
+            bytes = with_snapshot;
+        }
+    }
     let subject = ctx.nats.names.job_subject(&rec.endpoint, rec.policy.priority);
     let mut headers = async_nats::HeaderMap::new();
     crate::trace_context::inject(&mut headers);
@@ -195,23 +209,36 @@ async fn subscribe(ctx: &Ctx, endpoint: &str, id: &str) -> Result<async_nats::Su
         .map_err(|e| ApiError::unavailable(e.to_string()))
 }
 
-/// Waits until the job is terminal or `wait_ms` passed; returns its status either way.
+/// Waits until the job is terminal or `wait_ms` passed; returns its status either way. `known`:
+/// the record as the caller just wrote it (not read again before the first event).
 async fn wait_terminal(
     ctx: &Ctx,
     endpoint: &str,
     id: &str,
     mut events: async_nats::Subscriber,
     wait_ms: u64,
+    mut known: Option<JobRecord>,
 ) -> Result<JobStatus, ApiError> {
     let deadline = Instant::now() + Duration::from_millis(wait_ms);
     loop {
-        let (rec, _) = ctx.store.get(endpoint, id).await.map_err(store_err)?.ok_or_else(|| not_found(id))?;
+        let rec = match known.take() {
+            Some(rec) => rec,
+            None => ctx.store.get(endpoint, id).await.map_err(store_err)?.ok_or_else(|| not_found(id))?.0,
+        };
         let remaining = deadline.saturating_duration_since(Instant::now());
         if rec.state.is_terminal() || remaining.is_zero() {
             return Ok(JobStatus::from(&rec));
         }
-        // an event says something changed; re-read at least every second regardless
-        let _ = tokio::time::timeout(remaining.min(Duration::from_secs(1)), events.next()).await;
+        // the record is read again on a terminal event (a non-terminal one changes nothing a
+        // waiter returns), on an event it cannot read, and at least every second regardless
+        // (core events may be dropped)
+        let until = Instant::now() + remaining.min(Duration::from_secs(1));
+        while let Ok(Some(msg)) = tokio::time::timeout_at(until.into(), events.next()).await {
+            match from_msgpack::<shoal_protocol::events::JobEvent>(&msg.payload) {
+                Ok(ev) if !ev.state.is_terminal() => {}
+                _ => break,
+            }
+        }
     }
 }
 
@@ -244,7 +271,7 @@ pub(super) async fn status(ctx: &Ctx, job: JobRef) -> Result<JobStatus, ApiError
         return Ok(JobStatus::from(&rec));
     }
     let events = subscribe(ctx, &rec.endpoint, &rec.id).await?;
-    wait_terminal(ctx, &rec.endpoint, &rec.id, events, wait_ms).await
+    wait_terminal(ctx, &rec.endpoint, &rec.id, events, wait_ms, None).await
 }
 
 /// Why a queued job waits, from the owner's view of the endpoint's workers.
@@ -286,7 +313,7 @@ pub(super) async fn retry(ctx: &Ctx, job: JobRef) -> Result<JobStatus, ApiError>
     let rec = find(ctx, &job).await?;
     match ctx.store.transition(&rec.endpoint, &rec.id, |r| lifecycle::retry(r, now_ms())).await.map_err(store_err)? {
         Applied::Changed { record, previous, revision } => {
-            if let Err(e) = enqueue(ctx, &record).await {
+            if let Err(e) = enqueue(ctx, &record, Some(revision)).await {
                 // put it back as it was, so it stays retryable
                 let _ =
                     ctx.store.write(&ctx.store.key(&record.endpoint, &record.id), previous.as_ref(), revision).await;

@@ -13,10 +13,12 @@ impl AckGuard {
         AckGuard { acker: Some(acker) }
     }
 
-    /// The job is done (recorded, or nothing is left to do with it): remove the token.
+    /// The job is done (recorded, or nothing is left to do with it): remove the token. A plain
+    /// ack, not awaited by the server: the record is the truth, so an ack that is lost only
+    /// means a redelivery after the ack wait, which `lifecycle::take` skips.
     pub async fn ack(mut self) {
         if let Some(a) = self.acker.take()
-            && let Err(e) = a.double_ack().await
+            && let Err(e) = a.ack().await
         {
             tracing::warn!(error = %e, "ack failed; the token will be redelivered and skipped");
         }

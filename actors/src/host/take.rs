@@ -2,13 +2,17 @@
 //! when no normal job waits; each delivery token's record goes IN_PROGRESS on the taking worker
 //! by compare-and-set ([`lifecycle::take`]), or ends (ttl passed, attempts used) without running.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use async_nats::StatusCode;
+use async_nats::jetstream::Message;
 use async_nats::jetstream::consumer::PullConsumer;
 use futures::StreamExt;
 use serde_json::Value;
 use shoal_protocol::codec::from_msgpack;
-use shoal_protocol::job::{JobRecord, JobToken, WorkerJob};
+use shoal_protocol::job::{JobRecord, JobToken, Priority, WorkerJob};
 use shoal_protocol::lifecycle::{self, Outcome, Take};
 
 use super::ack::AckGuard;
@@ -19,17 +23,22 @@ use crate::jobs::JobStore;
 /// How often an idle worker's long-poll looks at the low-priority queue.
 const LOW_PRIORITY_CHECK: Duration = Duration::from_secs(5);
 
-/// A job taken for a worker: what the worker gets, the record as written, and the delivery.
+/// A job taken for a worker: what the worker gets, the record as written and its revision,
+/// and the delivery.
 pub struct TakenJob {
     pub job: WorkerJob,
     pub record: JobRecord,
+    pub revision: u64,
     pub ack: AckGuard,
+    /// The `job` span (a child of the submitter's trace): the worker actor keeps it open
+    /// until the job's result is written.
+    pub span: tracing::Span,
 }
 
 /// Long-polls the endpoint's queues (normal first, low only when normal is empty) and takes
 /// what arrives: each token's record goes IN_PROGRESS on this worker by compare-and-set.
 pub async fn fetch_and_take(
-    consumers: &(PullConsumer, PullConsumer),
+    queues: &Queues,
     store: &JobStore,
     worker: &str,
     host: &str,
@@ -40,26 +49,31 @@ pub async fn fetch_and_take(
     let mut taken = Vec::new();
     while taken.is_empty() {
         let remaining = deadline.saturating_duration_since(Instant::now());
-        if remaining < Duration::from_millis(10) {
+        if remaining < Duration::from_millis(10) || queues.is_closed() {
             break;
         }
+        // the worker's own subscription, unless another take of this worker holds it
+        let mut own = queues.puller.try_lock().ok();
         // normal jobs first; low-priority ones only when no normal job waits
-        let mut msgs = drain(consumers.0.fetch().max_messages(max).messages().await.ok()).await;
+        let mut msgs = queues.pull(own.as_deref_mut(), Priority::Normal, max, None).await;
         if msgs.is_empty() {
-            msgs = drain(consumers.1.fetch().max_messages(max).messages().await.ok()).await;
+            msgs = queues.pull(own.as_deref_mut(), Priority::Low, max, None).await;
         }
         if msgs.is_empty() {
             // wait for a normal job; wake every few seconds to look at the low queue (an idle
             // worker costs JetStream one pull per wake, so not more often)
             let wait = remaining.min(LOW_PRIORITY_CHECK);
-            match consumers.0.batch().max_messages(max).expires(wait).messages().await {
-                Ok(b) => msgs = drain(Some(b)).await,
-                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
-            }
+            msgs = queues.pull(own.as_deref_mut(), Priority::Normal, max, Some(wait)).await;
         }
+        drop(own);
         for m in msgs {
             let (message, acker) = m.split();
             let ack = AckGuard::new(acker);
+            if queues.is_closed() {
+                // the worker stopped during the pull: the token goes straight back, untaken
+                ack.nak().await;
+                continue;
+            }
             let Ok(token) = from_msgpack::<JobToken>(&message.payload) else {
                 tracing::warn!(subject = %message.subject, "undecodable job token dropped");
                 ack.ack().await;
@@ -67,6 +81,7 @@ pub async fn fetch_and_take(
             };
             let trace_id = crate::trace_context::trace_id_of(message.headers.as_ref());
             let span = tracing::info_span!("job", endpoint_id = %token.endpoint, job_id = %token.id, worker_id = worker, trace_id);
+            crate::trace_context::set_parent(&span, message.headers.as_ref());
             let taken_one =
                 tracing::Instrument::instrument(take_one(store, &token, worker, host, ack), span.clone()).await;
             span.in_scope(|| tracing::debug!(taken = taken_one.is_some(), "job token delivered"));
@@ -81,8 +96,16 @@ pub async fn fetch_and_take(
 async fn take_one(store: &JobStore, token: &JobToken, worker: &str, host: &str, ack: AckGuard) -> Option<TakenJob> {
     // an input stored as a blob, read once before the take is written
     let mut blob_input: Option<Value> = None;
+    // the token's snapshot of the record as queued: a compare-and-set against its revision
+    // needs no read first, and fails (then we read) if the record changed since
+    let mut snapshot =
+        token.snapshot.clone().filter(|s| s.record.id == token.id && s.record.endpoint == token.endpoint);
     for _ in 0..16 {
-        let (rec, rev) = match store.get(&token.endpoint, &token.id).await {
+        let found = match snapshot.take() {
+            Some(s) => Ok(Some((s.record, s.revision))),
+            None => store.get(&token.endpoint, &token.id).await,
+        };
+        let (rec, rev) = match found {
             Ok(Some(found)) => found,
             Ok(None) => {
                 ack.ack().await; // record expired or purged: nothing to run
@@ -124,7 +147,7 @@ async fn take_one(store: &JobStore, token: &JobToken, worker: &str, host: &str, 
             }
         }
         match store.write(&key, &next, rev).await {
-            Ok(Some(_)) => {
+            Ok(Some(revision)) => {
                 store.publish_event(&next).await;
                 if !run {
                     ack.ack().await;
@@ -132,7 +155,7 @@ async fn take_one(store: &JobStore, token: &JobToken, worker: &str, host: &str, 
                 }
                 let input = blob_input.take().unwrap_or_else(|| next.input.clone());
                 let job = WorkerJob { id: next.id.clone(), input, s3_config: next.s3_config.clone() };
-                return Some(TakenJob { job, record: next, ack });
+                return Some(TakenJob { job, record: next, revision, ack, span: tracing::Span::current() });
             }
             Ok(None) => continue,
             Err(e) => {
@@ -144,7 +167,129 @@ async fn take_one(store: &JobStore, token: &JobToken, worker: &str, host: &str, 
     None
 }
 
-async fn drain(batch: Option<async_nats::jetstream::consumer::pull::Batch>) -> Vec<async_nats::jetstream::Message> {
+/// An endpoint's two queue consumers, as one worker pulls from them.
+pub struct Queues {
+    pub normal: PullConsumer,
+    pub low: PullConsumer,
+    puller: tokio::sync::Mutex<Puller>,
+    /// The worker is gone: a pull still under way hands back what it gets.
+    closed: AtomicBool,
+}
+
+impl Queues {
+    /// The queues of a worker actor, closed when the returned handle (held in its state) drops.
+    pub fn open(normal: PullConsumer, low: PullConsumer, nats: &crate::nats::Nats) -> QueuesHandle {
+        let puller = Puller { client: nats.client.clone(), js: nats.js.clone(), inbox: None };
+        QueuesHandle(Arc::new(Queues {
+            normal,
+            low,
+            puller: tokio::sync::Mutex::new(puller),
+            closed: AtomicBool::new(false),
+        }))
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
+    }
+
+    /// One pull of up to `max` tokens: at once (`wait` none: what waits now, maybe nothing) or
+    /// held up to `wait` for the first. Through the worker's own subscription when given,
+    /// else through a fresh one (async-nats' fetch).
+    async fn pull(
+        &self,
+        own: Option<&mut Puller>,
+        priority: Priority,
+        max: usize,
+        wait: Option<Duration>,
+    ) -> Vec<Message> {
+        let consumer = match priority {
+            Priority::Normal => &self.normal,
+            Priority::Low => &self.low,
+        };
+        if let Some(puller) = own {
+            return puller.pull(consumer, max, wait).await;
+        }
+        match wait {
+            None => drain(consumer.fetch().max_messages(max).messages().await.ok()).await,
+            Some(wait) => match consumer.batch().max_messages(max).expires(wait).messages().await {
+                Ok(b) => drain(Some(b)).await,
+                Err(_) => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    vec![]
+                }
+            },
+        }
+    }
+}
+
+/// The worker actor's hold on its [`Queues`]: dropped with the actor's state (a stop or a
+/// failure), it closes them, so the tokens of a long-poll still under way go back at once
+/// instead of being taken for a worker that is gone.
+pub struct QueuesHandle(Arc<Queues>);
+
+impl QueuesHandle {
+    pub fn queues(&self) -> Arc<Queues> {
+        self.0.clone()
+    }
+}
+
+impl Drop for QueuesHandle {
+    fn drop(&mut self) {
+        self.0.closed.store(true, Ordering::Release);
+    }
+}
+
+/// A worker's pulls on one subscription it keeps: async-nats' fetch subscribes a fresh inbox
+/// per pull and unsubscribes it after (two more protocol operations and two changes of the
+/// server's subscription list per pull, on the path of every job). One pull at a time: each
+/// is read until the server ends it (its tokens, or a 404/408/409 status), so no answer to
+/// one can be taken for the next's.
+struct Puller {
+    client: async_nats::Client,
+    js: async_nats::jetstream::Context,
+    inbox: Option<(async_nats::Subject, async_nats::Subscriber)>,
+}
+
+impl Puller {
+    async fn pull(&mut self, consumer: &PullConsumer, max: usize, wait: Option<Duration>) -> Vec<Message> {
+        use async_nats::jetstream::consumer::pull::BatchConfig;
+        if self.inbox.is_none() {
+            let subject = async_nats::Subject::from(self.client.new_inbox());
+            match self.client.subscribe(subject.clone()).await {
+                Ok(sub) => self.inbox = Some((subject, sub)),
+                Err(_) => return vec![],
+            }
+        }
+        let Some((subject, sub)) = self.inbox.as_mut() else { return vec![] };
+        let request = BatchConfig { batch: max, expires: wait, no_wait: wait.is_none(), ..Default::default() };
+        if consumer.request_batch(request, subject.clone()).await.is_err() {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            return vec![];
+        }
+        // the server ends a pull by itself; past this, something was lost
+        let give_up = tokio::time::Instant::now() + wait.unwrap_or_default() + Duration::from_secs(5);
+        let mut out = Vec::new();
+        while out.len() < max {
+            match tokio::time::timeout_at(give_up, sub.next()).await {
+                Ok(Some(message)) => match message.status {
+                    None | Some(StatusCode::OK) => out.push(Message { message, context: self.js.clone() }),
+                    Some(StatusCode::IDLE_HEARTBEAT) => {}
+                    // no tokens (404), the wait expired (408), or the pull was refused (409)
+                    Some(_) => break,
+                },
+                // closed, or no end from the server: a fresh inbox, so that a late answer to
+                // this pull cannot be taken for the next one's
+                Ok(None) | Err(_) => {
+                    self.inbox = None;
+                    break;
+                }
+            }
+        }
+        out
+    }
+}
+
+async fn drain(batch: Option<async_nats::jetstream::consumer::pull::Batch>) -> Vec<Message> {
     let mut out = Vec::new();
     if let Some(mut b) = batch {
         while let Some(Ok(m)) = b.next().await {

@@ -8,7 +8,6 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use async_nats::jetstream::consumer::PullConsumer;
 use bytes::Bytes;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use serde_json::Value;
@@ -22,7 +21,7 @@ use shoal_protocol::worker::{StartPhases, WorkerRecord, WorkerState};
 use super::HostConfig;
 use super::ack::AckGuard;
 use super::bridge::{Registered, Registry};
-use super::take::{TakenJob, fetch_and_take};
+use super::take::{Queues, QueuesHandle, TakenJob, fetch_and_take};
 use crate::clock::now_ms;
 use crate::jobs::{Applied, JobStore, jobs_consumer};
 use crate::nats::Nats;
@@ -32,6 +31,10 @@ use crate::runtime::{Exit, IdentityHook, Launch, Runtime, StartWorkerError, Work
 pub const STOP_REFRESH: &str = "refresh";
 /// How often the progress of a long start (an image pull) updates the worker's reason.
 const PROGRESS_EVERY: Duration = Duration::from_secs(1);
+/// Idle/Running flips closer together than this are written to the worker record (and sent
+/// as events) once, with the latest state, when this much has passed since the last write:
+/// a busy worker writes its record a few times a second, not twice per job.
+const FLIP_COALESCE: Duration = Duration::from_millis(50);
 
 pub struct WorkerActor;
 
@@ -97,12 +100,18 @@ pub enum WorkerMsg {
     /// A step of a long start, for the reason of the Initializing state.
     Progress(String),
     Exited(Exit),
+    /// Write the worker record if an Idle/Running flip was held back.
+    Flush,
 }
 
 struct Inflight {
     ack: AckGuard,
     record: JobRecord,
+    /// The revision of `record` as this worker's take wrote it.
+    revision: u64,
     last_progress: Instant,
+    /// The `worker` span, in the job's trace: from the hand-off to the worker to its result.
+    span: tracing::Span,
 }
 
 pub struct WorkerState_ {
@@ -116,7 +125,7 @@ pub struct WorkerState_ {
     last_progress: Option<Instant>,
     /// Another worker id the bridge knows this worker by (a reused warm container's).
     alias: Option<String>,
-    consumers: Arc<(PullConsumer, PullConsumer)>,
+    consumers: QueuesHandle,
     state: WorkerState,
     reason: Option<String>,
     inflight: HashMap<String, Inflight>,
@@ -130,6 +139,10 @@ pub struct WorkerState_ {
     killed_for_stop: bool,
     /// How many jobs the last worker record listed.
     reported_jobs: usize,
+    /// When the worker record was last written, and whether a flip waits for [`WorkerMsg::Flush`].
+    last_report: Option<Instant>,
+    flush_due: bool,
+    myself: ActorRef<WorkerMsg>,
 }
 
 impl Actor for WorkerActor {
@@ -194,7 +207,7 @@ impl Actor for WorkerActor {
             launched_at: Instant::now(),
             last_progress: None,
             alias: None,
-            consumers: Arc::new((normal, low)),
+            consumers: Queues::open(normal, low, &args.nats),
             state: WorkerState::Initializing,
             reason: Some("starting".into()),
             inflight: HashMap::new(),
@@ -205,6 +218,9 @@ impl Actor for WorkerActor {
             draining: false,
             killed_for_stop: false,
             reported_jobs: 0,
+            last_report: None,
+            flush_due: false,
+            myself: myself.clone(),
             args,
         };
         st.report(None).await;
@@ -231,6 +247,7 @@ impl Actor for WorkerActor {
             WorkerMsg::Launched(Err(e)) => return Err(Box::new(e)),
             WorkerMsg::Progress(line) => st.on_progress(line).await,
             WorkerMsg::Exited(exit) => return st.on_exited(&myself, exit),
+            WorkerMsg::Flush => st.on_flush().await,
         }
         Ok(())
     }
@@ -314,10 +331,14 @@ impl WorkerState_ {
         &self.args.spec.id
     }
 
-    /// Writes the worker record and publishes a worker event.
+    /// Writes the worker record and publishes a worker event. The write is sent, not awaited
+    /// (the job path must not wait on it): it leaves on the shared connection before anything
+    /// the host actor writes about this worker after it stops, so the order holds.
     async fn report(&mut self, backoff_ms: Option<u64>) {
         let now = now_ms();
         self.reported_jobs = self.inflight.len();
+        self.last_report = Some(Instant::now());
+        self.flush_due = false;
         let record = WorkerRecord {
             id: self.args.worker_id.clone(),
             endpoint: self.endpoint().to_string(),
@@ -334,7 +355,7 @@ impl WorkerState_ {
             jobs_done: self.jobs_done,
             start: Some(self.start.clone()),
         };
-        put_worker_record(&self.args.nats, &record).await;
+        send_worker_record(&self.args.nats, &record).await;
         let event = WorkerEvent {
             worker_id: record.id.clone(),
             endpoint: record.endpoint.clone(),
@@ -359,7 +380,8 @@ impl WorkerState_ {
         }
     }
 
-    /// Idle or Running, by the jobs it holds; the record follows every change of those jobs.
+    /// Idle or Running, by the jobs it holds; the record follows every change of those jobs,
+    /// Idle/Running flips at most every [`FLIP_COALESCE`] (the latest state wins).
     async fn settle(&mut self) {
         if self.draining && self.state == WorkerState::Outdated {
             return;
@@ -368,9 +390,25 @@ impl WorkerState_ {
         if self.state == state && self.reason.is_none() && self.reported_jobs == self.inflight.len() {
             return;
         }
+        let flip = self.reason.is_none() && matches!(self.state, WorkerState::Idle | WorkerState::Running);
         self.state = state;
         self.reason = None;
-        self.report(None).await;
+        let since = self.last_report.map(|t| t.elapsed());
+        match since {
+            Some(since) if flip && since < FLIP_COALESCE => {
+                if !self.flush_due {
+                    self.flush_due = true;
+                    self.myself.send_after(FLIP_COALESCE - since, || WorkerMsg::Flush);
+                }
+            }
+            _ => self.report(None).await,
+        }
+    }
+
+    async fn on_flush(&mut self) {
+        if self.flush_due {
+            self.report(None).await;
+        }
     }
 
     async fn on_take(
@@ -391,14 +429,18 @@ impl WorkerState_ {
             });
             return;
         }
-        let consumers = self.consumers.clone();
+        let queues = self.consumers.queues();
         let store = self.store.clone();
         let (worker, host) = (self.args.worker_id.clone(), self.args.host_id.clone());
         let me = myself.clone();
         tokio::spawn(async move {
-            let jobs = fetch_and_take(&consumers, &store, &worker, &host, max, hold).await;
-            if let Err(e) = me.cast(WorkerMsg::Taken { jobs, reply }) {
-                tracing::warn!(worker_id = %worker, error = %e, "worker stopped while taking jobs; they will be redelivered");
+            let jobs = fetch_and_take(&queues, &store, &worker, &host, max, hold).await;
+            if let Err(ractor::MessagingErr::SendErr(WorkerMsg::Taken { jobs, .. })) =
+                me.cast(WorkerMsg::Taken { jobs, reply })
+            {
+                // the worker stopped meanwhile: give the jobs back without using an attempt
+                tracing::debug!(worker_id = %worker, jobs = jobs.len(), "worker stopped while taking jobs; releasing them");
+                release_taken(&store, &worker, jobs);
             }
         });
     }
@@ -407,23 +449,18 @@ impl WorkerState_ {
         let handed: Vec<WorkerJob> = jobs.iter().map(|t| t.job.clone()).collect();
         if reply.send(handed).is_err() {
             // the worker gave up its request: undo the takes, without counting them
-            for t in jobs {
-                let store = self.store.clone();
-                let worker = self.args.worker_id.clone();
-                tokio::spawn(async move {
-                    let _ =
-                        store.transition(&t.record.endpoint, &t.record.id, |r| lifecycle::release(r, &worker)).await;
-                    t.ack.nak().await;
-                });
-            }
+            release_taken(&self.store, &self.args.worker_id, jobs);
             return;
         }
         if !jobs.is_empty() && self.start.first_job_ms.is_none() {
             self.start.first_job_ms = Some(self.launched_at.elapsed().as_millis() as u64);
         }
         for t in jobs {
-            self.inflight
-                .insert(t.job.id.clone(), Inflight { ack: t.ack, record: t.record, last_progress: Instant::now() });
+            let (endpoint_id, worker_id) = (&t.record.endpoint, &self.args.worker_id);
+            let span = tracing::debug_span!(parent: &t.span, "worker", %endpoint_id, %worker_id, job_id = %t.job.id);
+            let (ack, record, revision) = (t.ack, t.record, t.revision);
+            let inflight = Inflight { ack, record, revision, last_progress: Instant::now(), span };
+            self.inflight.insert(t.job.id.clone(), inflight);
         }
         self.settle().await;
     }
@@ -448,12 +485,17 @@ impl WorkerState_ {
         let endpoint = self.endpoint().to_string();
         let worker = self.args.worker_id.clone();
         let blob_name = self.args.nats.names.blob_output(&job_id);
-        tokio::spawn(async move {
+        // the record as this worker's take wrote it: the compare-and-set needs no read unless
+        // it changed since (cancelled, timed out, a progress update)
+        let known = inflight.as_ref().map(|i| (i.record.clone(), i.revision));
+        let span =
+            inflight.as_ref().map_or_else(tracing::Span::none, |i| tracing::debug_span!(parent: &i.span, "result"));
+        let done = async move {
             // an output too large to inline goes to the object store; the record references it
             let applied = match store.blobs().offload_outcome(&store, &endpoint, &job_id, &blob_name, outcome).await {
                 Ok((outcome, output_ref)) => {
                     store
-                        .transition(&endpoint, &job_id, |r| {
+                        .transition_from(&endpoint, &job_id, known, |r| {
                             let mut next = lifecycle::finish(r, outcome.clone(), now_ms())?;
                             next.output_ref = output_ref.clone();
                             Ok(next)
@@ -470,14 +512,18 @@ impl WorkerState_ {
                 Ok(_) => Ok(()),
                 Err(e) => Err(e.to_string()),
             };
+            // the worker waits for the reply, not for the ack: the record is written
+            let recorded = result.is_ok();
+            let _ = reply.send(result);
             if let Some(inflight) = inflight {
-                match &result {
-                    Ok(()) => inflight.ack.ack().await,
-                    Err(_) => inflight.ack.nak().await,
+                if recorded {
+                    inflight.ack.ack().await;
+                } else {
+                    inflight.ack.nak().await;
                 }
             }
-            let _ = reply.send(result);
-        });
+        };
+        tokio::spawn(tracing::Instrument::instrument(done, span));
         if !progress {
             self.jobs_done += 1;
             if stop_pod {
@@ -630,6 +676,43 @@ impl WorkerState_ {
             reason.push_str(&exit.log_tail);
         }
         Err(reason.into())
+    }
+}
+
+/// Undoes takes that no worker will run: each job back to the queue without using one of its
+/// attempts (from the record as the take wrote it), its token redelivered.
+fn release_taken(store: &JobStore, worker: &str, jobs: Vec<TakenJob>) {
+    for t in jobs {
+        let (store, worker) = (store.clone(), worker.to_string());
+        tokio::spawn(async move {
+            let (endpoint, id) = (t.record.endpoint.clone(), t.record.id.clone());
+            let known = Some((t.record, t.revision));
+            let _ = store.transition_from(&endpoint, &id, known, |r| lifecycle::release(r, &worker)).await;
+            t.ack.nak().await;
+        });
+    }
+}
+
+/// Sends a worker record to its bucket without waiting for the write's ack (a failure is
+/// logged when the ack comes back).
+async fn send_worker_record(nats: &Nats, record: &WorkerRecord) {
+    let bytes = match to_msgpack(record) {
+        Ok(bytes) => bytes,
+        Err(e) => return tracing::warn!(error = %e, "cannot encode worker record"),
+    };
+    let store = &nats.workers;
+    let key = nats.names.worker_key(&record.endpoint, &record.id);
+    let subject = format!("{}{key}", store.put_prefix.as_deref().unwrap_or(&store.prefix));
+    match nats.js.publish(subject, Bytes::from(bytes)).await {
+        Ok(ack) => {
+            let worker_id = record.id.clone();
+            tokio::spawn(async move {
+                if let Err(e) = ack.await {
+                    tracing::warn!(worker_id = %worker_id, error = %e, "cannot write worker record");
+                }
+            });
+        }
+        Err(e) => tracing::warn!(worker_id = %record.id, error = %e, "cannot write worker record"),
     }
 }
 

@@ -268,7 +268,9 @@ async fn wait_for_signal() {
     let _ = tokio::signal::ctrl_c().await;
 }
 
-#[tokio::main]
+// One job at a time, like the SDK's single asyncio loop: one thread is enough, and a
+// multi-threaded runtime per worker process costs more in wake-ups than the jobs themselves.
+#[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
     let cfg = match Config::from_env() {
         Ok(c) => c,
