@@ -1,27 +1,35 @@
 //! Fleet benchmark: one control replica running many endpoints whose workers are simulated by
 //! the fake runtime, to measure the control replica's idle CPU and memory at fleet size.
 //!
-//! Two processes, so the control replica is measured alone:
+//! Separate processes, so the control replica is measured alone and no process holds more
+//! sockets than its open-file limit allows (each fake worker holds a long-poll to its host's
+//! bridge: two sockets in the process that runs both):
 //!
 //! ```sh
 //! cargo build --release -p shoal-actors --example fleet
-//! fleet hosts   --nats nats://127.0.0.1:4222 --endpoints 1000 --workers 10 --hosts 4
-//! fleet control --nats nats://127.0.0.1:4222 --seconds 60
+//! fleet hosts   --nats URL --endpoints 1000 --workers 10 --hosts 4 --index 0 --apply  # and --index 1..3
+//! fleet control --nats URL --seconds 60      # the replica; measures once told the fleet is idle
+//! fleet wait    --nats URL --expect-workers 10000
 //! ```
 //!
-//! `scripts/bench-fleet` runs the whole thing (its own nats-server included) and prints the
-//! numbers `BENCHMARKS.md` quotes. `control` prints its CPU (user+system, % of one core) and
-//! RSS every 5 s from /proc/self, and a summary at the end.
+//! `wait` follows `shoal-workers` with one watch, prints how many workers are idle every 5 s
+//! and, once all are, tells `control` (core NATS, subject `<prefix>.fleet.idle`) to start its
+//! window: CPU (user+system, % of one core) and RSS from /proc/self every 5 s and a summary.
+//! `scripts/bench-fleet` runs the whole thing, its own nats-server included.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use futures::StreamExt;
 use shoal_actors::control::{self, ControlConfig};
 use shoal_actors::host::{self, HostConfig};
 use shoal_actors::nats::{Nats, Topology};
 use shoal_actors::runtime::fake::FakeRuntime;
+use shoal_protocol::codec::{from_msgpack, to_msgpack};
 use shoal_protocol::endpoint::{EndpointSpec, ScalerKind};
 use shoal_protocol::names::Names;
+use shoal_protocol::worker::{WorkerRecord, WorkerState};
 
 type Error = Box<dyn std::error::Error + Send + Sync>;
 
@@ -45,6 +53,10 @@ fn usage() -> (u64, u64) {
     (ticks, rss_kb * 1024)
 }
 
+fn idle_subject(names: &Names) -> String {
+    format!("{}.fleet.idle", names.prefix())
+}
+
 #[tokio::main]
 async fn main() -> Result<(), Error> {
     let args: Vec<String> = std::env::args().collect();
@@ -53,35 +65,52 @@ async fn main() -> Result<(), Error> {
     let names = Names::new(&arg(&args, "--prefix", "shoal"))?;
     let nats = Nats::connect(&url, names.clone(), &Topology::default()).await?;
     match mode.as_str() {
-        "hosts" => hosts(&args, nats, names).await,
-        "control" => control_replica(&args, nats).await,
-        _ => Err("usage: fleet hosts|control [--nats URL] ...".into()),
+        "hosts" => hosts(&args, nats).await,
+        "control" => control_replica(&args, nats, &names).await,
+        "wait" => wait_idle(&args, nats, &names).await,
+        _ => Err("usage: fleet hosts|control|wait [--nats URL] ...".into()),
     }
 }
 
-async fn hosts(args: &[String], nats: Nats, names: Names) -> Result<(), Error> {
+async fn hosts(args: &[String], nats: Nats) -> Result<(), Error> {
     let endpoints: usize = arg(args, "--endpoints", "1000").parse()?;
     let workers: u32 = arg(args, "--workers", "10").parse()?;
-    let n_hosts: usize = arg(args, "--hosts", "4").parse()?;
+    let n_hosts: usize = arg(args, "--hosts", "1").parse()?;
+    let index: Option<usize> =
+        args.iter().position(|a| a == "--index").map(|_| arg(args, "--index", "0").parse()).transpose()?;
     let state = std::env::temp_dir().join("shoal-fleet");
     let mut handles = Vec::new();
-    for h in 0..n_hosts {
+    // one host of several (its own process), or all of them here
+    let mine: Vec<usize> = match index {
+        Some(i) => vec![i],
+        None => (0..n_hosts).collect(),
+    };
+    for h in mine {
         let config =
             HostConfig { id: Some(format!("fleet-host-{h}")), state_dir: state.clone(), ..HostConfig::default() };
         let runtime = Arc::new(FakeRuntime { start_latency_ms: 100, job_duration_ms: 50 });
         handles.push(host::start(nats.clone(), config, runtime).await?);
     }
-    // specs go straight into the bucket: the control replica may not be up yet
-    for e in 0..endpoints {
-        let mut spec = EndpointSpec::with_command(&format!("fleet-{e}"), "simulated");
-        spec.workers_min = workers;
-        spec.workers_max = workers.max(1);
-        spec.scaler = ScalerKind::RequestCount;
-        spec.version = 1;
-        nats.endpoints.put(&spec.id, shoal_protocol::codec::to_msgpack(&spec)?.into()).await?;
+    if args.iter().any(|a| a == "--apply") {
+        // specs go straight into the bucket (the control replica may not be up yet), many at once
+        let puts = (0..endpoints).map(|e| {
+            let mut spec = EndpointSpec::with_command(&format!("fleet-{e}"), "simulated");
+            spec.workers_min = workers;
+            spec.workers_max = workers.max(1);
+            spec.scaler = ScalerKind::RequestCount;
+            spec.version = 1;
+            let store = &nats.endpoints;
+            async move {
+                let bytes = to_msgpack(&spec)?;
+                store.put(&spec.id, bytes.into()).await?;
+                Ok::<(), Error>(())
+            }
+        });
+        let results: Vec<Result<(), Error>> = futures::stream::iter(puts).buffer_unordered(64).collect().await;
+        results.into_iter().collect::<Result<Vec<()>, Error>>()?;
+        eprintln!("fleet: {endpoints} endpoints x {workers} workers applied");
     }
-    let _ = names;
-    eprintln!("fleet: {endpoints} endpoints x {workers} workers on {n_hosts} fake hosts; Ctrl-C to stop");
+    eprintln!("fleet: {} fake host(s) running; Ctrl-C to stop", handles.len());
     tokio::signal::ctrl_c().await?;
     for h in handles {
         h.stop().await;
@@ -89,21 +118,24 @@ async fn hosts(args: &[String], nats: Nats, names: Names) -> Result<(), Error> {
     Ok(())
 }
 
-async fn control_replica(args: &[String], nats: Nats) -> Result<(), Error> {
+async fn control_replica(args: &[String], nats: Nats, names: &Names) -> Result<(), Error> {
     let seconds: u64 = arg(args, "--seconds", "60").parse()?;
-    let expect: u64 = arg(args, "--expect-workers", "0").parse()?;
+    let mut idle = nats.client.subscribe(idle_subject(names)).await?;
+    let started = Instant::now();
     let handle = control::start(nats.clone(), ControlConfig::default()).await?;
     let tick_hz = 100.0; // USER_HZ on Linux
-    // wait until the fleet is up, then measure while it idles
-    let start = Instant::now();
-    loop {
-        let idle = count_idle(&nats).await;
-        eprintln!("control: {idle} idle workers after {:?}", start.elapsed());
-        if idle >= expect || start.elapsed() > Duration::from_secs(600) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_secs(5)).await;
+    // wait until the fleet is up and idle (`fleet wait` says so), then measure while it idles
+    let ready = tokio::time::timeout(Duration::from_secs(1800), idle.next()).await;
+    if !matches!(ready, Ok(Some(_))) {
+        return Err("the fleet never became idle".into());
     }
+    let (t_up, rss_up) = usage();
+    eprintln!(
+        "control: fleet idle {:.1} s after the replica started; its cpu so far {:.1} s, rss {:.1} MiB",
+        started.elapsed().as_secs_f64(),
+        t_up as f64 / tick_hz,
+        rss_up as f64 / 1048576.0
+    );
     let (t0, _) = usage();
     let begin = Instant::now();
     let mut peak_rss = 0;
@@ -125,16 +157,51 @@ async fn control_replica(args: &[String], nats: Nats) -> Result<(), Error> {
     Ok(())
 }
 
-async fn count_idle(nats: &Nats) -> u64 {
-    use futures::StreamExt;
-    let mut n = 0;
-    let Ok(mut keys) = nats.workers.keys().await else { return 0 };
-    while let Some(Ok(k)) = keys.next().await {
-        if let Ok(Some(v)) = nats.workers.get(&k).await
-            && let Ok(w) = shoal_protocol::codec::from_msgpack::<shoal_protocol::worker::WorkerRecord>(&v)
-        {
-            n += u64::from(w.state == shoal_protocol::worker::WorkerState::Idle);
+/// Follows every worker record; once `--expect-workers` are idle, tells the control replica.
+async fn wait_idle(args: &[String], nats: Nats, names: &Names) -> Result<(), Error> {
+    let expect: usize = arg(args, "--expect-workers", "0").parse()?;
+    let mut watch = nats.workers.watch_with_history(">").await?;
+    let mut states: HashMap<String, WorkerState> = HashMap::new();
+    let mut details: HashMap<String, (String, Option<String>)> = HashMap::new();
+    let start = Instant::now();
+    let mut report = tokio::time::interval(Duration::from_secs(5));
+    loop {
+        tokio::select! {
+            entry = watch.next() => {
+                let Some(Ok(entry)) = entry else { return Err("worker watch ended".into()) };
+                match from_msgpack::<WorkerRecord>(&entry.value) {
+                    Ok(rec) => {
+                        details.insert(entry.key.clone(), (rec.host.clone(), rec.reason.clone()));
+                        states.insert(entry.key, rec.state)
+                    }
+                    Err(_) => states.remove(&entry.key),
+                };
+            }
+            _ = report.tick() => {
+                let idle = states.values().filter(|s| **s == WorkerState::Idle).count();
+                let live = states.values().filter(|s| **s != WorkerState::Stopped).count();
+                eprintln!("wait: {idle} idle of {live} live workers after {:.0} s", start.elapsed().as_secs_f64());
+                if args.iter().any(|a| a == "--verbose") {
+                    // what the others are doing, by state, host and reason
+                    let mut others: HashMap<String, usize> = HashMap::new();
+                    for (key, state) in &states {
+                        if *state != WorkerState::Idle && *state != WorkerState::Stopped {
+                            let (host, reason) = details.get(key).cloned().unwrap_or_default();
+                            *others.entry(format!("{state:?} on {host:?}: {reason:?}")).or_default() += 1;
+                        }
+                    }
+                    let mut others: Vec<_> = others.into_iter().collect();
+                    others.sort_by_key(|(_, n)| std::cmp::Reverse(*n));
+                    for (what, n) in others.iter().take(8) {
+                        eprintln!("wait:   {n} {what}");
+                    }
+                }
+                if idle >= expect && live == idle {
+                    nats.client.publish(idle_subject(names), "idle".into()).await?;
+                    nats.client.flush().await?;
+                    return Ok(());
+                }
+            }
         }
     }
-    n
 }

@@ -14,6 +14,10 @@ use crate::blobs::Blobs;
 
 /// How long the delete marker of an expired job record stays (KV `limit_markers`).
 const JOB_MARKER_TTL: Duration = Duration::from_secs(60);
+/// Consumers a stream may have. nats-server 2.15 allows 1000 per stream unless the stream sets
+/// its own limit; shoal has two durable consumers per endpoint on `SHOAL_JOBS`, and a watch of
+/// the jobs and of the workers bucket per endpoint a control replica owns.
+const MAX_CONSUMERS: i32 = 100_000;
 
 /// Sizes of the topology: how long results live, how fast a silent host disappears.
 #[derive(Debug, Clone, PartialEq, serde::Deserialize)]
@@ -100,15 +104,20 @@ impl Nats {
                 max_age: Duration::from_secs(def.max_age_s),
                 max_messages: def.max_msgs,
                 num_replicas: topology.replicas,
+                max_consumers: MAX_CONSUMERS,
                 ..Default::default()
             };
-            js.get_or_create_stream(config).await.map_err(|source| ConnectError::Stream { name: def.name, source })?;
+            let stream = js
+                .get_or_create_stream(config)
+                .await
+                .map_err(|source| ConnectError::Stream { name: def.name, source })?;
+            raise_consumer_limit(&js, stream.cached_info().config.clone()).await;
         }
         let mut stores = Vec::new();
         for def in names.buckets(topology.retention_s, topology.host_ttl_s, topology.lease_ttl_s) {
             let store = match js.get_key_value(&def.bucket).await {
                 Ok(store) => store,
-                Err(_) => js
+                Err(_) => match js
                     .create_key_value(kv::Config {
                         bucket: def.bucket.clone(),
                         description: def.description.to_string(),
@@ -118,8 +127,16 @@ impl Nats {
                         ..Default::default()
                     })
                     .await
-                    .map_err(|source| ConnectError::Bucket { name: def.bucket, source })?,
+                {
+                    Ok(store) => store,
+                    // another process created it meanwhile (and may have raised its consumer limit)
+                    Err(source) => js
+                        .get_key_value(&def.bucket)
+                        .await
+                        .map_err(|_| ConnectError::Bucket { name: def.bucket.clone(), source })?,
+                },
             };
+            raise_consumer_limit(&js, store.stream.cached_info().config.clone()).await;
             stores.push(store);
         }
         let keys = match js.get_key_value(names.keys_bucket()).await {
@@ -180,6 +197,18 @@ impl Nats {
             }
             Err(e) => tracing::warn!(error = %e, "cannot encode event"),
         }
+    }
+}
+
+/// Gives a stream room for [`MAX_CONSUMERS`] consumers (buckets cannot be created with a limit).
+async fn raise_consumer_limit(js: &jetstream::Context, config: stream::Config) {
+    if config.max_consumers == MAX_CONSUMERS {
+        return;
+    }
+    let name = config.name.clone();
+    if let Err(e) = js.update_stream(stream::Config { max_consumers: MAX_CONSUMERS, ..config }).await {
+        // servers before 2.12 cannot change the limit, and have no default one to raise
+        tracing::debug!(stream = %name, error = %e, "cannot raise the stream's consumer limit");
     }
 }
 

@@ -25,7 +25,8 @@ async fn wait_state(shoal: &Shoal, endpoint: &str, id: &str, state: JobState, ti
 async fn cancel_a_queued_job_and_ttl_expiry_without_workers() -> Result<()> {
     let shoal = Shoal::start().await?;
     let mut spec = rust_endpoint("idle")?;
-    spec.workers_min = 0; // nobody will take its jobs
+    spec.workers_min = 0;
+    spec.workers_max = 0; // nobody will take its jobs (a queued job starts a worker at once otherwise)
     shoal.api.create_endpoint(&spec).await?;
 
     let queued = shoal.api.run(&RunRequest::new("idle", json!({"a": 1}))).await?;
@@ -44,7 +45,7 @@ async fn cancel_a_queued_job_and_ttl_expiry_without_workers() -> Result<()> {
     // retry re-queues the timed-out job under the same id; a worker then runs it
     let retried = shoal.api.retry(&job("idle", &expiring.id)).await?;
     assert_eq!((retried.id.as_str(), retried.status), (expiring.id.as_str(), JobState::InQueue));
-    spec.workers_min = 1;
+    (spec.workers_min, spec.workers_max) = (1, 1);
     shoal.api.apply_endpoint(&spec).await?;
     let done = wait_state(&shoal, "idle", &expiring.id, JobState::Completed, Duration::from_secs(30)).await?;
     assert_eq!(done.output, Some(json!({"b": 2})));

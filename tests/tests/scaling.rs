@@ -75,9 +75,12 @@ async fn request_count_scales_a_burst_to_max_then_back_to_zero() -> Result<()> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn queue_delay_waits_for_the_delay_and_low_priority_alone_never_scales_up() -> Result<()> {
+async fn queue_delay_starts_the_first_worker_at_once_and_low_priority_alone_never_scales_up() -> Result<()> {
     let shoal = Shoal::start().await?;
-    shoal.api.create_endpoint(&autoscaled("lazy", ScalerKind::QueueDelay, 1.5, 2)?).await?;
+    // a delay of an hour: a second worker is never due during this test
+    let mut lazy = autoscaled("lazy", ScalerKind::QueueDelay, 3600.0, 2)?;
+    lazy.idle_timeout_s = 60;
+    shoal.api.create_endpoint(&lazy).await?;
     shoal.api.create_endpoint(&autoscaled("low", ScalerKind::RequestCount, 1.0, 2)?).await?;
 
     // low priority on an endpoint at zero: nothing starts, the job waits
@@ -85,12 +88,22 @@ async fn queue_delay_waits_for_the_delay_and_low_priority_alone_never_scales_up(
     low.policy = Some(PolicyRequest { low_priority: true, ..Default::default() });
     let low = shoal.api.run(&low).await?;
 
+    // a job on an endpoint with no worker starts one at once, not after the queue delay
     let mut req = RunRequest::new("lazy", json!({"x": 1}));
     req.wait_ms = 60_000;
     let done = shoal.api.run(&req).await?;
     assert_eq!(done.status, JobState::Completed, "{done:?}");
-    let delay = done.delay_time_ms.context("delay")?;
-    assert!(delay >= 1_500, "QUEUE_DELAY starts a worker only once the job waited past the value: {delay} ms");
+    // with that worker up, more jobs queue behind it: no second worker before the delay
+    let mut ids = Vec::new();
+    for n in 0..3 {
+        ids.push(shoal.api.run(&RunRequest::new("lazy", json!({"sleep_ms": 300, "n": n}))).await?.id);
+    }
+    for id in ids {
+        let s = shoal.api.status(&JobRef { endpoint: Some("lazy".into()), id, wait_ms: 30_000 }).await?;
+        assert_eq!(s.status, JobState::Completed, "{s:?}");
+        let n = running_workers(&shoal, "lazy").await.len();
+        assert_eq!(n, 1, "QUEUE_DELAY adds a worker only once a job waited past the value");
+    }
 
     assert!(running_workers(&shoal, "low").await.is_empty(), "low-priority jobs alone never scale up from zero");
     let s = shoal.api.status(&JobRef { endpoint: Some("low".into()), id: low.id.clone(), wait_ms: 0 }).await?;
@@ -101,6 +114,36 @@ async fn queue_delay_waits_for_the_delay_and_low_priority_alone_never_scales_up(
     assert_eq!(shoal.api.run(&normal).await?.status, JobState::Completed);
     let s = shoal.api.status(&JobRef { endpoint: Some("low".into()), id: low.id, wait_ms: 30_000 }).await?;
     assert_eq!(s.status, JobState::Completed);
+    shoal.stop().await;
+    Ok(())
+}
+
+/// The scaler ticks once an hour here, so only the wake from the endpoint actor can start the
+/// worker: a job queued on an endpoint at zero does not wait for the scaler's tick.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_on_an_endpoint_at_zero_wakes_the_scaler_without_waiting_for_its_tick() -> Result<()> {
+    let config = ControlConfig { tick_ms: 100, scaler_tick_ms: Some(3_600_000), ..ControlConfig::default() };
+    let shoal = Shoal::start_with(config, |_| {}).await?;
+    for (id, scaler) in [("rc", ScalerKind::RequestCount), ("qd", ScalerKind::QueueDelay)] {
+        shoal.api.create_endpoint(&autoscaled(id, scaler, 10.0, 3)?).await?;
+        // low priority alone wakes nothing
+        let mut low = RunRequest::new(id, json!({"low": true}));
+        low.policy = Some(PolicyRequest { low_priority: true, ..Default::default() });
+        let low = shoal.api.run(&low).await?;
+        let s = shoal.api.status(&JobRef { endpoint: Some(id.into()), id: low.id.clone(), wait_ms: 1_000 }).await?;
+        assert_eq!(s.status, JobState::InQueue, "{s:?}");
+        assert!(running_workers(&shoal, id).await.is_empty(), "low-priority jobs alone never scale up from zero");
+        // a burst of normal jobs: one wake, one worker, every job done
+        let mut ids = Vec::new();
+        for n in 0..5 {
+            ids.push(shoal.api.run(&RunRequest::new(id, json!({"n": n}))).await?.id);
+        }
+        for job in ids.into_iter().chain([low.id]) {
+            let s = shoal.api.status(&JobRef { endpoint: Some(id.into()), id: job, wait_ms: 60_000 }).await?;
+            assert_eq!(s.status, JobState::Completed, "{id}: {s:?}");
+        }
+        assert_eq!(running_workers(&shoal, id).await.len(), 1, "{id}: the wake starts the first worker only");
+    }
     shoal.stop().await;
     Ok(())
 }

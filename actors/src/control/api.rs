@@ -22,6 +22,7 @@ use shoal_protocol::worker::{WorkerRecord, WorkerState};
 use shoal_protocol::{ApiError, ErrorCode};
 
 use super::ControlConfig;
+use super::job_list;
 use super::job_ops;
 use super::lease_manager::Directory;
 use crate::jobs::{JobStore, jobs_consumer};
@@ -77,10 +78,12 @@ async fn serve(ctx: &Ctx, operation: &'static str, request: async_nats::service:
         request.message.headers.as_ref().and_then(|h| h.get(CONTENT_TYPE)).map(|v| v.as_str().to_string());
     let enc = Encoding::from_content_type(content_type.as_deref());
     let traceparent = crate::trace_context::from_headers(request.message.headers.as_ref());
-    let result = crate::trace_context::scope(traceparent.as_deref(), async {
-        let span = tracing::debug_span!("request", op = operation, trace_id = crate::trace_context::current_trace_id());
-        tracing::Instrument::instrument(dispatch(ctx, operation, enc, &request.message.payload), span).await
-    })
+    let span = tracing::debug_span!("request", op = operation, trace_id = tracing::field::Empty, otel.kind = "server");
+    let result = crate::trace_context::within(
+        span,
+        traceparent.as_deref(),
+        dispatch(ctx, operation, enc, &request.message.payload),
+    )
     .await;
     let mut headers = HeaderMap::new();
     headers.insert(CONTENT_TYPE, enc.content_type());
@@ -138,6 +141,8 @@ async fn dispatch(ctx: &Ctx, operation: &str, enc: Encoding, payload: &[u8]) -> 
         op::ENDPOINT_LIST => rep(enc, &list_endpoints(ctx).await?),
         op::ENDPOINT_DELETE => rep(enc, &delete_endpoint(ctx, req(enc, payload)?).await?),
         op::WORKERS_LIST => rep(enc, &list_workers(ctx, req(enc, payload)?).await?),
+        op::JOBS_LIST => rep(enc, &job_list::list_jobs(ctx, req(enc, payload)?).await?),
+        op::HOSTS_LIST => rep(enc, &job_list::list_hosts(ctx).await?),
         other => Err(ApiError::not_found(format!("unknown operation {other}"))),
     }
 }

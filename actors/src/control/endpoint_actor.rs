@@ -3,10 +3,12 @@
 //! index of queued and running jobs and the job counters, and on every tick ends the jobs
 //! whose ttl or execution timeout passed (TIMED_OUT by compare-and-set), telling the worker's
 //! host to stop a running one. Its child, the [scaler](super::scaler), sizes the workers from
-//! the demand this actor measures. It answers the owner queries (`health`, `queued`) that the
+//! the demand this actor measures, and is woken at once when a normal-priority job is queued
+//! (scale from zero does not wait for the scaler's tick). It answers the owner queries (`health`, `queued`) that the
 //! API of any replica forwards.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -32,13 +34,17 @@ use crate::nats::Nats;
 pub struct EndpointActor;
 
 pub struct EndpointArgs {
-    pub nats: Nats,
+    /// One connection for all the replica's endpoint actors and scalers (a `Nats` holds a
+    /// handle per bucket, each with its stream's info: worth sharing a thousand times over).
+    pub nats: Arc<Nats>,
     pub spec: EndpointSpec,
     /// The epoch of this replica's lease on the endpoint; commands to hosts carry it.
     pub epoch: u64,
     pub replica_id: String,
     pub hosts: HostDirectory,
     pub tick: Duration,
+    /// How often the scaler ticks.
+    pub scaler_tick: Duration,
 }
 
 pub enum EndpointMsg {
@@ -54,14 +60,17 @@ pub enum EndpointMsg {
 }
 
 pub struct EndpointState {
-    nats: Nats,
-    store: JobStore,
+    nats: Arc<Nats>,
     spec: EndpointSpec,
     /// Non-terminal jobs, by id.
     open: HashMap<String, JobRecord>,
     /// Last known state and retries of every retained job, for the counters.
     seen: HashMap<String, (JobState, u32)>,
     scaler: ActorRef<ScalerMsg>,
+    /// A [`ScalerMsg::Wake`] is on its way (shared with the scaler, which clears it).
+    wake: Arc<AtomicBool>,
+    /// The demand last published to the metrics.
+    published: Option<Demand>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
@@ -96,6 +105,7 @@ impl Actor for EndpointActor {
         });
         myself.send_interval(args.tick, || EndpointMsg::Tick);
         let fleet = Arc::new(Mutex::new(Fleet::default()));
+        let wake = Arc::new(AtomicBool::new(false));
         let queries =
             Box::pin(serve_owner_queries(&args.nats, &args.spec.id, &args.replica_id, myself.clone(), fleet.clone()))
                 .await?;
@@ -105,18 +115,20 @@ impl Actor for EndpointActor {
             epoch: args.epoch,
             endpoint: myself.clone(),
             hosts: args.hosts.clone(),
-            tick: Duration::from_millis(1000).min(args.tick * 5),
+            tick: args.scaler_tick,
             fleet,
+            wake: wake.clone(),
         };
         let (scaler, _) = crate::spawn::spawn_linked(ScalerActor, scaler_args, myself.get_cell()).await?;
         tracing::info!(endpoint_id = %args.spec.id, epoch = args.epoch, "endpoint actor started");
         Ok(EndpointState {
-            store: JobStore::new(args.nats.clone()),
             nats: args.nats,
             spec: args.spec,
             open: HashMap::new(),
             seen: HashMap::new(),
             scaler,
+            wake,
+            published: None,
             tasks: vec![watch, queries],
         })
     }
@@ -165,7 +177,16 @@ impl Actor for EndpointActor {
 
 impl EndpointState {
     fn on_record(&mut self, rec: JobRecord) {
-        let was_open = self.seen.get(&rec.id).is_some_and(|(state, _)| !state.is_terminal());
+        let before = self.seen.get(&rec.id).map(|(state, _)| *state);
+        let was_open = before.is_some_and(|state| !state.is_terminal());
+        if rec.state == JobState::InQueue
+            && before != Some(JobState::InQueue)
+            && rec.policy.priority == Priority::Normal
+            && !self.wake.swap(true, Ordering::AcqRel)
+        {
+            // newly queued: the scaler starts a worker at once if there is none
+            let _ = self.scaler.cast(ScalerMsg::Wake);
+        }
         if was_open && rec.state.is_terminal() {
             crate::metrics::job_ended(&rec);
         }
@@ -224,13 +245,18 @@ impl EndpointState {
     /// Ends overdue jobs. Each is a compare-and-set that re-checks the deadline on the record
     /// it reads, so a job that finished meanwhile is left alone.
     fn on_tick(&mut self) {
-        crate::metrics::set_demand(&self.spec.id, &self.demand());
+        let demand = self.demand();
+        if self.published != Some(demand) {
+            crate::metrics::set_demand(&self.spec.id, &demand);
+            self.published = Some(demand);
+        }
         let now = now_ms();
         for rec in self.open.values() {
             if lifecycle::overdue(rec, now).is_none() {
                 continue;
             }
-            let (store, nats) = (self.store.clone(), self.nats.clone());
+            // rare (a job overdue): the store is made when needed, not held by every actor
+            let (store, nats) = (JobStore::new(Nats::clone(&self.nats)), self.nats.clone());
             let (endpoint, id) = (rec.endpoint.clone(), rec.id.clone());
             tokio::spawn(async move {
                 let applied = store

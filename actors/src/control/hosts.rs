@@ -46,6 +46,29 @@ impl HostDirectory {
         Ok((dir, task))
     }
 
+    /// Whether the host was heard from within the TTL.
+    pub fn is_live(&self, id: &str) -> bool {
+        let now = now_ms();
+        self.hosts
+            .read()
+            .map(|m| m.get(id).is_some_and(|h| now.saturating_sub(h.heartbeat_at_ms) <= self.ttl_ms))
+            .unwrap_or(false)
+    }
+
+    /// Warm containers of `warm_key` (`<endpoint>@<version>`) on live hosts.
+    pub fn warm_slots(&self, warm_key: &str) -> u32 {
+        let now = now_ms();
+        self.hosts
+            .read()
+            .map(|m| {
+                m.values()
+                    .filter(|h| now.saturating_sub(h.heartbeat_at_ms) <= self.ttl_ms)
+                    .map(|h| h.warm.iter().filter(|w| *w == warm_key).count() as u32)
+                    .sum()
+            })
+            .unwrap_or(0)
+    }
+
     /// Hosts heard from within the TTL.
     pub fn live(&self) -> Vec<HostRecord> {
         let now = now_ms();
@@ -53,5 +76,41 @@ impl HostDirectory {
             .read()
             .map(|m| m.values().filter(|h| now.saturating_sub(h.heartbeat_at_ms) <= self.ttl_ms).cloned().collect())
             .unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn host(id: &str, heartbeat_at_ms: u64, warm: &[&str]) -> HostRecord {
+        HostRecord {
+            id: id.into(),
+            runtime: "fake".into(),
+            labels: Default::default(),
+            gpus: vec![],
+            bridge_url: String::new(),
+            workers: 0,
+            max_workers: 0,
+            warm: warm.iter().map(|w| w.to_string()).collect(),
+            started_at_ms: 0,
+            heartbeat_at_ms,
+        }
+    }
+
+    #[test]
+    fn a_silent_host_is_not_live_and_its_warm_slots_do_not_count() {
+        let now = now_ms();
+        let dir = HostDirectory { hosts: Arc::default(), ttl_ms: 3_000 };
+        if let Ok(mut m) = dir.hosts.write() {
+            m.insert("fresh".into(), host("fresh", now, &["ep@2", "ep@2", "ep@1"]));
+            m.insert("silent".into(), host("silent", now.saturating_sub(60_000), &["ep@2"]));
+        }
+        assert!(dir.is_live("fresh"));
+        assert!(!dir.is_live("silent"), "heard from a minute ago, past the 3 s TTL");
+        assert!(!dir.is_live("unknown"));
+        assert_eq!(dir.warm_slots("ep@2"), 2, "the silent host's warm container is not counted");
+        assert_eq!(dir.warm_slots("ep@3"), 0);
+        assert_eq!(dir.live().len(), 1);
     }
 }

@@ -3,6 +3,11 @@
 //! by exactly one replica, shares endpoints fairly among live replicas ([`super::lease`]),
 //! takes over a dead replica's endpoints once their leases expire, and starts or stops the
 //! endpoint actors of the endpoints it owns. It also keeps the [`Directory`] the API reads.
+//!
+//! It acts on its tick (`lease_ttl / 3`), and also as soon as its watch of `shoal-endpoints`
+//! shows a new endpoint, so that an endpoint is owned (and can scale) right after it is
+//! applied. Renewals of the owned leases are sent concurrently, so a replica owning a thousand
+//! endpoints renews them all well within a tick.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, RwLock};
@@ -60,6 +65,14 @@ impl Directory {
 
 pub struct LeaseManager;
 
+/// How often the manager renews its leases and shares endpoints.
+fn tick_of(lease_ttl: Duration) -> Duration {
+    (lease_ttl / 3).max(Duration::from_millis(100))
+}
+
+/// Lease renewals sent at once (each is one compare-and-set on `shoal-leases`).
+const RENEWALS_IN_FLIGHT: usize = 256;
+
 pub struct LeaseArgs {
     pub nats: Nats,
     pub config: ControlConfig,
@@ -75,6 +88,8 @@ pub enum LeaseMsg {
     /// A lease or replica key changed (`None`: deleted).
     KeySeen(String, Option<String>),
     Tick,
+    /// A new endpoint was applied: take its lease now if it falls to this replica's share.
+    Share,
 }
 
 struct Owned {
@@ -85,12 +100,20 @@ struct Owned {
 
 pub struct LeaseState {
     args: LeaseArgs,
+    /// The connection every endpoint actor of this replica shares.
+    shared: Arc<Nats>,
     /// endpoint → (owner, last seen renewed).
     leases: HashMap<String, (String, Instant)>,
     /// replica → last seen.
     replicas: HashMap<String, Instant>,
     owned: HashMap<String, Owned>,
     started_at_ms: u64,
+    /// The first tick is done: this replica has announced itself and knows the others.
+    ticked: bool,
+    /// A [`LeaseMsg::Share`] is in the mailbox.
+    share_queued: bool,
+    /// When the leases were last renewed.
+    renewed_at: Instant,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
@@ -135,15 +158,18 @@ impl Actor for LeaseManager {
                 }
             }
         });
-        let tick = (args.lease_ttl / 3).max(Duration::from_millis(100));
-        myself.send_interval(tick, || LeaseMsg::Tick);
+        myself.send_interval(tick_of(args.lease_ttl), || LeaseMsg::Tick);
         tracing::info!(replica_id = %args.replica_id, "lease manager started");
         Ok(LeaseState {
+            shared: Arc::new(args.nats.clone()),
             args,
             leases: HashMap::new(),
             replicas: HashMap::new(),
             owned: HashMap::new(),
             started_at_ms: now_ms(),
+            ticked: false,
+            share_queued: false,
+            renewed_at: Instant::now(),
             tasks: vec![t1, t2],
         })
     }
@@ -155,12 +181,17 @@ impl Actor for LeaseManager {
         st: &mut LeaseState,
     ) -> Result<(), ActorProcessingErr> {
         match msg {
-            LeaseMsg::SpecPut(spec) => st.on_spec_put(*spec),
+            LeaseMsg::SpecPut(spec) => st.on_spec_put(&myself, *spec),
             LeaseMsg::SpecDeleted(id) => st.on_spec_deleted(&id).await,
             LeaseMsg::KeySeen(key, owner) => st.on_key_seen(key, owner),
             LeaseMsg::Tick => {
                 let span = tracing::debug_span!("lease", replica_id = %st.args.replica_id);
                 tracing::Instrument::instrument(st.on_tick(&myself), span).await
+            }
+            LeaseMsg::Share => {
+                st.share_queued = false;
+                let span = tracing::debug_span!("lease", replica_id = %st.args.replica_id);
+                tracing::Instrument::instrument(st.share(&myself), span).await
             }
         }
         Ok(())
@@ -203,9 +234,15 @@ impl Actor for LeaseManager {
 }
 
 impl LeaseState {
-    fn on_spec_put(&mut self, spec: EndpointSpec) {
+    fn on_spec_put(&mut self, myself: &ActorRef<LeaseMsg>, spec: EndpointSpec) {
         let id = spec.id.clone();
+        let new = self.args.directory.spec(&id).is_none();
         self.args.directory.put_spec(spec.clone());
+        // before the first tick this replica does not know its peers yet: the tick shares
+        if new && self.ticked && !self.share_queued {
+            self.share_queued = true;
+            let _ = myself.cast(LeaseMsg::Share);
+        }
         if let Some(actor) = self.args.directory.actor(&id) {
             let _ = actor.cast(EndpointMsg::SpecChanged(Box::new(spec)));
         }
@@ -236,7 +273,14 @@ impl LeaseState {
     }
 
     async fn on_tick(&mut self, myself: &ActorRef<LeaseMsg>) {
-        let ttl = self.args.lease_ttl;
+        self.renew().await;
+        self.ticked = true;
+        self.share(myself).await;
+    }
+
+    /// Announces this replica and renews every lease it holds.
+    async fn renew(&mut self) {
+        self.renewed_at = Instant::now();
         let names = self.args.nats.names.clone();
         // 1. presence
         let me = ReplicaRecord {
@@ -248,13 +292,24 @@ impl LeaseState {
             let _ = self.args.nats.leases.put(names.replica_key(&me.id), Bytes::from(bytes)).await;
         }
         self.replicas.insert(me.id.clone(), Instant::now());
-        // 2. renew what we own; a failed renewal means the lease is lost
-        let ids: Vec<String> = self.owned.keys().cloned().collect();
-        for id in ids {
-            let Some(owned) = self.owned.get(&id) else { continue };
-            let record = LeaseRecord { owner: me.id.clone(), epoch: owned.epoch, renewed_at_ms: now_ms() };
-            let bytes = to_msgpack(&record).map(Bytes::from).unwrap_or_default();
-            match self.args.nats.leases.update(names.lease_key(&id), bytes, owned.revision).await {
+        // 2. renew what we own, all at once; a failed renewal means the lease is lost
+        let leases = &self.args.nats.leases;
+        let renewals: Vec<futures::future::BoxFuture<'_, (String, Result<u64, kv::UpdateError>)>> = self
+            .owned
+            .iter()
+            .map(|(id, owned)| {
+                let record = LeaseRecord { owner: me.id.clone(), epoch: owned.epoch, renewed_at_ms: now_ms() };
+                let bytes = to_msgpack(&record).map(Bytes::from).unwrap_or_default();
+                let (id, key, revision) = (id.clone(), names.lease_key(id), owned.revision);
+                Box::pin(async move {
+                    let result = leases.update(key, bytes, revision).await;
+                    (id, result)
+                }) as futures::future::BoxFuture<'_, _>
+            })
+            .collect();
+        let renewed: Vec<_> = futures::stream::iter(renewals).buffer_unordered(RENEWALS_IN_FLIGHT).collect().await;
+        for (id, result) in renewed {
+            match result {
                 Ok(rev) => {
                     if let Some(o) = self.owned.get_mut(&id) {
                         o.revision = rev;
@@ -266,17 +321,27 @@ impl LeaseState {
                 }
             }
         }
-        // 3. share: release the excess, take free leases up to our share
+    }
+
+    /// Releases the excess over this replica's share and takes free leases up to it.
+    async fn share(&mut self, myself: &ActorRef<LeaseMsg>) {
+        let ttl = self.args.lease_ttl;
+        let me = self.args.replica_id.clone();
         self.replicas.retain(|_, seen| seen.elapsed() <= ttl);
         self.leases.retain(|_, (_, seen)| seen.elapsed() <= ttl);
         let endpoints = self.args.directory.ids();
         let owned: BTreeSet<String> = self.owned.keys().cloned().collect();
         let free: BTreeSet<String> = endpoints.iter().filter(|e| !self.leases.contains_key(*e)).cloned().collect();
-        let plan = lease::plan(&me.id, &owned, &free, endpoints.len(), self.replicas.len());
+        let plan = lease::plan(&me, &owned, &free, endpoints.len(), self.replicas.len());
         for id in plan.release {
             self.release(&id).await;
         }
         for id in plan.acquire {
+            // taking many (a replica starting next to a thousand endpoints) may outlast a tick:
+            // keep the first ones renewed meanwhile
+            if self.renewed_at.elapsed() >= tick_of(self.args.lease_ttl) {
+                self.renew().await;
+            }
             self.acquire(myself, &id).await;
         }
     }
@@ -296,12 +361,13 @@ impl LeaseState {
         let Ok(revision) = self.args.nats.leases.update(&key, bytes, epoch).await else { return };
         self.leases.insert(id.to_string(), (self.args.replica_id.clone(), Instant::now()));
         let args = EndpointArgs {
-            nats: self.args.nats.clone(),
+            nats: self.shared.clone(),
             spec,
             epoch,
             replica_id: self.args.replica_id.clone(),
             hosts: self.args.hosts.clone(),
             tick: Duration::from_millis(self.args.config.tick_ms),
+            scaler_tick: self.args.config.scaler_tick(),
         };
         match crate::spawn::spawn_linked(EndpointActor, args, myself.get_cell()).await {
             Ok((actor, _)) => {

@@ -12,6 +12,7 @@
 pub mod api;
 pub mod endpoint_actor;
 pub mod hosts;
+mod job_list;
 mod job_ops;
 pub mod lease;
 pub mod lease_manager;
@@ -32,6 +33,10 @@ use crate::nats::Nats;
 pub struct ControlConfig {
     /// How often endpoint actors check deadlines (ttl, execution timeout).
     pub tick_ms: u64,
+    /// How often scalers tick (scale up past the first worker, idle timeouts, rolling
+    /// updates, placing throttled workers); default: `min(1000, 5 × tick_ms)`. A job queued on an
+    /// endpoint without workers wakes its scaler at once, whatever this is.
+    pub scaler_tick_ms: Option<u64>,
     /// Largest accepted job input (encoded request), in bytes. NATS' own message limit
     /// (max_payload, 1 MiB by default) applies before this one.
     pub max_input_bytes: usize,
@@ -53,6 +58,7 @@ impl Default for ControlConfig {
     fn default() -> Self {
         ControlConfig {
             tick_ms: 1000,
+            scaler_tick_ms: None,
             max_input_bytes: 1024 * 1024,
             max_wait_ms: 300_000,
             replica_id: None,
@@ -69,6 +75,9 @@ impl ControlConfig {
         if self.tick_ms == 0 {
             return Err("control.tick_ms: must be above 0".into());
         }
+        if self.scaler_tick_ms == Some(0) {
+            return Err("control.scaler_tick_ms: must be above 0".into());
+        }
         if self.max_input_bytes == 0 {
             return Err("control.max_input_bytes: must be above 0".into());
         }
@@ -78,6 +87,14 @@ impl ControlConfig {
             );
         }
         self.webhook.validate()
+    }
+
+    /// How often scalers tick.
+    pub fn scaler_tick(&self) -> Duration {
+        match self.scaler_tick_ms {
+            Some(ms) => Duration::from_millis(ms),
+            None => Duration::from_millis(1000).min(Duration::from_millis(self.tick_ms) * 5),
+        }
     }
 }
 

@@ -4,8 +4,16 @@
 //! places new ones ([`super::placement`]) and sends the hosts their commands, each carrying
 //! the lease epoch. A worker that cannot be placed is recorded Throttled, with the reason, and
 //! placed as soon as a host has room. Workers of a host that went silent are replaced.
+//!
+//! Scale from zero does not wait for the tick: the endpoint actor sends [`ScalerMsg::Wake`]
+//! when a normal-priority job is queued, at most one at a time (a shared flag, cleared when the
+//! wake is handled, so a burst of jobs costs a few wakes, not one per job). A wake acts at once
+//! when the endpoint has no worker ready or starting, and only once the scaler has caught up
+//! with the endpoint's worker records (a replica that just took the endpoint over must not start
+//! workers it merely has not seen yet).
 
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -30,11 +38,30 @@ use crate::nats::Nats;
 
 /// A started worker that has not shown up in `shoal-workers` within this long is forgotten.
 const PENDING_FOR: Duration = Duration::from_secs(30);
+/// How long a host has to answer a command.
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Why a host did not carry out a command.
+enum CommandError {
+    /// No answer in time: it may still be carried out.
+    NoAnswer,
+    /// Refused, undeliverable or unreadable: it was not carried out.
+    Refused(String),
+}
+
+impl std::fmt::Display for CommandError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CommandError::NoAnswer => f.write_str("the host did not answer"),
+            CommandError::Refused(e) => f.write_str(e),
+        }
+    }
+}
 
 pub struct ScalerActor;
 
 pub struct ScalerArgs {
-    pub nats: Nats,
+    pub nats: Arc<Nats>,
     pub spec: EndpointSpec,
     pub epoch: u64,
     pub endpoint: ActorRef<EndpointMsg>,
@@ -42,17 +69,24 @@ pub struct ScalerArgs {
     pub tick: Duration,
     /// Where the scaler leaves its view of the workers for "why is my job waiting".
     pub fleet: Arc<Mutex<Fleet>>,
+    /// Set by the endpoint actor when it sends a [`ScalerMsg::Wake`], cleared when the scaler
+    /// handles it: at most one wake waits in the mailbox.
+    pub wake: Arc<AtomicBool>,
 }
 
 pub enum ScalerMsg {
     Tick,
+    /// A normal-priority job was queued: act now if the endpoint has no worker to take it.
+    Wake,
+    /// The worker watch has delivered every record that existed when it started.
+    CaughtUp,
     SpecChanged(Box<EndpointSpec>),
     WorkerPut(Box<WorkerRecord>),
     WorkerGone(String),
 }
 
 pub struct ScalerState {
-    nats: Nats,
+    nats: Arc<Nats>,
     spec: EndpointSpec,
     epoch: u64,
     endpoint: ActorRef<EndpointMsg>,
@@ -63,6 +97,13 @@ pub struct ScalerState {
     /// Told to stop or drain.
     stopping: HashSet<String>,
     fleet: Arc<Mutex<Fleet>>,
+    wake: Arc<AtomicBool>,
+    /// The worker watch has caught up (until then a wake only sets `woken`).
+    caught_up: bool,
+    /// A wake came before the watch caught up.
+    woken: bool,
+    /// The fleet last published (metrics and the shared view), to skip unchanged ones.
+    fleet_published: Option<Fleet>,
     watch: tokio::task::JoinHandle<()>,
 }
 
@@ -76,10 +117,19 @@ impl Actor for ScalerActor {
         myself: ActorRef<ScalerMsg>,
         args: ScalerArgs,
     ) -> Result<ScalerState, ActorProcessingErr> {
-        let mut watch = args.nats.workers.watch_with_history(args.nats.names.worker_key(&args.spec.id, ">")).await?;
+        let filter = args.nats.names.worker_key(&args.spec.id, ">");
+        // nothing recorded yet: caught up from the start (no entry would ever say so)
+        let stream_filter = format!("{}{filter}", args.nats.workers.prefix);
+        let caught_up = match args.nats.workers.stream.info_with_subjects(&stream_filter).await {
+            Ok(mut subjects) => subjects.next().await.is_none(),
+            Err(_) => false,
+        };
+        let mut watch = args.nats.workers.watch_with_history(&filter).await?;
         let me = myself.clone();
         let watch = tokio::spawn(async move {
+            let mut caught_up = caught_up;
             while let Some(Ok(entry)) = watch.next().await {
+                let last_of_history = !caught_up && entry.delta == 0;
                 let msg = match entry.operation {
                     kv::Operation::Put => match from_msgpack::<WorkerRecord>(&entry.value) {
                         Ok(rec) => ScalerMsg::WorkerPut(Box::new(rec)),
@@ -89,6 +139,12 @@ impl Actor for ScalerActor {
                 };
                 if me.cast(msg).is_err() {
                     break;
+                }
+                if last_of_history {
+                    caught_up = true;
+                    if me.cast(ScalerMsg::CaughtUp).is_err() {
+                        break;
+                    }
                 }
             }
         });
@@ -103,6 +159,10 @@ impl Actor for ScalerActor {
             pending: HashMap::new(),
             stopping: HashSet::new(),
             fleet: args.fleet,
+            wake: args.wake,
+            caught_up,
+            woken: false,
+            fleet_published: None,
             watch,
         })
     }
@@ -118,6 +178,8 @@ impl Actor for ScalerActor {
                 let span = tracing::debug_span!("scaler", endpoint_id = %st.spec.id);
                 tracing::Instrument::instrument(st.on_tick(), span).await
             }
+            ScalerMsg::Wake => st.on_wake().await,
+            ScalerMsg::CaughtUp => st.on_caught_up().await,
             ScalerMsg::SpecChanged(spec) => st.spec = *spec,
             ScalerMsg::WorkerPut(rec) => st.on_worker(*rec),
             ScalerMsg::WorkerGone(id) => {
@@ -135,6 +197,38 @@ impl Actor for ScalerActor {
 }
 
 impl ScalerState {
+    /// Scale from zero without waiting for the tick: act now when no worker could take the
+    /// job that was just queued.
+    async fn on_wake(&mut self) {
+        self.wake.store(false, Ordering::Release);
+        if !self.caught_up {
+            self.woken = true;
+            return;
+        }
+        if self.has_a_worker() {
+            return; // a ready or starting worker takes it; the tick does the rest
+        }
+        let span = tracing::debug_span!("scaler", endpoint_id = %self.spec.id, wake = true);
+        tracing::Instrument::instrument(self.on_tick(), span).await
+    }
+
+    async fn on_caught_up(&mut self) {
+        self.caught_up = true;
+        if std::mem::take(&mut self.woken) {
+            self.on_wake().await;
+        }
+    }
+
+    /// A worker that is or will soon be taking jobs: started (not yet recorded), initializing,
+    /// idle or running, and not on its way out.
+    fn has_a_worker(&self) -> bool {
+        !self.pending.is_empty()
+            || self.workers.values().any(|w| {
+                matches!(w.state, WorkerState::Initializing | WorkerState::Idle | WorkerState::Running)
+                    && !self.stopping.contains(&w.id)
+            })
+    }
+
     fn on_worker(&mut self, rec: WorkerRecord) {
         self.pending.remove(&rec.id);
         if rec.state == WorkerState::Stopped {
@@ -145,16 +239,16 @@ impl ScalerState {
 
     async fn on_tick(&mut self) {
         let Ok(mut demand) = ractor::call!(self.endpoint, EndpointMsg::GetDemand) else { return };
+        // most ticks of a steady endpoint change nothing: read the hosts without copying them,
+        // and copy them only when there is something to place
         let now = now_ms();
-        let live = self.hosts.live();
         let warm_key = format!("{}@{}", self.spec.id, self.spec.version);
-        demand.warm_slots = live.iter().map(|h| h.warm.iter().filter(|w| **w == warm_key).count() as u32).sum();
-        let live_ids: HashSet<&str> = live.iter().map(|h| h.id.as_str()).collect();
+        demand.warm_slots = self.hosts.warm_slots(&warm_key);
         // workers on hosts that went silent are gone; their jobs come back by redelivery
         let lost: Vec<WorkerRecord> = self
             .workers
             .values()
-            .filter(|w| w.state != WorkerState::Stopped && !w.host.is_empty() && !live_ids.contains(w.host.as_str()))
+            .filter(|w| w.state != WorkerState::Stopped && !w.host.is_empty() && !self.hosts.is_live(&w.host))
             .cloned()
             .collect();
         for mut w in lost {
@@ -193,34 +287,43 @@ impl ScalerState {
             crate::metrics::scaler_decision(&self.spec.id, "stopped");
             self.stop(id, false, "idle timeout").await;
         }
-        let reason = format!("rolling update to version {}", self.spec.version);
-        for id in &decision.drain {
-            crate::metrics::scaler_decision(&self.spec.id, "drained");
-            self.stop(id, true, &reason).await;
+        if !decision.drain.is_empty() {
+            let reason = format!("rolling update to version {}", self.spec.version);
+            for id in &decision.drain {
+                crate::metrics::scaler_decision(&self.spec.id, "drained");
+                self.stop(id, true, &reason).await;
+            }
         }
         // place: the throttled first (they are counted already), then the new ones
-        let mut hosts: Vec<HostView> = live
+        let throttled: Vec<String> = views
+            .iter()
+            .filter(|v| v.state == WorkerState::Throttled && !v.stopping && !decision.stop.contains(&v.id))
+            .map(|v| v.id.clone())
+            .collect();
+        if throttled.is_empty() && decision.start == 0 {
+            return;
+        }
+        let mut hosts: Vec<HostView> = self
+            .hosts
+            .live()
             .iter()
             .map(|h| {
                 let ours = self.workers.values().filter(|w| w.host == h.id && w.state != WorkerState::Stopped).count();
                 HostView::from_record(h, ours as u32)
             })
             .collect();
-        let throttled: Vec<String> = views
-            .iter()
-            .filter(|v| v.state == WorkerState::Throttled && !v.stopping && !decision.stop.contains(&v.id))
-            .map(|v| v.id.clone())
-            .collect();
         let new_ids = (0..decision.start).map(|_| format!("w{}", &uuid::Uuid::new_v4().simple().to_string()[..12]));
+        let mut starts = Vec::new();
         for id in throttled.into_iter().chain(new_ids) {
             match place(&self.spec, &mut hosts) {
-                Ok(p) => self.start(&id, p).await,
+                Ok(p) => starts.push((id, p)),
                 Err(reason) => self.throttle(&id, reason).await,
             }
         }
+        self.start_all(starts).await;
     }
 
-    fn publish_fleet(&self, target: u32) {
+    fn publish_fleet(&mut self, target: u32) {
         let mut f = Fleet { target, ..Fleet::default() };
         for w in self.workers.values() {
             match w.state {
@@ -239,32 +342,55 @@ impl ScalerState {
             }
         }
         f.initializing += self.pending.keys().filter(|id| !self.workers.contains_key(*id)).count() as u32;
-        crate::metrics::set_fleet(&self.spec.id, &f);
-        if let Ok(mut shared) = self.fleet.lock() {
-            *shared = f;
+        if self.fleet_published.as_ref() != Some(&f) {
+            crate::metrics::set_fleet(&self.spec.id, &f);
+            if let Ok(mut shared) = self.fleet.lock() {
+                *shared = f.clone();
+            }
+            self.fleet_published = Some(f);
         }
     }
 
-    async fn command<T: Serialize>(&self, subject: String, cmd: &T) -> Result<(), String> {
-        let bytes = to_msgpack(cmd).map_err(|e| e.to_string())?;
-        let reply = tokio::time::timeout(Duration::from_secs(5), self.nats.client.request(subject, Bytes::from(bytes)))
+    async fn command<T: Serialize>(&self, subject: String, cmd: &T) -> Result<(), CommandError> {
+        let bytes = to_msgpack(cmd).map_err(|e| CommandError::Refused(e.to_string()))?;
+        let reply = tokio::time::timeout(COMMAND_TIMEOUT, self.nats.client.request(subject, Bytes::from(bytes)))
             .await
-            .map_err(|_| "the host did not answer".to_string())?
-            .map_err(|e| format!("the host did not answer: {e}"))?;
-        let reply: CommandReply = from_msgpack(&reply.payload).map_err(|e| e.to_string())?;
-        if reply.ok { Ok(()) } else { Err(reply.error.unwrap_or_else(|| "refused".into())) }
+            .map_err(|_| CommandError::NoAnswer)?
+            .map_err(|e| CommandError::Refused(format!("the host did not answer: {e}")))?;
+        let reply: CommandReply = from_msgpack(&reply.payload).map_err(|e| CommandError::Refused(e.to_string()))?;
+        if reply.ok { Ok(()) } else { Err(CommandError::Refused(reply.error.unwrap_or_else(|| "refused".into()))) }
     }
 
-    async fn start(&mut self, id: &str, p: Placement) {
-        let cmd =
-            StartWorker { spec: self.spec.clone(), worker_id: id.to_string(), gpu_type: p.gpu_type, epoch: self.epoch };
-        match self.command(self.nats.names.host_start_worker_subject(&p.host), &cmd).await {
-            Ok(()) => {
-                crate::metrics::scaler_decision(&self.spec.id, "started");
-                tracing::info!(endpoint_id = %self.spec.id, worker_id = id, host_id = %p.host, "worker started");
-                self.pending.insert(id.to_string(), Instant::now());
+    /// Sends the start commands of one tick at once (a busy host answers each in turn, so a
+    /// tick starting many workers waits for the slowest answer, not for their sum).
+    async fn start_all(&mut self, starts: Vec<(String, Placement)>) {
+        let this = &*self;
+        let commands = starts.iter().map(|(id, p)| {
+            let cmd = StartWorker {
+                spec: this.spec.clone(),
+                worker_id: id.clone(),
+                gpu_type: p.gpu_type.clone(),
+                epoch: this.epoch,
+            };
+            let subject = this.nats.names.host_start_worker_subject(&p.host);
+            async move { this.command(subject, &cmd).await }
+        });
+        let results = futures::future::join_all(commands).await;
+        for ((id, p), result) in starts.into_iter().zip(results) {
+            match result {
+                Ok(()) => {
+                    crate::metrics::scaler_decision(&self.spec.id, "started");
+                    tracing::info!(endpoint_id = %self.spec.id, worker_id = %id, host_id = %p.host, "worker started");
+                    self.pending.insert(id, Instant::now());
+                }
+                // the command may still be carried out: count the worker as starting (it is
+                // forgotten after PENDING_FOR if it never shows up), never place it twice
+                Err(CommandError::NoAnswer) => {
+                    tracing::warn!(endpoint_id = %self.spec.id, worker_id = %id, host_id = %p.host, "host did not answer a start in time");
+                    self.pending.insert(id, Instant::now());
+                }
+                Err(CommandError::Refused(e)) => self.throttle(&id, format!("host {} refused: {e}", p.host)).await,
             }
-            Err(e) => self.throttle(id, format!("host {} refused: {e}", p.host)).await,
         }
     }
 

@@ -2,8 +2,9 @@
 //! outdated ones a rolling update drains next. Pure: the scaler actor gathers the inputs every
 //! tick and sends the commands this returns.
 //!
-//! - QUEUE_DELAY: one more worker whenever the oldest queued job has waited longer than
-//!   `scaler_value` seconds.
+//! - QUEUE_DELAY: one worker as soon as a job waits while the endpoint has no worker at all
+//!   (as RunPod starts a worker for the first queued request), then one more whenever the
+//!   oldest queued job has waited longer than `scaler_value` seconds.
 //! - REQUEST_COUNT: `ceil((queued + in progress) / scaler_value)` workers.
 //! - Both are clamped to `[workers_min, workers_max]`. Low-priority jobs count for neither.
 //! - A worker idle for `idle_timeout_s` stops, never below `workers_min`: scale to zero.
@@ -68,7 +69,8 @@ pub fn desired(spec: &EndpointSpec, demand: &Demand, current: u32) -> u32 {
             } else if demand.queued == 0 && demand.in_progress == 0 {
                 0
             } else {
-                current
+                // a job waits with no worker at all: the first one starts at once
+                current.max(u32::from(demand.queued > 0))
             }
         }
     };
@@ -176,10 +178,15 @@ mod tests {
     }
 
     #[test]
-    fn queue_delay_adds_one_worker_per_tick_once_jobs_wait_too_long() {
+    fn queue_delay_starts_the_first_worker_at_once_and_more_once_jobs_wait_too_long() {
         let s = spec(ScalerKind::QueueDelay, 2.0, 0, 3);
+        let first = Demand { queued: 1, in_progress: 0, oldest_wait_ms: Some(0), warm_slots: 0 };
+        assert_eq!(desired(&s, &first, 0), 1, "a job waits with no worker: one starts at once");
+        assert_eq!(decide(&s, &first, &[], 0).start, 1);
         let waiting = Demand { queued: 10, in_progress: 0, oldest_wait_ms: Some(1_000), warm_slots: 0 };
-        assert_eq!(desired(&s, &waiting, 0), 0, "not yet delayed");
+        assert_eq!(desired(&s, &waiting, 1), 1, "not yet delayed: no second worker");
+        let busy = Demand { queued: 0, in_progress: 1, oldest_wait_ms: None, warm_slots: 0 };
+        assert_eq!(desired(&s, &busy, 1), 1, "running jobs keep their worker");
         let late = Demand { oldest_wait_ms: Some(2_500), ..waiting };
         assert_eq!(desired(&s, &late, 0), 1);
         assert_eq!(desired(&s, &late, 1), 2);
@@ -229,6 +236,24 @@ mod tests {
             let after = n as u32 + d.start - d.stop.len() as u32;
             prop_assert!(after >= min.min(n as u32 + d.start));
             prop_assert!(d.stop.len() <= n);
+        }
+
+        /// Whatever the rule, a normal-priority job waiting on an endpoint with no worker
+        /// starts one (when max allows any).
+        #[test]
+        fn a_waiting_job_on_an_endpoint_at_zero_starts_a_worker(
+            max in 1u32..10, value in 0.5f64..600.0, queued in 1u64..500, wait in 0u64..20_000, rc in any::<bool>(),
+        ) {
+            let s = spec(if rc { ScalerKind::RequestCount } else { ScalerKind::QueueDelay }, value, 0, max);
+            let d = decide(&s, &Demand { queued, in_progress: 0, oldest_wait_ms: Some(wait), warm_slots: 0 }, &[], 0);
+            prop_assert!(d.start >= 1 && d.start <= max, "{:?}", d);
+            // with a worker already there, QUEUE_DELAY adds one only past the delay
+            if !rc {
+                let one = [w("a", WorkerState::Running, None)];
+                let d = decide(&s, &Demand { queued, in_progress: 1, oldest_wait_ms: Some(wait), warm_slots: 0 }, &one, 0);
+                let delayed = wait as f64 > value * 1000.0;
+                prop_assert_eq!(d.start, u32::from(delayed && max > 1));
+            }
         }
 
         #[test]

@@ -42,12 +42,7 @@ pub fn waiting_reason(spec: &EndpointSpec, fleet: &Fleet, low_priority: bool) ->
         return format!("a worker is starting ({} initializing)", fleet.initializing);
     }
     if up == 0 {
-        return match spec.scaler {
-            ScalerKind::QueueDelay => {
-                format!("no worker yet: QUEUE_DELAY starts one once a job has waited {} s", spec.scaler_value)
-            }
-            ScalerKind::RequestCount => "no worker yet: the scaler starts one on its next tick".into(),
-        };
+        return "no worker yet: the scaler starts one for the first waiting job".into();
     }
     if fleet.idle == 0 && up >= spec.workers_max {
         return format!("endpoint at max workers ({}), all busy", spec.workers_max);
@@ -55,7 +50,12 @@ pub fn waiting_reason(spec: &EndpointSpec, fleet: &Fleet, low_priority: bool) ->
     if fleet.idle > 0 {
         return "a worker is about to take it".into();
     }
-    format!("all {up} workers are busy; the scaler adds more as the rule asks")
+    match spec.scaler {
+        ScalerKind::QueueDelay => {
+            format!("all {up} workers are busy; QUEUE_DELAY adds one once a job has waited {} s", spec.scaler_value)
+        }
+        ScalerKind::RequestCount => format!("all {up} workers are busy; the scaler adds more as the rule asks"),
+    }
 }
 
 #[cfg(test)]
@@ -81,7 +81,9 @@ mod tests {
             Fleet { throttled: 1, throttled_reason: Some("no capacity: 0 free H200".into()), ..Fleet::default() };
         assert!(waiting_reason(&spec(), &full, false).contains("no capacity"));
         assert!(waiting_reason(&spec(), &Fleet::default(), true).starts_with("low priority"));
-        assert!(waiting_reason(&spec(), &Fleet::default(), false).contains("QUEUE_DELAY"));
+        assert!(waiting_reason(&spec(), &Fleet::default(), false).contains("starts one for the first waiting job"));
+        let one_busy = Fleet { running: 1, ..Fleet::default() };
+        assert!(waiting_reason(&spec(), &one_busy, false).contains("QUEUE_DELAY adds one"));
         let busy = Fleet { running: 2, ..Fleet::default() };
         assert!(waiting_reason(&spec(), &busy, false).contains("at max workers (2)"));
         let starting = Fleet { initializing: 1, ..Fleet::default() };

@@ -48,6 +48,8 @@ pub enum HostMsg {
     Restart(String),
     StopJob(StopJob),
     Heartbeat,
+    /// Who holds what changed: publish the host record (once for a run of changes).
+    Publish,
     Shutdown(RpcReplyPort<()>),
 }
 
@@ -78,6 +80,9 @@ pub struct HostState {
     epochs: HashMap<String, u64>,
     started_at_ms: u64,
     shutting_down: bool,
+    /// A [`HostMsg::Publish`] is in the mailbox.
+    publish_queued: bool,
+    myself: ActorRef<HostMsg>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
@@ -155,6 +160,8 @@ impl Actor for HostActor {
             epochs: HashMap::new(),
             started_at_ms: now_ms(),
             shutting_down: false,
+            publish_queued: false,
+            myself: myself.clone(),
             tasks,
         };
         st.heartbeat().await;
@@ -190,6 +197,12 @@ impl Actor for HostActor {
             HostMsg::Heartbeat => {
                 st.gpus = st.inventory.read(&st.gpus).await;
                 st.heartbeat().await
+            }
+            HostMsg::Publish => {
+                st.publish_queued = false;
+                if !st.shutting_down {
+                    st.heartbeat().await
+                }
             }
             HostMsg::Shutdown(reply) => {
                 st.on_shutdown().await;
@@ -253,6 +266,15 @@ impl HostState {
             && let Err(e) = self.nats.hosts.put(&self.id, Bytes::from(bytes)).await
         {
             tracing::warn!(host_id = %self.id, error = %e, "heartbeat failed");
+        }
+    }
+
+    /// Publishes the host record after the commands already waiting are handled, so a burst
+    /// of starts or stops writes it once instead of once each.
+    fn publish_soon(&mut self) {
+        if !self.publish_queued {
+            self.publish_queued = true;
+            let _ = self.myself.cast(HostMsg::Publish);
         }
     }
 
@@ -335,7 +357,7 @@ impl HostState {
             },
         );
         self.spawn_worker(myself, &cmd.worker_id).await;
-        self.heartbeat().await;
+        self.publish_soon();
         Ok(())
     }
 
@@ -372,7 +394,7 @@ impl HostState {
             g.worker_id = None;
         }
         put_worker_record(&self.nats, &stopped_record(worker_id, &slot, &self.id)).await;
-        self.heartbeat().await;
+        self.publish_soon();
     }
 
     async fn spawn_worker(&mut self, myself: &ActorRef<HostMsg>, worker_id: &str) {

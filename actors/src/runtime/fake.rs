@@ -2,8 +2,10 @@
 //! speaks the worker protocol to the bridge like a real worker, after a configurable start
 //! latency, and "runs" each job by sleeping (the configured job duration, or the job's own
 //! `sleep_ms`) and echoing its input. It lets one machine simulate thousands of workers, for
-//! the scaler and placement at fleet size.
+//! the scaler and placement at fleet size. All fake workers of a process share one HTTP
+//! client (one connection pool), as thousands of clients would cost a TLS setup and a pool each.
 
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -40,7 +42,7 @@ impl Runtime for FakeRuntime {
                 take_url: env("RUNPOD_WEBHOOK_GET_JOB"),
                 done_url: env("RUNPOD_WEBHOOK_POST_OUTPUT"),
                 token: env("RUNPOD_AI_API_KEY"),
-                http: reqwest::Client::new(),
+                http: shared_client(),
                 cfg,
             };
             let (kill_tx, kill_rx) = oneshot::channel::<()>();
@@ -55,6 +57,12 @@ impl Runtime for FakeRuntime {
             Ok(WorkerHandle::new(format!("fake:{}", launch.worker_id), kill_tx, exit_rx))
         })
     }
+}
+
+/// The HTTP client of every fake worker in this process (a client is a handle to a pool).
+fn shared_client() -> reqwest::Client {
+    static CLIENT: OnceLock<reqwest::Client> = OnceLock::new();
+    CLIENT.get_or_init(reqwest::Client::new).clone()
 }
 
 struct FakeWorker {
