@@ -4,8 +4,10 @@
 //!
 //! Each test gets its own server, and its own subject prefix besides, so tests run in parallel.
 
+pub mod browser;
 pub mod cluster;
 pub mod docker;
+pub mod process;
 
 use std::net::TcpListener;
 use std::path::PathBuf;
