@@ -4,9 +4,6 @@
 //! `shoal-workers`, would make the scalers count workers that no longer exist, so they are
 //! recorded Stopped, and the scalers start what their endpoints need.
 
-use std::time::Duration;
-
-use async_nats::jetstream::kv;
 use futures::StreamExt;
 use shoal_protocol::codec::from_msgpack;
 use shoal_protocol::events::WorkerEvent;
@@ -16,46 +13,18 @@ use super::worker_actor::put_worker_record;
 use crate::clock::now_ms;
 use crate::nats::Nats;
 
-/// Reading every worker record back should take well under this.
-const LIST_TIMEOUT: Duration = Duration::from_secs(15);
-
-/// Every worker record there is, read with one watch (not a get per key: a fleet has
-/// thousands).
-async fn all_worker_records(nats: &Nats) -> Result<Vec<WorkerRecord>, String> {
-    let status = nats.workers.status().await.map_err(|e| e.to_string())?;
-    if status.values() == 0 {
-        return Ok(vec![]);
-    }
-    let mut watch = nats.workers.watch_with_history(">").await.map_err(|e| e.to_string())?;
-    let mut records = Vec::new();
-    while let Some(entry) = watch.next().await {
-        let entry = entry.map_err(|e| e.to_string())?;
-        if entry.operation == kv::Operation::Put
-            && let Ok(rec) = from_msgpack::<WorkerRecord>(&entry.value)
-        {
-            records.push(rec);
-        }
-        if entry.delta == 0 {
-            break;
-        }
-    }
-    Ok(records)
-}
-
 pub async fn forget_workers_left_behind(nats: &Nats, host_id: &str) {
-    let records = match tokio::time::timeout(LIST_TIMEOUT, all_worker_records(nats)).await {
-        Ok(Ok(records)) => records,
-        Ok(Err(e)) => {
+    let keys: Vec<String> = match nats.workers.keys().await {
+        Ok(keys) => keys.filter_map(|k| async move { k.ok() }).collect().await,
+        Err(e) => {
             tracing::warn!(host_id, error = %e, "cannot list worker records");
-            return;
-        }
-        Err(_) => {
-            tracing::warn!(host_id, "listing worker records timed out");
             return;
         }
     };
     let mut forgotten = 0;
-    for mut rec in records {
+    for key in keys {
+        let Ok(Some(bytes)) = nats.workers.get(&key).await else { continue };
+        let Ok(mut rec) = from_msgpack::<WorkerRecord>(&bytes) else { continue };
         if rec.host != host_id || rec.state == WorkerState::Stopped {
             continue;
         }
