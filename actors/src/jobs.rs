@@ -7,6 +7,7 @@ use std::time::Duration;
 use async_nats::jetstream::kv;
 use bytes::Bytes;
 use futures::StreamExt;
+use shoal_protocol::api::JobStatus;
 use shoal_protocol::codec::{from_msgpack, to_msgpack};
 use shoal_protocol::events::JobEvent;
 use shoal_protocol::job::JobRecord;
@@ -190,8 +191,10 @@ impl JobStore {
         }
     }
 
+    /// Publishes the job event of the state `rec` is in. A terminal event carries the job's
+    /// status when it is small, so a `wait_ms` waiter answers from the event alone.
     pub async fn publish_event(&self, rec: &JobRecord) {
-        let event = JobEvent {
+        let mut event = JobEvent {
             job_id: rec.id.clone(),
             endpoint: rec.endpoint.clone(),
             state: rec.state,
@@ -199,11 +202,28 @@ impl JobStore {
             worker_id: rec.worker_id.clone(),
             error: rec.error.clone(),
             at_ms: now_ms(),
+            status: rec.state.is_terminal().then(|| JobStatus::from(rec)),
         };
         let subject = self.nats.names.job_event_subject(&rec.endpoint, &rec.id, rec.state.event_token());
+        if event.status.is_some() {
+            match to_msgpack(&event) {
+                Ok(bytes) if bytes.len() <= MAX_EVENT_WITH_STATUS_BYTES => {
+                    if let Err(e) = self.nats.client.publish(subject, Bytes::from(bytes)).await {
+                        tracing::debug!(error = %e, "event publish failed");
+                    }
+                    return;
+                }
+                // too large to travel in an event (or unencodable): waiters read the record
+                _ => event.status = None,
+            }
+        }
         self.nats.publish_event(subject, &event).await;
     }
 }
+
+/// The largest terminal event that carries the job's status (its output inline); a larger
+/// one goes without, and its waiters read the record.
+const MAX_EVENT_WITH_STATUS_BYTES: usize = 16 * 1024;
 
 fn encode(key: &str, rec: &JobRecord) -> Result<Bytes, StoreError> {
     to_msgpack(rec).map(Bytes::from).map_err(|e| StoreError::Corrupt { key: key.to_string(), reason: e.to_string() })

@@ -16,6 +16,11 @@ pub struct JobEvent {
     #[serde(default)]
     pub error: Option<String>,
     pub at_ms: u64,
+    /// On a terminal event: the job's status as the record that event wrote says it (none for
+    /// other events, and when the status is too large to travel in an event), so that a
+    /// waiter answers without reading the record back.
+    #[serde(default)]
+    pub status: Option<crate::api::JobStatus>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

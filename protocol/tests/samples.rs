@@ -200,6 +200,20 @@ fn every_message_sample_still_decodes() {
             worker_id: None,
             error: Some("ttl".into()),
             at_ms: 5,
+            status: None,
+        },
+    );
+    check(
+        "job_event_with_status",
+        JobEvent {
+            job_id: "j".into(),
+            endpoint: "e".into(),
+            state: JobState::Completed,
+            attempts: 2,
+            worker_id: Some("w-1".into()),
+            error: None,
+            at_ms: 6,
+            status: Some(JobStatus::from(&record())),
         },
     );
     check(

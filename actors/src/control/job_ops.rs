@@ -229,13 +229,17 @@ async fn wait_terminal(
         if rec.state.is_terminal() || remaining.is_zero() {
             return Ok(JobStatus::from(&rec));
         }
-        // the record is read again on a terminal event (a non-terminal one changes nothing a
-        // waiter returns), on an event it cannot read, and at least every second regardless
-        // (core events may be dropped)
+        // a terminal event carrying the status (small jobs) is the answer; the record is read
+        // again on a terminal event without one (a non-terminal one changes nothing a waiter
+        // returns), on an event it cannot read, and at least every second regardless (core
+        // events may be dropped)
         let until = Instant::now() + remaining.min(Duration::from_secs(1));
         while let Ok(Some(msg)) = tokio::time::timeout_at(until.into(), events.next()).await {
             match from_msgpack::<shoal_protocol::events::JobEvent>(&msg.payload) {
                 Ok(ev) if !ev.state.is_terminal() => {}
+                Ok(shoal_protocol::events::JobEvent { status: Some(status), .. }) if status.status.is_terminal() => {
+                    return Ok(status);
+                }
                 _ => break,
             }
         }

@@ -73,6 +73,12 @@ impl BridgeServer {
     pub async fn bind(addr: SocketAddr, registry: Registry, hold: Duration) -> std::io::Result<BridgeServer> {
         let listener = tokio::net::TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
+        // small replies on a latency path (a job handed over, a job-done answered): no Nagle
+        let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+            if let Err(e) = tcp.set_nodelay(true) {
+                tracing::debug!(error = %e, "cannot set TCP_NODELAY on a worker connection");
+            }
+        });
         let app = router(Bridge { registry, hold });
         let (tx, rx) = oneshot::channel::<()>();
         let task = tokio::spawn(async move {
