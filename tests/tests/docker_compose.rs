@@ -124,6 +124,17 @@ async fn a_compose_cluster_runs_every_job_through_replica_and_node_loss_and_leav
     let http = reqwest::Client::new();
     if gateway {
         let key = shoal_gateway::keys::create(&nats, "compose", &[]).await?.secret;
+        // the gateway may still be restarting after starting before the NATS cluster was up
+        eventually(Duration::from_secs(90), "the gateway answers", || async {
+            let resp = http
+                .get(format!("http://127.0.0.1:{gateway_port}/v2/echo/health"))
+                .bearer_auth(&key)
+                .send()
+                .await
+                .ok()?;
+            resp.status().is_success().then_some(())
+        })
+        .await?;
         for n in 0..HTTP_JOBS {
             let input = json!({"n": n, "via": "http", "sleep_ms": 300});
             let resp = http
