@@ -223,7 +223,9 @@ impl Banner<'_> {
         line(format!("  NATS API     {}  (ops: {})", names.api_subject("<op>"), op::ALL.join(", ")));
         line(format!("  host         {}, worker bridge {}", self.host_id, self.bridge_url));
         line(format!("  gateway      {}  (API key: {})", self.gateway_url, self.api_key));
-        line(format!("  metrics      {}/metrics  (Prometheus, no key)", self.gateway_url.trim_end_matches("/v2")));
+        let base = self.gateway_url.trim_end_matches("/v2");
+        line(format!("  dashboard    {base}/dashboard  (enter the API key)"));
+        line(format!("  metrics      {base}/metrics  (Prometheus, no key)"));
         line(format!("  worker logs  {}/<endpoint>/<worker>.log", self.settings.host.state_dir.join("logs").display()));
         if self.endpoints.is_empty() {
             line("  endpoints    none (create one with `shoal endpoint apply -f FILE`)".into());
@@ -316,6 +318,7 @@ mod tests {
             "{banner}"
         );
         assert!(banner.contains("http://127.0.0.1:9"), "{banner}");
+        assert!(banner.contains("http://127.0.0.1:8080/dashboard"), "{banner}");
         assert!(
             banner.contains(
                 "curl -s -X POST http://127.0.0.1:8080/v2/echo-py/runsync -H 'Authorization: Bearer shoal_k'"
