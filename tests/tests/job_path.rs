@@ -88,17 +88,7 @@ async fn a_concurrent_python_worker_takes_jobs_in_batches() -> Result<()> {
     shoal.api.create_endpoint(&spec).await?;
     let mut ids = Vec::new();
     for n in 0..6 {
-        let req = RunRequest {
-            endpoint: "multi".into(),
-            input: json!({"mode": "sleep", "seconds": 1.5, "n": n}),
-            policy: None,
-            webhook: None,
-            s3_config: None,
-            idempotency_key: None,
-            wait_ms: 0,
-            sync: false,
-            input_ref: None,
-        };
+        let req = RunRequest::new("multi", json!({"mode": "sleep", "seconds": 1.5, "n": n}));
         ids.push(shoal.api.run(&req).await?.id);
     }
     // one worker holds several jobs at once

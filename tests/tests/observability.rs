@@ -71,17 +71,7 @@ async fn scrape(url: &str) -> Result<String> {
 
 async fn run_jobs(shoal: &Shoal, endpoint: &str, n: usize) -> Result<()> {
     for i in 0..n {
-        let req = RunRequest {
-            endpoint: endpoint.into(),
-            input: json!({"n": i}),
-            policy: None,
-            webhook: None,
-            s3_config: None,
-            idempotency_key: None,
-            wait_ms: 30_000,
-            sync: false,
-            input_ref: None,
-        };
+        let req = RunRequest { wait_ms: 30_000, ..RunRequest::new(endpoint, json!({"n": i})) };
         let done = shoal.api.run(&req).await?;
         anyhow::ensure!(done.status == JobState::Completed, "{done:?}");
     }

@@ -90,17 +90,7 @@ async fn prometheus_scrapes_the_job_counter_and_worker_gauge() -> Result<()> {
 
     shoal.api.create_endpoint(&rust_endpoint("obs-prom")?).await?;
     for i in 0..2 {
-        let req = RunRequest {
-            endpoint: "obs-prom".into(),
-            input: json!({"n": i}),
-            policy: None,
-            webhook: None,
-            s3_config: None,
-            idempotency_key: None,
-            wait_ms: 30_000,
-            sync: false,
-            input_ref: None,
-        };
+        let req = RunRequest { wait_ms: 30_000, ..RunRequest::new("obs-prom", json!({"n": i})) };
         let done = shoal.api.run(&req).await?;
         anyhow::ensure!(done.status == JobState::Completed, "{done:?}");
     }
