@@ -262,9 +262,14 @@ impl Names {
     pub fn host_worker_logs_subject(&self, host: &str) -> String {
         format!("{}.{API_VERSION}.host.{host}.worker.logs", self.prefix)
     }
-    /// Queries answered by the control replica owning an endpoint: `health`, `queued`.
-    pub fn owner_subject(&self, endpoint: &str, query: &str) -> String {
-        format!("{}.{API_VERSION}.owner.{endpoint}.{query}", self.prefix)
+    /// Queries about an endpoint (`health`, `queued`, `waiting`) sent to the control replica
+    /// owning it; each replica serves its own subjects, not one subscription per endpoint.
+    pub fn owner_subject(&self, replica: &str, endpoint: &str, query: &str) -> String {
+        format!("{}{endpoint}.{query}", self.owner_prefix(replica))
+    }
+    /// Everything before `<endpoint>.<query>` in a replica's owner subjects.
+    pub fn owner_prefix(&self, replica: &str) -> String {
+        format!("{}.{API_VERSION}.owner.{replica}.", self.prefix)
     }
 
     // ---- consumers -----------------------------------------------------------------------

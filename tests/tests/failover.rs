@@ -173,3 +173,49 @@ async fn a_host_killed_mid_burst_has_its_jobs_finish_on_the_other_host() -> Resu
     shoal.stop().await;
     Ok(())
 }
+
+/// A replica watches the job and worker records of all the endpoints it owns with one watch
+/// per bucket (not one per endpoint), and answers owner queries for each of them on its own
+/// subjects; the history each endpoint actor reads when it starts is a watch that goes away.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_holds_the_same_watches_whatever_it_owns() -> Result<()> {
+    let shoal = Shoal::start().await?;
+    let consumers = |store: async_nats::jetstream::kv::Store| async move {
+        store.stream.get_info().await.map(|i| i.state.consumer_count).unwrap_or(usize::MAX)
+    };
+    let jobs_before = consumers(shoal.nats.jobs.clone()).await;
+    let workers_before = consumers(shoal.nats.workers.clone()).await;
+
+    let endpoints: Vec<String> = (0..20).map(|i| format!("many{i}")).collect();
+    for ep in &endpoints {
+        let mut spec = rust_endpoint(ep)?;
+        spec.workers_min = 0;
+        spec.workers_max = 1;
+        shoal.api.create_endpoint(&spec).await?;
+    }
+    // each is owned, and its owner answers (health is an owner query)
+    eventually(Duration::from_secs(30), "every endpoint owned", || async {
+        (owners(&shoal, &endpoints).await.len() == endpoints.len()).then_some(())
+    })
+    .await?;
+    // jobs still run on one of them, seen by its endpoint actor through the shared feed
+    let job = shoal.api.run(&RunRequest::new("many7", json!({"echo": 7}))).await?;
+    let done = eventually(Duration::from_secs(30), "the job done", || async {
+        let s = shoal.api.status(&JobRef { endpoint: Some("many7".into()), id: job.id.clone(), wait_ms: 0 }).await.ok()?;
+        (s.status == JobState::Completed).then_some(s)
+    })
+    .await?;
+    assert_eq!(done.output, Some(json!({"echo": 7})));
+    let counts = shoal.api.health("many7").await?.jobs;
+    assert_eq!(counts.completed, 1, "the owner counted the job: {counts:?}");
+
+    // the history reads' consumers expire (30 s after their watch is dropped); what stays
+    // does not depend on how many endpoints the replica owns
+    eventually(Duration::from_secs(90), "no consumer per endpoint", || async {
+        let (jobs, workers) = (consumers(shoal.nats.jobs.clone()).await, consumers(shoal.nats.workers.clone()).await);
+        (jobs <= jobs_before && workers <= workers_before).then_some(())
+    })
+    .await?;
+    shoal.stop().await;
+    Ok(())
+}

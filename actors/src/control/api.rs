@@ -154,13 +154,7 @@ fn unavailable(e: impl std::fmt::Display) -> ApiError {
 impl Ctx {
     /// Asks the replica owning `endpoint` (this one, or another over NATS) a query.
     pub async fn ask_owner<T: DeserializeOwned>(&self, endpoint: &str, query: &str) -> Result<T, ApiError> {
-        let subject = self.nats.names.owner_subject(endpoint, query);
-        let reply =
-            tokio::time::timeout(std::time::Duration::from_secs(5), self.nats.client.request(subject, Bytes::new()))
-                .await
-                .map_err(|_| ApiError::unavailable(format!("the owner of endpoint {endpoint} did not answer")))?
-                .map_err(|e| ApiError::unavailable(format!("no control replica owns endpoint {endpoint} yet: {e}")))?;
-        from_msgpack(&reply.payload).map_err(|e| ApiError::internal(format!("bad answer from the owner: {e}")))
+        super::owner_queries::ask(&self.nats, &self.directory, endpoint, query).await
     }
 
     /// The endpoint's spec: from the directory, or from the bucket when this replica has not

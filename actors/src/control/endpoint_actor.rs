@@ -1,20 +1,20 @@
-//! The endpoint actor: one per endpoint, on the control replica holding its lease. It watches
-//! the endpoint's job records (the key range `<endpoint>.>` of `shoal-jobs`), keeps the live
-//! index of queued and running jobs and the job counters, and on every tick ends the jobs
-//! whose ttl or execution timeout passed (TIMED_OUT by compare-and-set), telling the worker's
-//! host to stop a running one. Its child, the [scaler](super::scaler), sizes the workers from
-//! the demand this actor measures, and is woken at once when a normal-priority job is queued
-//! (scale from zero does not wait for the scaler's tick). It answers the owner queries (`health`, `queued`) that the
-//! API of any replica forwards.
+//! The endpoint actor: one per endpoint, on the control replica holding its lease. It keeps
+//! the live index of the endpoint's queued and running jobs and the job counters, from its job
+//! records (`shoal-jobs`, keys `<endpoint>.>`: read once when it starts, then changes from the
+//! replica's [feed](super::feeds)), and on every tick ends the jobs whose ttl or execution
+//! timeout passed (TIMED_OUT by compare-and-set), telling the worker's host to stop a running
+//! one. Its child, the [scaler](super::scaler), sizes the workers from the demand this actor
+//! measures (the worker records' changes pass through here to it), and is woken at once when
+//! a normal-priority job is queued (scale from zero does not wait for the scaler's tick). It
+//! answers the [owner queries](super::owner_queries) (`health`, `queued`, `waiting`) that the
+//! API of any replica sends.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use async_nats::jetstream::kv;
 use bytes::Bytes;
-use futures::StreamExt;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use shoal_protocol::api::JobCounts;
 use shoal_protocol::codec::to_msgpack;
@@ -22,14 +22,19 @@ use shoal_protocol::endpoint::EndpointSpec;
 use shoal_protocol::host::StopJob;
 use shoal_protocol::job::{JobRecord, JobState, Priority};
 use shoal_protocol::lifecycle;
+use shoal_protocol::worker::WorkerRecord;
 
+use super::feeds::{Entry, Feed, read_history};
 use super::hosts::HostDirectory;
 use super::scaler::{ScalerActor, ScalerArgs, ScalerMsg};
 use super::scaling::Demand;
 use super::waiting::Fleet;
 use crate::clock::now_ms;
-use crate::jobs::{Applied, JobStore, decode};
+use crate::jobs::{Applied, JobStore};
 use crate::nats::Nats;
+
+/// How long a failed history read waits before it tries again.
+const HISTORY_RETRY: Duration = Duration::from_secs(1);
 
 pub struct EndpointActor;
 
@@ -48,8 +53,16 @@ pub struct EndpointArgs {
 }
 
 pub enum EndpointMsg {
-    RecordPut(Box<JobRecord>),
-    RecordGone(String),
+    /// The actor is registered with the replica's feeds: read the history.
+    Start,
+    /// A change of one of the endpoint's job records, from the replica's live feed.
+    JobLive(Entry<JobRecord>),
+    /// A job record from the history read.
+    JobHistory(Entry<JobRecord>),
+    /// The history read is done; the bucket's revision before it began.
+    JobsCaughtUp(u64),
+    /// A change of one of the endpoint's worker records (for the scaler).
+    WorkerLive(Entry<WorkerRecord>),
     SpecChanged(Box<EndpointSpec>),
     Tick,
     GetCounts(RpcReplyPort<JobCounts>),
@@ -57,11 +70,15 @@ pub enum EndpointMsg {
     GetDemand(RpcReplyPort<Demand>),
     /// Ids of the jobs waiting in the queue (for purge).
     GetQueued(RpcReplyPort<Vec<String>>),
+    /// The scaler's last view of the workers (why a job waits).
+    GetFleet(RpcReplyPort<Fleet>),
 }
 
 pub struct EndpointState {
     nats: Arc<Nats>,
     spec: EndpointSpec,
+    /// The job records' history read merged with the live changes.
+    feed: Feed<JobRecord>,
     /// Non-terminal jobs, by id.
     open: HashMap<String, JobRecord>,
     /// Last known state and retries of every retained job, for the counters.
@@ -69,6 +86,8 @@ pub struct EndpointState {
     scaler: ActorRef<ScalerMsg>,
     /// A [`ScalerMsg::Wake`] is on its way (shared with the scaler, which clears it).
     wake: Arc<AtomicBool>,
+    /// The scaler's view of the workers.
+    fleet: Arc<Mutex<Fleet>>,
     /// The demand last published to the metrics.
     published: Option<Demand>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
@@ -84,31 +103,9 @@ impl Actor for EndpointActor {
         myself: ActorRef<EndpointMsg>,
         args: EndpointArgs,
     ) -> Result<EndpointState, ActorProcessingErr> {
-        let mut watch = args.nats.jobs.watch_with_history(args.nats.names.job_keys_of_endpoint(&args.spec.id)).await?;
-        let me = myself.clone();
-        let watch = tokio::spawn(async move {
-            while let Some(Ok(entry)) = watch.next().await {
-                let msg = match entry.operation {
-                    kv::Operation::Put => match decode(&entry.key, &entry.value) {
-                        Ok(rec) => EndpointMsg::RecordPut(Box::new(rec)),
-                        Err(e) => {
-                            tracing::warn!(error = %e, "ignored");
-                            continue;
-                        }
-                    },
-                    _ => EndpointMsg::RecordGone(entry.key.rsplit('.').next().unwrap_or_default().to_string()),
-                };
-                if me.cast(msg).is_err() {
-                    break;
-                }
-            }
-        });
         myself.send_interval(args.tick, || EndpointMsg::Tick);
         let fleet = Arc::new(Mutex::new(Fleet::default()));
         let wake = Arc::new(AtomicBool::new(false));
-        let queries =
-            Box::pin(serve_owner_queries(&args.nats, &args.spec.id, &args.replica_id, myself.clone(), fleet.clone()))
-                .await?;
         let scaler_args = ScalerArgs {
             nats: args.nats.clone(),
             spec: args.spec.clone(),
@@ -116,32 +113,54 @@ impl Actor for EndpointActor {
             endpoint: myself.clone(),
             hosts: args.hosts.clone(),
             tick: args.scaler_tick,
-            fleet,
+            fleet: fleet.clone(),
             wake: wake.clone(),
         };
         let (scaler, _) = crate::spawn::spawn_linked(ScalerActor, scaler_args, myself.get_cell()).await?;
-        tracing::info!(endpoint_id = %args.spec.id, epoch = args.epoch, "endpoint actor started");
+        tracing::info!(endpoint_id = %args.spec.id, epoch = args.epoch, replica_id = %args.replica_id, "endpoint actor started");
         Ok(EndpointState {
             nats: args.nats,
             spec: args.spec,
+            feed: Feed::default(),
             open: HashMap::new(),
             seen: HashMap::new(),
             scaler,
             wake,
+            fleet,
             published: None,
-            tasks: vec![watch, queries],
+            tasks: Vec::new(),
         })
     }
 
     async fn handle(
         &self,
-        _myself: ActorRef<EndpointMsg>,
+        myself: ActorRef<EndpointMsg>,
         msg: EndpointMsg,
         st: &mut EndpointState,
     ) -> Result<(), ActorProcessingErr> {
         match msg {
-            EndpointMsg::RecordPut(rec) => st.on_record(*rec),
-            EndpointMsg::RecordGone(id) => st.on_gone(&id),
+            EndpointMsg::Start => {
+                st.tasks.push(read_job_history(st.nats.clone(), st.spec.id.clone(), myself));
+                let _ = st.scaler.cast(ScalerMsg::Start);
+            }
+            EndpointMsg::JobLive(entry) => {
+                if let Some(entry) = st.feed.live(entry) {
+                    st.apply(entry);
+                }
+            }
+            EndpointMsg::JobHistory(entry) => {
+                if let Some(entry) = st.feed.history(entry) {
+                    st.apply(entry);
+                }
+            }
+            EndpointMsg::JobsCaughtUp(since) => {
+                for entry in st.feed.caught_up(since) {
+                    st.apply(entry);
+                }
+            }
+            EndpointMsg::WorkerLive(entry) => {
+                let _ = st.scaler.cast(ScalerMsg::WorkerLive(entry));
+            }
             EndpointMsg::SpecChanged(spec) => {
                 let _ = st.scaler.cast(ScalerMsg::SpecChanged(spec.clone()));
                 st.spec = *spec;
@@ -156,6 +175,10 @@ impl Actor for EndpointActor {
             EndpointMsg::GetQueued(reply) => {
                 let ids = st.open.values().filter(|r| r.state == JobState::InQueue).map(|r| r.id.clone()).collect();
                 let _ = reply.send(ids);
+            }
+            EndpointMsg::GetFleet(reply) => {
+                let fleet = st.fleet.lock().map(|f| f.clone()).unwrap_or_default();
+                let _ = reply.send(fleet);
             }
         }
         Ok(())
@@ -175,7 +198,35 @@ impl Actor for EndpointActor {
     }
 }
 
+/// Reads the endpoint's job records into the actor (retrying until it succeeds or the actor
+/// stops), then tells it the read is done.
+fn read_job_history(nats: Arc<Nats>, endpoint: String, actor: ActorRef<EndpointMsg>) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let filter = nats.names.job_keys_of_endpoint(&endpoint);
+        loop {
+            let read = read_history(&nats.jobs, &filter, |e| actor.cast(EndpointMsg::JobHistory(e)).is_ok()).await;
+            match read {
+                Ok(since) => {
+                    let _ = actor.cast(EndpointMsg::JobsCaughtUp(since));
+                    return;
+                }
+                Err(e) => {
+                    tracing::warn!(endpoint_id = %endpoint, error = %e, "cannot read the job records; trying again");
+                    tokio::time::sleep(HISTORY_RETRY).await;
+                }
+            }
+        }
+    })
+}
+
 impl EndpointState {
+    fn apply(&mut self, entry: Entry<JobRecord>) {
+        match entry.value {
+            Some(rec) => self.on_record(rec),
+            None => self.on_gone(&entry.id),
+        }
+    }
+
     fn on_record(&mut self, rec: JobRecord) {
         let before = self.seen.get(&rec.id).map(|(state, _)| *state);
         let was_open = before.is_some_and(|state| !state.is_terminal());
@@ -290,43 +341,4 @@ pub async fn send_stop(nats: &Nats, rec: &JobRecord, reason: &str) {
     {
         tracing::warn!(job_id = %rec.id, error = %e, "cannot send stop to host");
     }
-}
-
-/// Answers `health` and `queued` for this endpoint on its owner subjects, so the API of any
-/// replica can ask the owner.
-async fn serve_owner_queries(
-    nats: &Nats,
-    endpoint: &str,
-    replica_id: &str,
-    actor: ActorRef<EndpointMsg>,
-    fleet: Arc<Mutex<Fleet>>,
-) -> Result<tokio::task::JoinHandle<()>, async_nats::SubscribeError> {
-    let mut sub = nats.client.subscribe(nats.names.owner_subject(endpoint, "*")).await?;
-    let client = nats.client.clone();
-    let prefix = nats.names.owner_subject(endpoint, "");
-    let replica_id = replica_id.to_string();
-    Ok(tokio::spawn(async move {
-        while let Some(msg) = sub.next().await {
-            let Some(reply) = msg.reply.clone() else { continue };
-            let query = msg.subject.as_str().strip_prefix(&prefix).unwrap_or_default().to_string();
-            let bytes = match query.as_str() {
-                "health" => match ractor::call!(actor, EndpointMsg::GetCounts) {
-                    Ok(counts) => to_msgpack(&(counts, replica_id.clone())),
-                    Err(_) => break,
-                },
-                "waiting" => match fleet.lock() {
-                    Ok(f) => to_msgpack(&*f),
-                    Err(_) => break,
-                },
-                "queued" => match ractor::call!(actor, EndpointMsg::GetQueued) {
-                    Ok(ids) => to_msgpack(&ids),
-                    Err(_) => break,
-                },
-                _ => continue,
-            };
-            if let Ok(bytes) = bytes {
-                let _ = client.publish(reply, Bytes::from(bytes)).await;
-            }
-        }
-    }))
 }

@@ -28,9 +28,10 @@ use super::lease;
 use crate::clock::now_ms;
 use crate::nats::Nats;
 
-/// Known endpoints: spec and, where this replica owns it, its actor. Shared with the API.
+/// Known endpoints: spec and, where this replica owns it, its actor; and which replica owns
+/// each endpoint, as the leases show. Shared with the API and the record feeds.
 #[derive(Clone, Default)]
-pub struct Directory(Arc<RwLock<HashMap<String, Known>>>);
+pub struct Directory(Arc<RwLock<HashMap<String, Known>>>, Arc<RwLock<HashMap<String, String>>>);
 
 /// An endpoint's spec and, when owned here, its actor.
 type Known = (EndpointSpec, Option<ActorRef<EndpointMsg>>);
@@ -46,6 +47,23 @@ impl Directory {
         if let Ok(mut m) = self.0.write() {
             let actor = m.remove(&spec.id).and_then(|(_, a)| a);
             m.insert(spec.id.clone(), (spec, actor));
+        }
+    }
+    /// The replica holding the endpoint's lease, as last seen (`None`: nobody, or not yet seen).
+    pub fn owner(&self, id: &str) -> Option<String> {
+        self.1.read().ok().and_then(|m| m.get(id).cloned())
+    }
+    fn set_owner(&self, id: &str, owner: Option<&str>) {
+        if let Ok(mut m) = self.1.write() {
+            match owner {
+                Some(o) if m.get(id).map(String::as_str) != Some(o) => {
+                    m.insert(id.to_string(), o.to_string());
+                }
+                Some(_) => {}
+                None => {
+                    m.remove(id);
+                }
+            }
         }
     }
     fn ids(&self) -> BTreeSet<String> {
@@ -260,6 +278,7 @@ impl LeaseState {
     fn on_key_seen(&mut self, key: String, owner: Option<String>) {
         let names = &self.args.nats.names;
         if let Some(endpoint) = key.strip_prefix(&names.lease_key("")) {
+            self.args.directory.set_owner(endpoint, owner.as_deref());
             match owner {
                 Some(o) => self.leases.insert(endpoint.to_string(), (o, Instant::now())),
                 None => self.leases.remove(endpoint),
@@ -328,7 +347,14 @@ impl LeaseState {
         let ttl = self.args.lease_ttl;
         let me = self.args.replica_id.clone();
         self.replicas.retain(|_, seen| seen.elapsed() <= ttl);
-        self.leases.retain(|_, (_, seen)| seen.elapsed() <= ttl);
+        let directory = &self.args.directory;
+        self.leases.retain(|id, (_, seen)| {
+            let live = seen.elapsed() <= ttl;
+            if !live {
+                directory.set_owner(id, None);
+            }
+            live
+        });
         let endpoints = self.args.directory.ids();
         let owned: BTreeSet<String> = self.owned.keys().cloned().collect();
         let free: BTreeSet<String> = endpoints.iter().filter(|e| !self.leases.contains_key(*e)).cloned().collect();
@@ -360,6 +386,7 @@ impl LeaseState {
         let bytes = to_msgpack(&record).map(Bytes::from).unwrap_or_default();
         let Ok(revision) = self.args.nats.leases.update(&key, bytes, epoch).await else { return };
         self.leases.insert(id.to_string(), (self.args.replica_id.clone(), Instant::now()));
+        self.args.directory.set_owner(id, Some(&self.args.replica_id));
         let args = EndpointArgs {
             nats: self.shared.clone(),
             spec,
@@ -373,8 +400,10 @@ impl LeaseState {
             Ok((actor, _)) => {
                 tracing::info!(endpoint_id = %id, epoch, replica_id = %self.args.replica_id, "endpoint acquired");
                 crate::metrics::lease_acquired(id);
-                self.args.directory.set_actor(id, Some(actor));
+                self.args.directory.set_actor(id, Some(actor.clone()));
                 self.owned.insert(id.to_string(), Owned { revision, epoch });
+                // registered: the record feeds reach it now, so it may read its history
+                let _ = actor.cast(EndpointMsg::Start);
             }
             Err(e) => {
                 tracing::error!(endpoint_id = %id, error = %e, "cannot start endpoint actor");
@@ -404,6 +433,7 @@ impl LeaseState {
             let _ = self.args.nats.leases.delete_expect_revision(self.args.nats.names.lease_key(id), Some(rev)).await;
         }
         self.leases.remove(id);
+        self.args.directory.set_owner(id, None);
         tracing::info!(endpoint_id = %id, replica_id = %self.args.replica_id, "endpoint released");
     }
 }

@@ -11,11 +11,13 @@
 
 pub mod api;
 pub mod endpoint_actor;
+pub mod feeds;
 pub mod hosts;
 mod job_list;
 mod job_ops;
 pub mod lease;
 pub mod lease_manager;
+mod owner_queries;
 pub mod placement;
 pub mod scaler;
 pub mod scaling;
@@ -86,6 +88,10 @@ impl ControlConfig {
                 "control.run_retention_s, control.sync_retention_s: must be at least 1 (NATS' shortest TTL)".into()
             );
         }
+        if let Some(id) = &self.replica_id {
+            // it names NATS subjects (owner queries) and lease keys
+            shoal_protocol::ids::validate_id("control.replica_id", id).map_err(|e| e.message)?;
+        }
         self.webhook.validate()
     }
 
@@ -106,6 +112,12 @@ pub enum StartControlError {
     Manager(#[from] ractor::SpawnErr),
     #[error("cannot watch the hosts: {0}")]
     Hosts(String),
+    #[error("cannot watch the {0} records: {1}")]
+    Feed(&'static str, feeds::HistoryError),
+    #[error("cannot serve owner queries: {0}")]
+    OwnerQueries(async_nats::SubscribeError),
+    #[error("invalid configuration: {0}")]
+    Config(String),
     #[error("cannot start the webhook dispatcher: {0}")]
     Webhooks(#[from] crate::webhook::StartDispatcherError),
     #[error("cannot listen for metrics on {0}: {1}")]
@@ -117,6 +129,8 @@ pub struct ControlHandle {
     manager: ActorRef<lease_manager::LeaseMsg>,
     api: api::ApiHandle,
     hosts_watch: tokio::task::JoinHandle<()>,
+    /// The record feeds and the owner query server.
+    tasks: Vec<tokio::task::JoinHandle<()>>,
     webhooks: crate::webhook::Dispatcher,
     pub replica_id: String,
     /// The `/metrics` listener, when `metrics_listen` is set.
@@ -130,6 +144,7 @@ impl ControlHandle {
         self.api.stop().await;
         self.manager.kill();
         self.hosts_watch.abort();
+        self.tasks.iter().for_each(|t| t.abort());
     }
 
     pub async fn stop(self) {
@@ -143,12 +158,14 @@ impl ControlHandle {
             }
         })
         .await;
+        self.tasks.iter().for_each(|t| t.abort());
     }
 }
 
 /// Starts the lease manager (which starts the endpoint actors of the endpoints this replica
 /// comes to own) and the API service.
 pub async fn start(nats: Nats, config: ControlConfig) -> Result<ControlHandle, StartControlError> {
+    config.validate().map_err(StartControlError::Config)?;
     let replica_id = config.replica_id.clone().unwrap_or_else(|| crate::host::default_id("control"));
     let metrics = match config.metrics_listen {
         Some(addr) => {
@@ -160,6 +177,17 @@ pub async fn start(nats: Nats, config: ControlConfig) -> Result<ControlHandle, S
     let (hosts, hosts_watch) = hosts::HostDirectory::watch(&nats, nats.topology.host_ttl_s * 1000)
         .await
         .map_err(|e| StartControlError::Hosts(e.to_string()))?;
+    // one live watch per bucket for all the endpoints this replica will own, started before
+    // it owns any (see feeds)
+    let jobs_feed = feeds::route(nats.jobs.clone(), directory.clone(), endpoint_actor::EndpointMsg::JobLive)
+        .await
+        .map_err(|e| StartControlError::Feed("job", e))?;
+    let workers_feed = feeds::route(nats.workers.clone(), directory.clone(), endpoint_actor::EndpointMsg::WorkerLive)
+        .await
+        .map_err(|e| StartControlError::Feed("worker", e))?;
+    let queries =
+        owner_queries::serve(&nats, &replica_id, directory.clone()).await.map_err(StartControlError::OwnerQueries)?;
+    let tasks = vec![jobs_feed, workers_feed, queries];
     let args = lease_manager::LeaseArgs {
         nats: nats.clone(),
         config: config.clone(),
@@ -171,5 +199,5 @@ pub async fn start(nats: Nats, config: ControlConfig) -> Result<ControlHandle, S
     let (manager, _) = crate::spawn::spawn(lease_manager::LeaseManager, args).await?;
     let webhooks = crate::webhook::start(nats.clone(), config.webhook.clone()).await?;
     let api = api::start(nats, config, directory).await.map_err(|e| StartControlError::Service(e.to_string()))?;
-    Ok(ControlHandle { manager, api, hosts_watch, webhooks, replica_id, metrics })
+    Ok(ControlHandle { manager, api, hosts_watch, tasks, webhooks, replica_id, metrics })
 }

@@ -1,5 +1,7 @@
 //! The scaler actor: child of an endpoint actor. Every tick it reads the demand (from its
-//! parent), the endpoint's workers (a watch on `shoal-workers`) and the live hosts; asks the
+//! parent), the endpoint's workers (its worker records in `shoal-workers`: read once when it
+//! starts, then the changes the parent passes on from the replica's
+//! [feed](super::feeds)) and the live hosts; asks the
 //! pure rule ([`super::scaling`]) how many workers the endpoint wants and which stop or drain;
 //! places new ones ([`super::placement`]) and sends the hosts their commands, each carrying
 //! the lease epoch. A worker that cannot be placed is recorded Throttled, with the reason, and
@@ -17,9 +19,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use async_nats::jetstream::kv;
 use bytes::Bytes;
-use futures::StreamExt;
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use serde::Serialize;
 use shoal_protocol::codec::{from_msgpack, to_msgpack};
@@ -29,6 +29,7 @@ use shoal_protocol::host::{CommandReply, StartWorker, StopWorker};
 use shoal_protocol::worker::{WorkerRecord, WorkerState};
 
 use super::endpoint_actor::EndpointMsg;
+use super::feeds::{Entry, Feed, read_history};
 use super::hosts::HostDirectory;
 use super::placement::{HostView, Placement, place};
 use super::scaling::{WorkerView, decide};
@@ -38,6 +39,8 @@ use crate::nats::Nats;
 
 /// A started worker that has not shown up in `shoal-workers` within this long is forgotten.
 const PENDING_FOR: Duration = Duration::from_secs(30);
+/// How long a failed read of the worker records waits before it tries again.
+const HISTORY_RETRY: Duration = Duration::from_secs(1);
 /// How long a host has to answer a command.
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -75,14 +78,18 @@ pub struct ScalerArgs {
 }
 
 pub enum ScalerMsg {
+    /// The endpoint actor is registered with the replica's feeds: read the worker records.
+    Start,
     Tick,
     /// A normal-priority job was queued: act now if the endpoint has no worker to take it.
     Wake,
-    /// The worker watch has delivered every record that existed when it started.
-    CaughtUp,
+    /// A worker record from the history read.
+    WorkerHistory(Entry<WorkerRecord>),
+    /// The history read is done; the bucket's revision before it began.
+    CaughtUp(u64),
+    /// A change of a worker record, from the replica's live feed.
+    WorkerLive(Entry<WorkerRecord>),
     SpecChanged(Box<EndpointSpec>),
-    WorkerPut(Box<WorkerRecord>),
-    WorkerGone(String),
 }
 
 pub struct ScalerState {
@@ -92,19 +99,20 @@ pub struct ScalerState {
     endpoint: ActorRef<EndpointMsg>,
     hosts: HostDirectory,
     workers: HashMap<String, WorkerRecord>,
+    /// The worker records' history read merged with the live changes.
+    feed: Feed<WorkerRecord>,
     /// Started here, not yet in `shoal-workers`.
     pending: HashMap<String, Instant>,
     /// Told to stop or drain.
     stopping: HashSet<String>,
     fleet: Arc<Mutex<Fleet>>,
     wake: Arc<AtomicBool>,
-    /// The worker watch has caught up (until then a wake only sets `woken`).
-    caught_up: bool,
-    /// A wake came before the watch caught up.
+    /// A wake came before the worker records were read (until then a wake only sets this).
     woken: bool,
     /// The fleet last published (metrics and the shared view), to skip unchanged ones.
     fleet_published: Option<Fleet>,
-    watch: tokio::task::JoinHandle<()>,
+    /// The history read, while it runs.
+    reader: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Actor for ScalerActor {
@@ -117,37 +125,6 @@ impl Actor for ScalerActor {
         myself: ActorRef<ScalerMsg>,
         args: ScalerArgs,
     ) -> Result<ScalerState, ActorProcessingErr> {
-        let filter = args.nats.names.worker_key(&args.spec.id, ">");
-        // nothing recorded yet: caught up from the start (no entry would ever say so)
-        let stream_filter = format!("{}{filter}", args.nats.workers.prefix);
-        let caught_up = match args.nats.workers.stream.info_with_subjects(&stream_filter).await {
-            Ok(mut subjects) => subjects.next().await.is_none(),
-            Err(_) => false,
-        };
-        let mut watch = args.nats.workers.watch_with_history(&filter).await?;
-        let me = myself.clone();
-        let watch = tokio::spawn(async move {
-            let mut caught_up = caught_up;
-            while let Some(Ok(entry)) = watch.next().await {
-                let last_of_history = !caught_up && entry.delta == 0;
-                let msg = match entry.operation {
-                    kv::Operation::Put => match from_msgpack::<WorkerRecord>(&entry.value) {
-                        Ok(rec) => ScalerMsg::WorkerPut(Box::new(rec)),
-                        Err(_) => continue,
-                    },
-                    _ => ScalerMsg::WorkerGone(entry.key.rsplit('.').next().unwrap_or_default().to_string()),
-                };
-                if me.cast(msg).is_err() {
-                    break;
-                }
-                if last_of_history {
-                    caught_up = true;
-                    if me.cast(ScalerMsg::CaughtUp).is_err() {
-                        break;
-                    }
-                }
-            }
-        });
         myself.send_interval(args.tick, || ScalerMsg::Tick);
         Ok(ScalerState {
             nats: args.nats,
@@ -156,44 +133,81 @@ impl Actor for ScalerActor {
             endpoint: args.endpoint,
             hosts: args.hosts,
             workers: HashMap::new(),
+            feed: Feed::default(),
             pending: HashMap::new(),
             stopping: HashSet::new(),
             fleet: args.fleet,
             wake: args.wake,
-            caught_up,
             woken: false,
             fleet_published: None,
-            watch,
+            reader: None,
         })
     }
 
     async fn handle(
         &self,
-        _myself: ActorRef<ScalerMsg>,
+        myself: ActorRef<ScalerMsg>,
         msg: ScalerMsg,
         st: &mut ScalerState,
     ) -> Result<(), ActorProcessingErr> {
         match msg {
+            ScalerMsg::Start => st.reader = Some(read_worker_history(st.nats.clone(), st.spec.id.clone(), myself)),
+            // until it has read the worker records it would start workers it has not seen yet
+            ScalerMsg::Tick if !st.feed.is_caught_up() => {}
             ScalerMsg::Tick => {
                 let span = tracing::debug_span!("scaler", endpoint_id = %st.spec.id);
                 tracing::Instrument::instrument(st.on_tick(), span).await
             }
             ScalerMsg::Wake => st.on_wake().await,
-            ScalerMsg::CaughtUp => st.on_caught_up().await,
+            ScalerMsg::CaughtUp(since) => {
+                st.reader = None;
+                for entry in st.feed.caught_up(since) {
+                    st.on_worker(entry);
+                }
+                st.on_caught_up().await
+            }
             ScalerMsg::SpecChanged(spec) => st.spec = *spec,
-            ScalerMsg::WorkerPut(rec) => st.on_worker(*rec),
-            ScalerMsg::WorkerGone(id) => {
-                st.workers.remove(&id);
-                st.stopping.remove(&id);
+            ScalerMsg::WorkerHistory(entry) => {
+                if let Some(entry) = st.feed.history(entry) {
+                    st.on_worker(entry);
+                }
+            }
+            ScalerMsg::WorkerLive(entry) => {
+                if let Some(entry) = st.feed.live(entry) {
+                    st.on_worker(entry);
+                }
             }
         }
         Ok(())
     }
 
     async fn post_stop(&self, _myself: ActorRef<ScalerMsg>, st: &mut ScalerState) -> Result<(), ActorProcessingErr> {
-        st.watch.abort();
+        if let Some(reader) = &st.reader {
+            reader.abort();
+        }
         Ok(())
     }
+}
+
+/// Reads the endpoint's worker records into the scaler (retrying until it succeeds or the
+/// scaler stops), then tells it the read is done.
+fn read_worker_history(nats: Arc<Nats>, endpoint: String, scaler: ActorRef<ScalerMsg>) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let filter = nats.names.worker_key(&endpoint, ">");
+        loop {
+            let read = read_history(&nats.workers, &filter, |e| scaler.cast(ScalerMsg::WorkerHistory(e)).is_ok()).await;
+            match read {
+                Ok(since) => {
+                    let _ = scaler.cast(ScalerMsg::CaughtUp(since));
+                    return;
+                }
+                Err(e) => {
+                    tracing::warn!(endpoint_id = %endpoint, error = %e, "cannot read the worker records; trying again");
+                    tokio::time::sleep(HISTORY_RETRY).await;
+                }
+            }
+        }
+    })
 }
 
 impl ScalerState {
@@ -201,7 +215,7 @@ impl ScalerState {
     /// job that was just queued.
     async fn on_wake(&mut self) {
         self.wake.store(false, Ordering::Release);
-        if !self.caught_up {
+        if !self.feed.is_caught_up() {
             self.woken = true;
             return;
         }
@@ -213,7 +227,6 @@ impl ScalerState {
     }
 
     async fn on_caught_up(&mut self) {
-        self.caught_up = true;
         if std::mem::take(&mut self.woken) {
             self.on_wake().await;
         }
@@ -229,7 +242,12 @@ impl ScalerState {
             })
     }
 
-    fn on_worker(&mut self, rec: WorkerRecord) {
+    fn on_worker(&mut self, entry: Entry<WorkerRecord>) {
+        let Some(rec) = entry.value else {
+            self.workers.remove(&entry.id);
+            self.stopping.remove(&entry.id);
+            return;
+        };
         self.pending.remove(&rec.id);
         if rec.state == WorkerState::Stopped {
             self.stopping.remove(&rec.id);
