@@ -201,7 +201,8 @@ async fn a_replica_holds_the_same_watches_whatever_it_owns() -> Result<()> {
     // jobs still run on one of them, seen by its endpoint actor through the shared feed
     let job = shoal.api.run(&RunRequest::new("many7", json!({"echo": 7}))).await?;
     let done = eventually(Duration::from_secs(30), "the job done", || async {
-        let s = shoal.api.status(&JobRef { endpoint: Some("many7".into()), id: job.id.clone(), wait_ms: 0 }).await.ok()?;
+        let s =
+            shoal.api.status(&JobRef { endpoint: Some("many7".into()), id: job.id.clone(), wait_ms: 0 }).await.ok()?;
         (s.status == JobState::Completed).then_some(s)
     })
     .await?;

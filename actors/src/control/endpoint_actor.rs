@@ -47,6 +47,7 @@ pub struct EndpointArgs {
     pub epoch: u64,
     pub replica_id: String,
     pub hosts: HostDirectory,
+    pub limits: Arc<super::Limits>,
     pub tick: Duration,
     /// How often the scaler ticks.
     pub scaler_tick: Duration,
@@ -90,6 +91,7 @@ pub struct EndpointState {
     fleet: Arc<Mutex<Fleet>>,
     /// The demand last published to the metrics.
     published: Option<Demand>,
+    limits: Arc<super::Limits>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
@@ -112,6 +114,7 @@ impl Actor for EndpointActor {
             epoch: args.epoch,
             endpoint: myself.clone(),
             hosts: args.hosts.clone(),
+            limits: args.limits.clone(),
             tick: args.scaler_tick,
             fleet: fleet.clone(),
             wake: wake.clone(),
@@ -128,6 +131,7 @@ impl Actor for EndpointActor {
             wake,
             fleet,
             published: None,
+            limits: args.limits,
             tasks: Vec::new(),
         })
     }
@@ -140,7 +144,7 @@ impl Actor for EndpointActor {
     ) -> Result<(), ActorProcessingErr> {
         match msg {
             EndpointMsg::Start => {
-                st.tasks.push(read_job_history(st.nats.clone(), st.spec.id.clone(), myself));
+                st.tasks.push(read_job_history(st.nats.clone(), st.limits.clone(), st.spec.id.clone(), myself));
                 let _ = st.scaler.cast(ScalerMsg::Start);
             }
             EndpointMsg::JobLive(entry) => {
@@ -200,10 +204,16 @@ impl Actor for EndpointActor {
 
 /// Reads the endpoint's job records into the actor (retrying until it succeeds or the actor
 /// stops), then tells it the read is done.
-fn read_job_history(nats: Arc<Nats>, endpoint: String, actor: ActorRef<EndpointMsg>) -> tokio::task::JoinHandle<()> {
+fn read_job_history(
+    nats: Arc<Nats>,
+    limits: Arc<super::Limits>,
+    endpoint: String,
+    actor: ActorRef<EndpointMsg>,
+) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let filter = nats.names.job_keys_of_endpoint(&endpoint);
         loop {
+            let Ok(permit) = limits.history_reads.acquire().await else { return };
             let read = read_history(&nats.jobs, &filter, |e| actor.cast(EndpointMsg::JobHistory(e)).is_ok()).await;
             match read {
                 Ok(since) => {
@@ -211,6 +221,7 @@ fn read_job_history(nats: Arc<Nats>, endpoint: String, actor: ActorRef<EndpointM
                     return;
                 }
                 Err(e) => {
+                    drop(permit);
                     tracing::warn!(endpoint_id = %endpoint, error = %e, "cannot read the job records; trying again");
                     tokio::time::sleep(HISTORY_RETRY).await;
                 }

@@ -96,6 +96,7 @@ pub struct LeaseArgs {
     pub config: ControlConfig,
     pub directory: Directory,
     pub hosts: HostDirectory,
+    pub limits: Arc<super::Limits>,
     pub replica_id: String,
     pub lease_ttl: Duration,
 }
@@ -393,6 +394,7 @@ impl LeaseState {
             epoch,
             replica_id: self.args.replica_id.clone(),
             hosts: self.args.hosts.clone(),
+            limits: self.args.limits.clone(),
             tick: Duration::from_millis(self.args.config.tick_ms),
             scaler_tick: self.args.config.scaler_tick(),
         };

@@ -23,6 +23,7 @@ pub mod scaler;
 pub mod scaling;
 pub mod waiting;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use ractor::ActorRef;
@@ -101,6 +102,24 @@ impl ControlConfig {
             Some(ms) => Duration::from_millis(ms),
             None => Duration::from_millis(1000).min(Duration::from_millis(self.tick_ms) * 5),
         }
+    }
+}
+
+/// Work a replica does for many endpoints at once when it starts or takes endpoints over
+/// (reading their records, starting their workers): bounded, so that the replica's memory
+/// does not peak with the number of endpoints it owns (freed memory mostly stays in the
+/// process, so the peak is what it keeps).
+#[derive(Debug)]
+pub struct Limits {
+    /// History reads in flight (each a short-lived watch).
+    pub history_reads: tokio::sync::Semaphore,
+    /// Scalers sending start commands at once (each sends all of its tick's starts).
+    pub starting: tokio::sync::Semaphore,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits { history_reads: tokio::sync::Semaphore::new(32), starting: tokio::sync::Semaphore::new(64) }
     }
 }
 
@@ -193,6 +212,7 @@ pub async fn start(nats: Nats, config: ControlConfig) -> Result<ControlHandle, S
         config: config.clone(),
         directory: directory.clone(),
         hosts,
+        limits: Arc::new(Limits::default()),
         replica_id: replica_id.clone(),
         lease_ttl: Duration::from_secs(nats.topology.lease_ttl_s.max(1)),
     };

@@ -69,6 +69,7 @@ pub struct ScalerArgs {
     pub epoch: u64,
     pub endpoint: ActorRef<EndpointMsg>,
     pub hosts: HostDirectory,
+    pub limits: Arc<super::Limits>,
     pub tick: Duration,
     /// Where the scaler leaves its view of the workers for "why is my job waiting".
     pub fleet: Arc<Mutex<Fleet>>,
@@ -98,6 +99,7 @@ pub struct ScalerState {
     epoch: u64,
     endpoint: ActorRef<EndpointMsg>,
     hosts: HostDirectory,
+    limits: Arc<super::Limits>,
     workers: HashMap<String, WorkerRecord>,
     /// The worker records' history read merged with the live changes.
     feed: Feed<WorkerRecord>,
@@ -132,6 +134,7 @@ impl Actor for ScalerActor {
             epoch: args.epoch,
             endpoint: args.endpoint,
             hosts: args.hosts,
+            limits: args.limits,
             workers: HashMap::new(),
             feed: Feed::default(),
             pending: HashMap::new(),
@@ -151,20 +154,24 @@ impl Actor for ScalerActor {
         st: &mut ScalerState,
     ) -> Result<(), ActorProcessingErr> {
         match msg {
-            ScalerMsg::Start => st.reader = Some(read_worker_history(st.nats.clone(), st.spec.id.clone(), myself)),
+            ScalerMsg::Start => {
+                st.reader = Some(read_worker_history(st.nats.clone(), st.limits.clone(), st.spec.id.clone(), myself))
+            }
             // until it has read the worker records it would start workers it has not seen yet
             ScalerMsg::Tick if !st.feed.is_caught_up() => {}
             ScalerMsg::Tick => {
                 let span = tracing::debug_span!("scaler", endpoint_id = %st.spec.id);
-                tracing::Instrument::instrument(st.on_tick(), span).await
+                // boxed: the tick's future is large, and only lives while it runs (the actor's
+                // task would otherwise carry its size for good, times a thousand endpoints)
+                Box::pin(tracing::Instrument::instrument(st.on_tick(), span)).await
             }
-            ScalerMsg::Wake => st.on_wake().await,
+            ScalerMsg::Wake => Box::pin(st.on_wake()).await,
             ScalerMsg::CaughtUp(since) => {
                 st.reader = None;
                 for entry in st.feed.caught_up(since) {
                     st.on_worker(entry);
                 }
-                st.on_caught_up().await
+                Box::pin(st.on_caught_up()).await
             }
             ScalerMsg::SpecChanged(spec) => st.spec = *spec,
             ScalerMsg::WorkerHistory(entry) => {
@@ -191,10 +198,16 @@ impl Actor for ScalerActor {
 
 /// Reads the endpoint's worker records into the scaler (retrying until it succeeds or the
 /// scaler stops), then tells it the read is done.
-fn read_worker_history(nats: Arc<Nats>, endpoint: String, scaler: ActorRef<ScalerMsg>) -> tokio::task::JoinHandle<()> {
+fn read_worker_history(
+    nats: Arc<Nats>,
+    limits: Arc<super::Limits>,
+    endpoint: String,
+    scaler: ActorRef<ScalerMsg>,
+) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let filter = nats.names.worker_key(&endpoint, ">");
         loop {
+            let Ok(permit) = limits.history_reads.acquire().await else { return };
             let read = read_history(&nats.workers, &filter, |e| scaler.cast(ScalerMsg::WorkerHistory(e)).is_ok()).await;
             match read {
                 Ok(since) => {
@@ -202,6 +215,7 @@ fn read_worker_history(nats: Arc<Nats>, endpoint: String, scaler: ActorRef<Scale
                     return;
                 }
                 Err(e) => {
+                    drop(permit);
                     tracing::warn!(endpoint_id = %endpoint, error = %e, "cannot read the worker records; trying again");
                     tokio::time::sleep(HISTORY_RETRY).await;
                 }
@@ -382,6 +396,8 @@ impl ScalerState {
     /// Sends the start commands of one tick at once (a busy host answers each in turn, so a
     /// tick starting many workers waits for the slowest answer, not for their sum).
     async fn start_all(&mut self, starts: Vec<(String, Placement)>) {
+        let limits = self.limits.clone();
+        let Ok(_permit) = limits.starting.acquire().await else { return };
         let this = &*self;
         let commands = starts.iter().map(|(id, p)| {
             let cmd = StartWorker {
