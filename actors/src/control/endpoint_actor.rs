@@ -75,6 +75,13 @@ pub enum EndpointMsg {
     GetFleet(RpcReplyPort<Fleet>),
 }
 
+/// Which of the timer's ticks check deadlines and which tick the scaler.
+struct Cadence {
+    deadlines: u32,
+    scaler: u32,
+    count: u32,
+}
+
 pub struct EndpointState {
     nats: Arc<Nats>,
     spec: EndpointSpec,
@@ -91,6 +98,9 @@ pub struct EndpointState {
     fleet: Arc<Mutex<Fleet>>,
     /// The demand last published to the metrics.
     published: Option<Demand>,
+    cadence: Cadence,
+    /// A [`ScalerMsg::Tick`] is on its way (shared with the scaler, which clears it).
+    tick_sent: Arc<AtomicBool>,
     limits: Arc<super::Limits>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
@@ -105,9 +115,14 @@ impl Actor for EndpointActor {
         myself: ActorRef<EndpointMsg>,
         args: EndpointArgs,
     ) -> Result<EndpointState, ActorProcessingErr> {
-        myself.send_interval(args.tick, || EndpointMsg::Tick);
+        // one timer for the deadlines and the scaler: it fires at the shorter of their periods
+        let base = args.tick.min(args.scaler_tick).max(Duration::from_millis(1));
+        let every = |period: Duration| ((period.as_millis() / base.as_millis()).max(1)) as u32;
+        let cadence = Cadence { deadlines: every(args.tick), scaler: every(args.scaler_tick), count: 0 };
+        let ticks = crate::clock::tick_aligned(myself.clone(), base, || EndpointMsg::Tick);
         let fleet = Arc::new(Mutex::new(Fleet::default()));
         let wake = Arc::new(AtomicBool::new(false));
+        let tick_sent = Arc::new(AtomicBool::new(false));
         let scaler_args = ScalerArgs {
             nats: args.nats.clone(),
             spec: args.spec.clone(),
@@ -115,9 +130,9 @@ impl Actor for EndpointActor {
             endpoint: myself.clone(),
             hosts: args.hosts.clone(),
             limits: args.limits.clone(),
-            tick: args.scaler_tick,
             fleet: fleet.clone(),
             wake: wake.clone(),
+            tick_sent: tick_sent.clone(),
         };
         let (scaler, _) = crate::spawn::spawn_linked(ScalerActor, scaler_args, myself.get_cell()).await?;
         tracing::info!(endpoint_id = %args.spec.id, epoch = args.epoch, replica_id = %args.replica_id, "endpoint actor started");
@@ -131,8 +146,10 @@ impl Actor for EndpointActor {
             wake,
             fleet,
             published: None,
+            cadence,
+            tick_sent,
             limits: args.limits,
-            tasks: Vec::new(),
+            tasks: vec![ticks],
         })
     }
 
@@ -172,7 +189,15 @@ impl Actor for EndpointActor {
             EndpointMsg::GetDemand(reply) => {
                 let _ = reply.send(st.demand());
             }
-            EndpointMsg::Tick => st.on_tick(),
+            EndpointMsg::Tick => {
+                st.cadence.count = st.cadence.count.wrapping_add(1);
+                if st.cadence.count.is_multiple_of(st.cadence.deadlines) {
+                    st.on_tick();
+                }
+                if st.cadence.count.is_multiple_of(st.cadence.scaler) && !st.tick_sent.swap(true, Ordering::AcqRel) {
+                    let _ = st.scaler.cast(ScalerMsg::Tick(st.demand()));
+                }
+            }
             EndpointMsg::GetCounts(reply) => {
                 let _ = reply.send(st.counts());
             }

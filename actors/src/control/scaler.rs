@@ -1,5 +1,5 @@
-//! The scaler actor: child of an endpoint actor. Every tick it reads the demand (from its
-//! parent), the endpoint's workers (its worker records in `shoal-workers`: read once when it
+//! The scaler actor: child of an endpoint actor. Every tick (sent by its parent, with the
+//! demand the parent measures: one timer per endpoint, not two) it reads the endpoint's workers (its worker records in `shoal-workers`: read once when it
 //! starts, then the changes the parent passes on from the replica's
 //! [feed](super::feeds)) and the live hosts; asks the
 //! pure rule ([`super::scaling`]) how many workers the endpoint wants and which stop or drain;
@@ -32,7 +32,7 @@ use super::endpoint_actor::EndpointMsg;
 use super::feeds::{Entry, Feed, read_history};
 use super::hosts::HostDirectory;
 use super::placement::{HostView, Placement, place};
-use super::scaling::{WorkerView, decide};
+use super::scaling::{Demand, WorkerView, decide};
 use super::waiting::Fleet;
 use crate::clock::now_ms;
 use crate::nats::Nats;
@@ -70,18 +70,21 @@ pub struct ScalerArgs {
     pub endpoint: ActorRef<EndpointMsg>,
     pub hosts: HostDirectory,
     pub limits: Arc<super::Limits>,
-    pub tick: Duration,
     /// Where the scaler leaves its view of the workers for "why is my job waiting".
     pub fleet: Arc<Mutex<Fleet>>,
     /// Set by the endpoint actor when it sends a [`ScalerMsg::Wake`], cleared when the scaler
     /// handles it: at most one wake waits in the mailbox.
     pub wake: Arc<AtomicBool>,
+    /// Set by the endpoint actor when it sends a [`ScalerMsg::Tick`], cleared when the scaler
+    /// takes it: a busy scaler gets the next tick's demand, not a backlog of stale ones.
+    pub tick_sent: Arc<AtomicBool>,
 }
 
 pub enum ScalerMsg {
     /// The endpoint actor is registered with the replica's feeds: read the worker records.
     Start,
-    Tick,
+    /// Time to size the workers, for this demand.
+    Tick(Demand),
     /// A normal-priority job was queued: act now if the endpoint has no worker to take it.
     Wake,
     /// A worker record from the history read.
@@ -109,6 +112,7 @@ pub struct ScalerState {
     stopping: HashSet<String>,
     fleet: Arc<Mutex<Fleet>>,
     wake: Arc<AtomicBool>,
+    tick_sent: Arc<AtomicBool>,
     /// A wake came before the worker records were read (until then a wake only sets this).
     woken: bool,
     /// The fleet last published (metrics and the shared view), to skip unchanged ones.
@@ -124,10 +128,9 @@ impl Actor for ScalerActor {
 
     async fn pre_start(
         &self,
-        myself: ActorRef<ScalerMsg>,
+        _myself: ActorRef<ScalerMsg>,
         args: ScalerArgs,
     ) -> Result<ScalerState, ActorProcessingErr> {
-        myself.send_interval(args.tick, || ScalerMsg::Tick);
         Ok(ScalerState {
             nats: args.nats,
             spec: args.spec,
@@ -141,6 +144,7 @@ impl Actor for ScalerActor {
             stopping: HashSet::new(),
             fleet: args.fleet,
             wake: args.wake,
+            tick_sent: args.tick_sent,
             woken: false,
             fleet_published: None,
             reader: None,
@@ -158,12 +162,13 @@ impl Actor for ScalerActor {
                 st.reader = Some(read_worker_history(st.nats.clone(), st.limits.clone(), st.spec.id.clone(), myself))
             }
             // until it has read the worker records it would start workers it has not seen yet
-            ScalerMsg::Tick if !st.feed.is_caught_up() => {}
-            ScalerMsg::Tick => {
+            ScalerMsg::Tick(_) if !st.feed.is_caught_up() => st.tick_sent.store(false, Ordering::Release),
+            ScalerMsg::Tick(demand) => {
+                st.tick_sent.store(false, Ordering::Release);
                 let span = tracing::debug_span!("scaler", endpoint_id = %st.spec.id);
                 // boxed: the tick's future is large, and only lives while it runs (the actor's
                 // task would otherwise carry its size for good, times a thousand endpoints)
-                Box::pin(tracing::Instrument::instrument(st.on_tick(), span)).await
+                Box::pin(tracing::Instrument::instrument(st.on_tick(Some(demand)), span)).await
             }
             ScalerMsg::Wake => Box::pin(st.on_wake()).await,
             ScalerMsg::CaughtUp(since) => {
@@ -237,7 +242,7 @@ impl ScalerState {
             return; // a ready or starting worker takes it; the tick does the rest
         }
         let span = tracing::debug_span!("scaler", endpoint_id = %self.spec.id, wake = true);
-        tracing::Instrument::instrument(self.on_tick(), span).await
+        tracing::Instrument::instrument(self.on_tick(None), span).await
     }
 
     async fn on_caught_up(&mut self) {
@@ -269,8 +274,15 @@ impl ScalerState {
         self.workers.insert(rec.id.clone(), rec);
     }
 
-    async fn on_tick(&mut self) {
-        let Ok(mut demand) = ractor::call!(self.endpoint, EndpointMsg::GetDemand) else { return };
+    /// Sizes the workers for `demand` (`None`: ask the endpoint actor for it now).
+    async fn on_tick(&mut self, demand: Option<Demand>) {
+        let mut demand = match demand {
+            Some(d) => d,
+            None => match ractor::call!(self.endpoint, EndpointMsg::GetDemand) {
+                Ok(d) => d,
+                Err(_) => return,
+            },
+        };
         // most ticks of a steady endpoint change nothing: read the hosts without copying them,
         // and copy them only when there is something to place
         let now = now_ms();
