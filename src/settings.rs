@@ -254,6 +254,7 @@ mod tests {
             ("SHOAL_CONTROL__SYNC_RETENTION_S", "0", "control.sync_retention_s"),
             ("SHOAL_CONTROL__WEBHOOK__TIMEOUT_MS", "0", "control.webhook.timeout_ms"),
             ("SHOAL_HOST__HEARTBEAT_MS", "60000", "host.heartbeat_ms"),
+            ("SHOAL_CONTROL__REPLICA_ID", "replica.one", "control.replica_id"),
         ];
         for (key, value, named) in cases {
             let e = refused(Layers { env: env(&[(key, value)]), ..Layers::default() });
