@@ -192,8 +192,23 @@ impl JobStore {
     }
 
     /// Publishes the job event of the state `rec` is in. A terminal event carries the job's
-    /// status when it is small, so a `wait_ms` waiter answers from the event alone.
+    /// status when it is small, so a `wait_ms` waiter answers from the event alone. A job with
+    /// a webhook that reached a terminal state also gets a "webhook due" event, which is all the
+    /// webhook dispatchers read.
     pub async fn publish_event(&self, rec: &JobRecord) {
+        if rec.state.is_terminal() && rec.webhook.is_some() {
+            let due = JobEvent {
+                job_id: rec.id.clone(),
+                endpoint: rec.endpoint.clone(),
+                state: rec.state,
+                attempts: rec.attempts,
+                worker_id: rec.worker_id.clone(),
+                error: rec.error.clone(),
+                at_ms: now_ms(),
+                status: None,
+            };
+            self.nats.publish_event(self.nats.names.webhook_due_subject(&rec.endpoint, &rec.id), &due).await;
+        }
         let mut event = JobEvent {
             job_id: rec.id.clone(),
             endpoint: rec.endpoint.clone(),

@@ -2,8 +2,10 @@
 //! status envelope (plus the job's `input` and `webhook`, as RunPod does) to that URL.
 //!
 //! - **Once per terminal state, across replicas.** Every control replica runs a dispatcher;
-//!   all of them pull from one durable JetStream consumer of the terminal job events (work
-//!   queue semantics), so each event is handled by one replica. A replica that dies mid-call
+//!   all of them pull from one durable JetStream consumer of the "webhook due" events (the
+//!   terminal job event, published again only for jobs that have a webhook, so jobs without
+//!   one cost the dispatchers nothing; work queue semantics), so each event is handled by one
+//!   replica. A replica that dies mid-call
 //!   leaves the event unacknowledged and another replica takes it over after the ack wait;
 //!   the outcome recorded on the job record keeps that redelivery from calling twice.
 //! - **Retries.** Any 2xx is a success; otherwise (or on a connection error or timeout) the
@@ -26,7 +28,7 @@ use sha2::Sha256;
 use shoal_protocol::api::JobStatus;
 use shoal_protocol::codec::from_msgpack;
 use shoal_protocol::events::{JobEvent, WebhookEvent};
-use shoal_protocol::job::{JobRecord, JobState, WebhookDelivery};
+use shoal_protocol::job::{JobRecord, WebhookDelivery};
 use shoal_protocol::lifecycle::TransitionError;
 use shoal_protocol::runpod::{Envelope, WebhookBody};
 use tokio::task::JoinSet;
@@ -39,9 +41,6 @@ pub const SIGNATURE_HEADER: &str = "X-Shoal-Signature";
 pub const TIMESTAMP_HEADER: &str = "X-Shoal-Timestamp";
 /// 1 for the first call, 2 for the first retry…
 pub const ATTEMPT_HEADER: &str = "X-Shoal-Attempt";
-
-/// The terminal states a webhook announces.
-const TERMINAL: [JobState; 4] = [JobState::Completed, JobState::Failed, JobState::Cancelled, JobState::TimedOut];
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -154,22 +153,21 @@ async fn consumer(nats: &Nats) -> Result<async_nats::jetstream::consumer::PullCo
     let names = &nats.names;
     let stream = nats.js.get_stream(names.events_stream()).await.map_err(|e| e.to_string())?;
     let name = names.webhooks_consumer();
+    // create or update: a consumer made by an older version (every terminal job event) is
+    // narrowed to the "webhook due" events
     stream
-        .get_or_create_consumer(
-            &name,
-            pull::Config {
-                durable_name: Some(name.clone()),
-                description: Some("terminal job events, for the webhook dispatchers of all replicas".into()),
-                filter_subjects: TERMINAL.iter().map(|s| names.job_events_in_state(s.event_token())).collect(),
-                deliver_policy: DeliverPolicy::New,
-                ack_policy: AckPolicy::Explicit,
-                // extended by in-progress acks while a call and its retries go on
-                ack_wait: Duration::from_secs(30),
-                max_deliver: 5,
-                max_ack_pending: 10_000,
-                ..Default::default()
-            },
-        )
+        .create_consumer(pull::Config {
+            durable_name: Some(name.clone()),
+            description: Some("webhook due events, for the webhook dispatchers of all replicas".into()),
+            filter_subjects: vec![names.webhooks_due()],
+            deliver_policy: DeliverPolicy::New,
+            ack_policy: AckPolicy::Explicit,
+            // extended by in-progress acks while a call and its retries go on
+            ack_wait: Duration::from_secs(30),
+            max_deliver: 5,
+            max_ack_pending: 10_000,
+            ..Default::default()
+        })
         .await
         .map_err(|e| e.to_string())
 }

@@ -224,6 +224,16 @@ impl Names {
     pub fn job_events_in_state(&self, state: &str) -> String {
         format!("{}.events.job.*.*.{state}", self.prefix)
     }
+    /// A job with a webhook reached a terminal state: `<prefix>.events.webhook_due.<endpoint>.<job
+    /// id>` (the job event again, only for such jobs, so the webhook dispatchers read these and
+    /// not every job's end; its own kind, so subscribers of `webhook` events get only outcomes).
+    pub fn webhook_due_subject(&self, endpoint: &str, job_id: &str) -> String {
+        format!("{}.events.webhook_due.{endpoint}.{job_id}", self.prefix)
+    }
+    /// Every [`Names::webhook_due_subject`].
+    pub fn webhooks_due(&self) -> String {
+        format!("{}.events.webhook_due.*.*", self.prefix)
+    }
     /// `<prefix>.events.webhook.<endpoint>.<job id>.<outcome>` (`delivered`, `failed`).
     pub fn webhook_event_subject(&self, endpoint: &str, job_id: &str, outcome: &str) -> String {
         format!("{}.events.webhook.{endpoint}.{job_id}.{outcome}", self.prefix)
@@ -384,6 +394,8 @@ mod tests {
         assert_eq!(n.blob_output("j1"), "j1/output");
         assert_eq!(n.job_events_in_state("completed"), "shoal.events.job.*.*.completed");
         assert!(n.webhook_event_subject("e", "j", "delivered").starts_with(&n.events_subjects().replace('>', "")));
+        assert_eq!(n.webhook_due_subject("e", "j"), "shoal.events.webhook_due.e.j");
+        assert_eq!(n.webhooks_due(), "shoal.events.webhook_due.*.*");
     }
 
     #[test]

@@ -225,3 +225,60 @@ async fn with_two_control_replicas_each_terminal_state_is_delivered_once() -> Re
     shoal.stop().await;
     Ok(())
 }
+
+/// The dispatchers read "webhook due" events, published only for jobs that have a webhook;
+/// a dispatcher consumer made by an older version (every terminal job event) is narrowed to
+/// them when a replica starts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_jobs_with_a_webhook_are_due_and_an_old_dispatcher_consumer_is_narrowed() -> Result<()> {
+    use async_nats::jetstream::consumer::pull;
+    let shoal = Shoal::start_with(fast_webhooks(), |_| {}).await?;
+    let names = shoal.nats.names.clone();
+    // the consumer as the previous version made it
+    let events = shoal.nats.js.get_stream(names.events_stream()).await?;
+    let old_filters: Vec<String> =
+        ["completed", "failed", "cancelled", "timed_out"].iter().map(|s| names.job_events_in_state(s)).collect();
+    events
+        .update_consumer(pull::Config {
+            durable_name: Some(names.webhooks_consumer()),
+            filter_subjects: old_filters,
+            deliver_policy: async_nats::jetstream::consumer::DeliverPolicy::New,
+            ack_policy: async_nats::jetstream::consumer::AckPolicy::Explicit,
+            ack_wait: Duration::from_secs(30),
+            max_deliver: 5,
+            max_ack_pending: 10_000,
+            ..Default::default()
+        })
+        .await?;
+    let second_nats = Nats::connect(&shoal.server.url, names.clone(), &fast_topology()).await?;
+    let second = Box::pin(control::start(second_nats, fast_webhooks())).await?;
+    let mut consumer =
+        events.get_consumer::<pull::Config>(&names.webhooks_consumer()).await.map_err(|e| anyhow::anyhow!(e))?;
+    assert_eq!(consumer.info().await?.config.filter_subjects, vec![names.webhooks_due()]);
+
+    let mut due = shoal.nats.client.subscribe(names.webhooks_due()).await?;
+    shoal.api.create_endpoint(&rust_endpoint("echo")?).await?;
+    let gateway = shoal.start_gateway().await?;
+    let http = Http::new(&gateway, Some(&shoal.api_key().await?));
+    let receiver = Receiver::start().await?;
+    let (code, plain) = http.post("/echo/runsync", &json!({"input": {"n": 1}})).await?;
+    assert_eq!((code, plain["status"].as_str()), (200, Some("COMPLETED")), "{plain}");
+    let (code, hooked) =
+        http.post("/echo/runsync", &json!({"input": {"n": 2}, "webhook": format!("{}/ok", receiver.url)})).await?;
+    assert_eq!((code, hooked["status"].as_str()), (200, Some("COMPLETED")), "{hooked}");
+    let hooked_id = hooked["id"].as_str().unwrap_or_default().to_string();
+    let first = tokio::time::timeout(Duration::from_secs(10), due.next()).await?.expect("a due event");
+    assert!(first.subject.as_str().contains(&hooked_id), "due for the job with a webhook: {}", first.subject);
+    eventually(Duration::from_secs(30), "the webhook called", || async {
+        (receiver.calls_for(&hooked_id).len() == 1).then_some(())
+    })
+    .await?;
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), due.next()).await.is_err(),
+        "no due event for the job without a webhook"
+    );
+    gateway.stop().await;
+    second.stop().await;
+    shoal.stop().await;
+    Ok(())
+}
