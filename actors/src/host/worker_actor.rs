@@ -198,7 +198,8 @@ impl Actor for WorkerActor {
             let _ = me.cast(WorkerMsg::Launched(launched));
         });
         let tick = Duration::from_millis((args.config.ack_wait_ms / 4).clamp(50, 1000));
-        myself.send_interval(tick, || WorkerMsg::Tick);
+        // on whole periods, like every tick of this kind: a host with many workers wakes once
+        crate::clock::tick_aligned(myself.clone(), tick, || WorkerMsg::Tick);
         let store = JobStore::new(args.nats.clone());
         let mut st = WorkerState_ {
             store,
