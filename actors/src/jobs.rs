@@ -196,19 +196,6 @@ impl JobStore {
     /// a webhook that reached a terminal state also gets a "webhook due" event, which is all the
     /// webhook dispatchers read.
     pub async fn publish_event(&self, rec: &JobRecord) {
-        if rec.state.is_terminal() && rec.webhook.is_some() {
-            let due = JobEvent {
-                job_id: rec.id.clone(),
-                endpoint: rec.endpoint.clone(),
-                state: rec.state,
-                attempts: rec.attempts,
-                worker_id: rec.worker_id.clone(),
-                error: rec.error.clone(),
-                at_ms: now_ms(),
-                status: None,
-            };
-            self.nats.publish_event(self.nats.names.webhook_due_subject(&rec.endpoint, &rec.id), &due).await;
-        }
         let mut event = JobEvent {
             job_id: rec.id.clone(),
             endpoint: rec.endpoint.clone(),
@@ -217,8 +204,12 @@ impl JobStore {
             worker_id: rec.worker_id.clone(),
             error: rec.error.clone(),
             at_ms: now_ms(),
-            status: rec.state.is_terminal().then(|| JobStatus::from(rec)),
+            status: None,
         };
+        if rec.state.is_terminal() && rec.webhook.is_some() {
+            self.nats.publish_event(self.nats.names.webhook_due_subject(&rec.endpoint, &rec.id), &event).await;
+        }
+        event.status = rec.state.is_terminal().then(|| JobStatus::from(rec));
         let subject = self.nats.names.job_event_subject(&rec.endpoint, &rec.id, rec.state.event_token());
         if event.status.is_some() {
             match to_msgpack(&event) {

@@ -24,7 +24,7 @@ use shoal_protocol::job::{JobRecord, JobState, Priority};
 use shoal_protocol::lifecycle;
 use shoal_protocol::worker::WorkerRecord;
 
-use super::feeds::{Entry, Feed, read_history};
+use super::feeds::{Entry, Feed, spawn_history_read};
 use super::hosts::HostDirectory;
 use super::scaler::{ScalerActor, ScalerArgs, ScalerMsg};
 use super::scaling::Demand;
@@ -32,9 +32,6 @@ use super::waiting::Fleet;
 use crate::clock::now_ms;
 use crate::jobs::{Applied, JobStore};
 use crate::nats::Nats;
-
-/// How long a failed history read waits before it tries again.
-const HISTORY_RETRY: Duration = Duration::from_secs(1);
 
 pub struct EndpointActor;
 
@@ -161,7 +158,16 @@ impl Actor for EndpointActor {
     ) -> Result<(), ActorProcessingErr> {
         match msg {
             EndpointMsg::Start => {
-                st.tasks.push(read_job_history(st.nats.clone(), st.limits.clone(), st.spec.id.clone(), myself));
+                let filter = st.nats.names.job_keys_of_endpoint(&st.spec.id);
+                st.tasks.push(spawn_history_read(
+                    st.nats.clone(),
+                    |n| &n.jobs,
+                    filter,
+                    st.limits.clone(),
+                    myself,
+                    EndpointMsg::JobHistory,
+                    EndpointMsg::JobsCaughtUp,
+                ));
                 let _ = st.scaler.cast(ScalerMsg::Start);
             }
             EndpointMsg::JobLive(entry) => {
@@ -225,34 +231,6 @@ impl Actor for EndpointActor {
         crate::metrics::forget_endpoint(&st.spec.id);
         Ok(())
     }
-}
-
-/// Reads the endpoint's job records into the actor (retrying until it succeeds or the actor
-/// stops), then tells it the read is done.
-fn read_job_history(
-    nats: Arc<Nats>,
-    limits: Arc<super::Limits>,
-    endpoint: String,
-    actor: ActorRef<EndpointMsg>,
-) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
-        let filter = nats.names.job_keys_of_endpoint(&endpoint);
-        loop {
-            let Ok(permit) = limits.history_reads.acquire().await else { return };
-            let read = read_history(&nats.jobs, &filter, |e| actor.cast(EndpointMsg::JobHistory(e)).is_ok()).await;
-            match read {
-                Ok(since) => {
-                    let _ = actor.cast(EndpointMsg::JobsCaughtUp(since));
-                    return;
-                }
-                Err(e) => {
-                    drop(permit);
-                    tracing::warn!(endpoint_id = %endpoint, error = %e, "cannot read the job records; trying again");
-                    tokio::time::sleep(HISTORY_RETRY).await;
-                }
-            }
-        }
-    })
 }
 
 impl EndpointState {

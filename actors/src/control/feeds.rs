@@ -14,6 +14,7 @@
 //! applied; a per-key revision keeps an older value from ever overwriting a newer one.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream::kv;
@@ -21,8 +22,10 @@ use futures::StreamExt;
 use serde::de::DeserializeOwned;
 use shoal_protocol::codec::from_msgpack;
 
+use super::Limits;
 use super::endpoint_actor::EndpointMsg;
 use super::lease_manager::Directory;
+use crate::nats::Nats;
 
 /// One change to a record: its id (the key's last token), the bucket's revision of the
 /// change, and the new value (`None`: deleted or purged).
@@ -38,6 +41,8 @@ pub struct Entry<T> {
 const HISTORY_QUIET: Duration = Duration::from_secs(5);
 /// How long the live watch waits before it is made again after it ended.
 const REWATCH_AFTER: Duration = Duration::from_secs(1);
+/// How long a failed history read waits before it tries again.
+const HISTORY_RETRY: Duration = Duration::from_secs(1);
 
 /// The merge of one endpoint's history read with the live changes (pure; unit tested).
 #[derive(Debug)]
@@ -152,6 +157,36 @@ pub async fn read_history<T: DeserializeOwned>(
         }
     }
     Ok(since)
+}
+
+/// Reads the history of `filter` in the bucket `bucket` picks into `actor` (each value as
+/// `entry(e)`, then `done(since)`), within the replica's [`Limits`], retrying until it succeeds
+/// or the actor is gone. Abort the returned task to stop it.
+pub fn spawn_history_read<T: DeserializeOwned + Send + 'static, M: ractor::Message>(
+    nats: Arc<Nats>,
+    bucket: fn(&Nats) -> &kv::Store,
+    filter: String,
+    limits: Arc<Limits>,
+    actor: ractor::ActorRef<M>,
+    entry: fn(Entry<T>) -> M,
+    done: fn(u64) -> M,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            let Ok(permit) = limits.history_reads.acquire().await else { return };
+            match read_history(bucket(&nats), &filter, |e| actor.cast(entry(e)).is_ok()).await {
+                Ok(since) => {
+                    let _ = actor.cast(done(since));
+                    return;
+                }
+                Err(e) => {
+                    drop(permit);
+                    tracing::warn!(filter = %filter, error = %e, "cannot read the records; trying again");
+                    tokio::time::sleep(HISTORY_RETRY).await;
+                }
+            }
+        }
+    })
 }
 
 /// Starts the live watch of `store` (changes from now on) and the task that hands each change

@@ -29,7 +29,7 @@ use shoal_protocol::host::{CommandReply, StartWorker, StopWorker};
 use shoal_protocol::worker::{WorkerRecord, WorkerState};
 
 use super::endpoint_actor::EndpointMsg;
-use super::feeds::{Entry, Feed, read_history};
+use super::feeds::{Entry, Feed, spawn_history_read};
 use super::hosts::HostDirectory;
 use super::placement::{HostView, Placement, place};
 use super::scaling::{Demand, WorkerView, decide};
@@ -39,8 +39,6 @@ use crate::nats::Nats;
 
 /// A started worker that has not shown up in `shoal-workers` within this long is forgotten.
 const PENDING_FOR: Duration = Duration::from_secs(30);
-/// How long a failed read of the worker records waits before it tries again.
-const HISTORY_RETRY: Duration = Duration::from_secs(1);
 /// How long a host has to answer a command.
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -159,7 +157,16 @@ impl Actor for ScalerActor {
     ) -> Result<(), ActorProcessingErr> {
         match msg {
             ScalerMsg::Start => {
-                st.reader = Some(read_worker_history(st.nats.clone(), st.limits.clone(), st.spec.id.clone(), myself))
+                let filter = st.nats.names.worker_key(&st.spec.id, ">");
+                st.reader = Some(spawn_history_read(
+                    st.nats.clone(),
+                    |n| &n.workers,
+                    filter,
+                    st.limits.clone(),
+                    myself,
+                    ScalerMsg::WorkerHistory,
+                    ScalerMsg::CaughtUp,
+                ))
             }
             // until it has read the worker records it would start workers it has not seen yet
             ScalerMsg::Tick(_) if !st.feed.is_caught_up() => st.tick_sent.store(false, Ordering::Release),
@@ -199,34 +206,6 @@ impl Actor for ScalerActor {
         }
         Ok(())
     }
-}
-
-/// Reads the endpoint's worker records into the scaler (retrying until it succeeds or the
-/// scaler stops), then tells it the read is done.
-fn read_worker_history(
-    nats: Arc<Nats>,
-    limits: Arc<super::Limits>,
-    endpoint: String,
-    scaler: ActorRef<ScalerMsg>,
-) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
-        let filter = nats.names.worker_key(&endpoint, ">");
-        loop {
-            let Ok(permit) = limits.history_reads.acquire().await else { return };
-            let read = read_history(&nats.workers, &filter, |e| scaler.cast(ScalerMsg::WorkerHistory(e)).is_ok()).await;
-            match read {
-                Ok(since) => {
-                    let _ = scaler.cast(ScalerMsg::CaughtUp(since));
-                    return;
-                }
-                Err(e) => {
-                    drop(permit);
-                    tracing::warn!(endpoint_id = %endpoint, error = %e, "cannot read the worker records; trying again");
-                    tokio::time::sleep(HISTORY_RETRY).await;
-                }
-            }
-        }
-    })
 }
 
 impl ScalerState {
