@@ -188,14 +188,20 @@ async function refreshWorkers() {
   fill("workers", rows, "workers-empty", "workers-count");
 }
 
+/** A job's row, started with what every job table shows first: its id and state. */
+function jobRow(j) {
+  const tr = document.createElement("tr");
+  tr.dataset.jobId = j.id;
+  tr.dataset.state = j.state;
+  cell(tr, shortId(j.id), "mono").title = j.id;
+  badge(tr, j.state);
+  return tr;
+}
+
 async function refreshJobs() {
   const { jobs, matched, now_ms } = await api(`/endpoints/${state.endpoint}/jobs?limit=25`);
   const rows = jobs.map((j) => {
-    const tr = document.createElement("tr");
-    tr.dataset.jobId = j.id;
-    tr.dataset.state = j.state;
-    cell(tr, shortId(j.id), "mono").title = j.id;
-    badge(tr, j.state);
+    const tr = jobRow(j);
     cell(tr, clock(j.submitted_at_ms));
     cell(tr, duration(j.delay_time_ms ?? (j.state === "IN_QUEUE" ? now_ms - j.submitted_at_ms : null)));
     cell(tr, duration(j.execution_time_ms ?? (j.state === "IN_PROGRESS" && j.started_at_ms ? now_ms - j.started_at_ms : null)));
@@ -227,11 +233,7 @@ async function retry(id, button) {
 async function refreshDead() {
   const { jobs, matched } = await api(`/endpoints/${state.endpoint}/jobs?state=FAILED,TIMED_OUT&limit=50`);
   const rows = jobs.map((j) => {
-    const tr = document.createElement("tr");
-    tr.dataset.jobId = j.id;
-    tr.dataset.state = j.state;
-    cell(tr, shortId(j.id), "mono").title = j.id;
-    badge(tr, j.state);
+    const tr = jobRow(j);
     cell(tr, clock(j.finished_at_ms));
     cell(tr, j.attempts);
     cell(tr, j.error, "reason");

@@ -8,9 +8,10 @@
 //! `hosts.list`, `jobs.list`); retrying a dead-lettered job uses RunPod's `/v2/{endpoint}/retry/{id}`.
 
 use axum::Router;
-use axum::extract::rejection::{PathRejection, QueryRejection};
-use axum::extract::{Path, Query, State};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{FromRequestParts, Path, Query, State};
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use serde::{Deserialize, Serialize};
@@ -23,8 +24,7 @@ use shoal_protocol::keys::ApiKeyRecord;
 use shoal_protocol::worker::{StartPhases, WorkerRecord, WorkerState};
 
 use crate::Gateway;
-use crate::keys;
-use crate::routes::{HttpError, api_key, json};
+use crate::routes::{HttpError, json, key_of};
 
 const PAGE: &str = include_str!("../assets/dashboard.html");
 const SCRIPT: &str = include_str!("../assets/dashboard.js");
@@ -83,16 +83,21 @@ impl Caller {
 
 /// Checks the request's API key, as `/v2/...` does.
 async fn caller(gw: &Gateway, headers: &HeaderMap) -> Result<Caller, HttpError> {
-    if !gw.config.require_api_key {
-        return Ok(Caller(None));
-    }
-    let Some(key) = api_key(headers) else {
-        return Err(HttpError::unauthorized("an API key is required: send `Authorization: Bearer <key>`"));
-    };
-    match keys::lookup(&gw.nats, key).await {
-        Ok(Some(record)) => Ok(Caller(Some(record))),
-        Ok(None) => Err(HttpError::unauthorized("invalid API key")),
-        Err(e) => Err(HttpError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string())),
+    key_of(gw, headers).await.map(Caller)
+}
+
+/// The endpoint of a `/dashboard/api/endpoints/{endpoint}/...` call, taken only once the
+/// caller's key is checked (first) and allowed to use that endpoint (after the id is checked).
+struct Scoped(String);
+
+impl FromRequestParts<Gateway> for Scoped {
+    type Rejection = HttpError;
+
+    async fn from_request_parts(parts: &mut Parts, gw: &Gateway) -> Result<Self, HttpError> {
+        let who = caller(gw, &parts.headers).await?;
+        let Path(endpoint) = Path::<String>::from_request_parts(parts, gw).await?;
+        who.endpoint(&endpoint)?;
+        Ok(Scoped(endpoint))
     }
 }
 
@@ -140,14 +145,7 @@ async fn endpoints(State(gw): State<Gateway>, headers: HeaderMap) -> Result<Resp
     Ok(json(&serde_json::json!({ "endpoints": endpoints, "now_ms": now_ms() })))
 }
 
-async fn health(
-    State(gw): State<Gateway>,
-    headers: HeaderMap,
-    path: Result<Path<String>, PathRejection>,
-) -> Result<Response, HttpError> {
-    let who = caller(&gw, &headers).await?;
-    let Path(endpoint) = path?;
-    who.endpoint(&endpoint)?;
+async fn health(State(gw): State<Gateway>, Scoped(endpoint): Scoped) -> Result<Response, HttpError> {
     let health = gw.api.health(&endpoint).await?;
     Ok(json(&serde_json::json!({ "endpoint": endpoint, "health": health, "now_ms": now_ms() })))
 }
@@ -186,14 +184,7 @@ fn worker_view(w: WorkerRecord, gpus: Vec<String>, latest: u64, now: u64) -> Wor
     }
 }
 
-async fn workers(
-    State(gw): State<Gateway>,
-    headers: HeaderMap,
-    path: Result<Path<String>, PathRejection>,
-) -> Result<Response, HttpError> {
-    let who = caller(&gw, &headers).await?;
-    let Path(endpoint) = path?;
-    who.endpoint(&endpoint)?;
+async fn workers(State(gw): State<Gateway>, Scoped(endpoint): Scoped) -> Result<Response, HttpError> {
     let (spec, list, hosts) =
         tokio::try_join!(gw.api.get_endpoint(&endpoint), gw.api.workers(Some(&endpoint)), gw.api.hosts())?;
     let now = now_ms();
@@ -240,13 +231,10 @@ fn parse_states(list: &str) -> Result<Vec<JobState>, HttpError> {
 
 async fn jobs(
     State(gw): State<Gateway>,
-    headers: HeaderMap,
-    path: Result<Path<String>, PathRejection>,
+    Scoped(endpoint): Scoped,
     query: Result<Query<JobsQuery>, QueryRejection>,
 ) -> Result<Response, HttpError> {
-    let who = caller(&gw, &headers).await?;
-    let (Path(endpoint), Query(query)) = (path?, query?);
-    who.endpoint(&endpoint)?;
+    let Query(query) = query?;
     let states = query.state.as_deref().map(parse_states).transpose()?.unwrap_or_default();
     let req = JobsRequest { endpoint: endpoint.clone(), states, limit: query.limit.unwrap_or(0) };
     let list = gw.api.jobs(&req).await?;

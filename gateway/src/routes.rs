@@ -151,20 +151,29 @@ async fn traced(req: Request, next: Next) -> Response {
 
 /// Checks the key of every `/v2/...` request before its body is read.
 async fn authorize(State(gw): State<Gateway>, req: Request, next: Next) -> Response {
-    if !gw.config.require_api_key {
-        return next.run(req).await;
-    }
     let Some(endpoint) = endpoint_of(req.uri().path()) else { return next.run(req).await };
-    let Some(key) = api_key(req.headers()) else {
-        return HttpError::unauthorized("an API key is required: send `Authorization: Bearer <key>`").into_response();
-    };
-    match keys::lookup(&gw.nats, key).await {
-        Ok(Some(record)) if record.allows(endpoint) => next.run(req).await,
-        Ok(Some(record)) => {
+    match key_of(&gw, req.headers()).await {
+        Ok(Some(record)) if !record.allows(endpoint) => {
             HttpError::unauthorized(format!("API key {} may not use endpoint {endpoint}", record.id)).into_response()
         }
-        Ok(None) => HttpError::unauthorized("invalid API key").into_response(),
-        Err(e) => HttpError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string()).into_response(),
+        Ok(_) => next.run(req).await,
+        Err(e) => e.into_response(),
+    }
+}
+
+/// The record of the request's API key: `None` when the gateway requires no key; an error when
+/// it does and the request has none, or not a valid one.
+pub(crate) async fn key_of(gw: &Gateway, headers: &HeaderMap) -> Result<Option<keys::ApiKeyRecord>, HttpError> {
+    if !gw.config.require_api_key {
+        return Ok(None);
+    }
+    let Some(key) = api_key(headers) else {
+        return Err(HttpError::unauthorized("an API key is required: send `Authorization: Bearer <key>`"));
+    };
+    match keys::lookup(&gw.nats, key).await {
+        Ok(Some(record)) => Ok(Some(record)),
+        Ok(None) => Err(HttpError::unauthorized("invalid API key")),
+        Err(e) => Err(HttpError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string())),
     }
 }
 
