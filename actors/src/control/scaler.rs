@@ -1,7 +1,7 @@
 //! The scaler actor: child of an endpoint actor. Every tick (sent by its parent, with the
-//! demand the parent measures: one timer per endpoint, not two) it reads the endpoint's workers (its worker records in `shoal-workers`: read once when it
-//! starts, then the changes the parent passes on from the replica's
-//! [feed](super::feeds)) and the live hosts; asks the
+//! demand the parent measures: one timer per endpoint, not two) it reads the endpoint's
+//! workers (its worker records in `shoal-workers`: read once when it starts, then the changes
+//! the parent passes on from the replica's [feed](super::feeds)) and the live hosts; asks the
 //! pure rule ([`super::scaling`]) how many workers the endpoint wants and which stop or drain;
 //! places new ones ([`super::placement`]) and sends the hosts their commands, each carrying
 //! the lease epoch. A worker that cannot be placed is recorded Throttled, with the reason, and
