@@ -8,9 +8,9 @@ use async_nats::jetstream::kv;
 use bytes::Bytes;
 use futures::StreamExt;
 use shoal_protocol::api::JobStatus;
-use shoal_protocol::codec::{from_msgpack, to_msgpack};
+use shoal_protocol::codec::{CONTENT_TYPE, Encoding, encode as encode_as, from_msgpack, to_msgpack};
 use shoal_protocol::events::JobEvent;
-use shoal_protocol::job::JobRecord;
+use shoal_protocol::job::{JobRecord, ReplyTo};
 use shoal_protocol::lifecycle::TransitionError;
 
 use crate::clock::now_ms;
@@ -118,7 +118,25 @@ impl JobStore {
         &self,
         endpoint: &str,
         id: &str,
+        known: Option<(JobRecord, u64)>,
+        f: F,
+    ) -> Result<Applied, StoreError>
+    where
+        F: Fn(&JobRecord) -> Result<JobRecord, TransitionError>,
+    {
+        self.transition_answering(endpoint, id, known, None, f).await
+    }
+
+    /// [`JobStore::transition_from`] that also answers a waiting submitter (`reply`, from the
+    /// job's token) when the write makes the job terminal: right after the write, before the
+    /// terminal event, which then names the subject answered so that the control plane's
+    /// waiter for it stays silent.
+    pub async fn transition_answering<F>(
+        &self,
+        endpoint: &str,
+        id: &str,
         mut known: Option<(JobRecord, u64)>,
+        reply: Option<&ReplyTo>,
         f: F,
     ) -> Result<Applied, StoreError>
     where
@@ -140,7 +158,11 @@ impl JobStore {
             match self.write(&key, &next, revision).await? {
                 Some(rev) => {
                     if next.state != current.state {
-                        self.publish_event(&next).await;
+                        let answered = match reply {
+                            Some(reply) if next.state.is_terminal() => self.answer(reply, &next).await,
+                            _ => None,
+                        };
+                        self.publish_event_answered(&next, answered).await;
                     }
                     return Ok(Applied::Changed { record: Box::new(next), previous: Box::new(current), revision: rev });
                 }
@@ -196,6 +218,31 @@ impl JobStore {
     /// a webhook that reached a terminal state also gets a "webhook due" event, which is all the
     /// webhook dispatchers read.
     pub async fn publish_event(&self, rec: &JobRecord) {
+        self.publish_event_answered(rec, None).await
+    }
+
+    /// Answers a waiting submitter with the status of a terminal record, in the encoding its
+    /// request used, unless its wait is over or the answer is too large to be sure it travels
+    /// (then the control plane's waiter answers). The subject answered, if any.
+    async fn answer(&self, reply: &ReplyTo, rec: &JobRecord) -> Option<String> {
+        if now_ms() >= reply.until_ms {
+            return None;
+        }
+        let encoding = Encoding::from_content_type(reply.content_type.as_deref());
+        let body =
+            encode_as(encoding, &JobStatus::from(rec)).ok().filter(|b| b.len() <= MAX_EVENT_WITH_STATUS_BYTES)?;
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert(CONTENT_TYPE, encoding.content_type());
+        match self.nats.client.publish_with_headers(reply.subject.clone(), headers, Bytes::from(body)).await {
+            Ok(()) => Some(reply.subject.clone()),
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot answer the waiting submitter; the control plane will");
+                None
+            }
+        }
+    }
+
+    async fn publish_event_answered(&self, rec: &JobRecord, answered: Option<String>) {
         let mut event = JobEvent {
             job_id: rec.id.clone(),
             endpoint: rec.endpoint.clone(),
@@ -205,6 +252,7 @@ impl JobStore {
             error: rec.error.clone(),
             at_ms: now_ms(),
             status: None,
+            answered,
         };
         if rec.state.is_terminal() && rec.webhook.is_some() {
             self.nats.publish_event(self.nats.names.webhook_due_subject(&rec.endpoint, &rec.id), &event).await;

@@ -21,6 +21,11 @@ pub struct JobEvent {
     /// waiter answers without reading the record back.
     #[serde(default)]
     pub status: Option<crate::api::JobStatus>,
+    /// On a terminal event: the reply subject of the waiting submitter that the worker side
+    /// answered already (see [`crate::job::ReplyTo`]); the control plane's waiter for that
+    /// subject sends nothing more.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub answered: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -203,6 +203,23 @@ pub struct JobToken {
     /// The record as queued, when it was small enough to carry (older tokens: none).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub snapshot: Option<RecordSnapshot>,
+    /// Where the submitter waits for the result (a `job.run` with `wait_ms`): the worker side
+    /// that records the result answers there itself, one hop sooner than the control plane
+    /// could (older tokens, and jobs nobody waits for: none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reply: Option<ReplyTo>,
+}
+
+/// A waiting submitter's reply subject, how it wants the answer encoded, and until when it
+/// waits (after that the control plane has answered with the status of the moment).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ReplyTo {
+    pub subject: String,
+    /// The request's content type (see [`crate::codec::Encoding::from_content_type`]).
+    #[serde(default)]
+    pub content_type: Option<String>,
+    /// Unix ms; a result recorded later is not answered here.
+    pub until_ms: u64,
 }
 
 /// A job record at a KV revision.
@@ -215,7 +232,7 @@ pub struct RecordSnapshot {
 impl JobToken {
     /// A token without a snapshot: the taker reads the record.
     pub fn new(id: impl Into<String>, endpoint: impl Into<String>) -> JobToken {
-        JobToken { id: id.into(), endpoint: endpoint.into(), snapshot: None }
+        JobToken { id: id.into(), endpoint: endpoint.into(), snapshot: None, reply: None }
     }
 }
 

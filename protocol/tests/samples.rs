@@ -83,7 +83,21 @@ fn every_message_sample_still_decodes() {
         JobToken {
             id: "j".into(),
             endpoint: "e".into(),
+            snapshot: Some(RecordSnapshot { revision: 7, record: queued.clone() }),
+            reply: None,
+        },
+    );
+    check(
+        "job_token_with_reply",
+        JobToken {
+            id: "j".into(),
+            endpoint: "e".into(),
             snapshot: Some(RecordSnapshot { revision: 7, record: queued }),
+            reply: Some(ReplyTo {
+                subject: "_INBOX.abc.def".into(),
+                content_type: Some("application/json".into()),
+                until_ms: 1_700_000_090_000,
+            }),
         },
     );
     check("worker_job", WorkerJob { id: "j".into(), input: json!(null), s3_config: None });
@@ -201,6 +215,7 @@ fn every_message_sample_still_decodes() {
             error: Some("ttl".into()),
             at_ms: 5,
             status: None,
+            answered: None,
         },
     );
     check(
@@ -214,6 +229,21 @@ fn every_message_sample_still_decodes() {
             error: None,
             at_ms: 6,
             status: Some(JobStatus::from(&record())),
+            answered: None,
+        },
+    );
+    check(
+        "job_event_answered",
+        JobEvent {
+            job_id: "j".into(),
+            endpoint: "e".into(),
+            state: JobState::Completed,
+            attempts: 1,
+            worker_id: Some("w-1".into()),
+            error: None,
+            at_ms: 7,
+            status: Some(JobStatus::from(&record())),
+            answered: Some("_INBOX.abc.def".into()),
         },
     );
     check(

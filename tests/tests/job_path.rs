@@ -126,3 +126,67 @@ async fn the_api_is_discoverable_as_a_nats_micro_service() -> Result<()> {
     shoal.stop().await;
     Ok(())
 }
+
+/// A submitter that waits (`job.run` with `wait_ms`) is answered once: by the worker side as
+/// soon as the result is recorded (its terminal event names the subject it answered), or by the
+/// control plane when the wait ran out first (and then never again).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiting_submitter_is_answered_once_by_whoever_knows_first() -> Result<()> {
+    use futures::StreamExt;
+    let shoal = Shoal::start().await?;
+    shoal.api.create_endpoint(&rust_endpoint("echo-rs")?).await?;
+    let prefix = shoal.nats.names.prefix().to_string();
+    let client = async_nats::connect(&shoal.server.url).await?;
+    let mut events = client.subscribe(format!("{prefix}.events.job.echo-rs.>")).await?;
+    let inbox = client.new_inbox();
+    let mut replies = client.subscribe(inbox.clone()).await?;
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("Content-Type", "application/json");
+    let run = |input: Value, wait_ms: u64| {
+        let body = json!({"endpoint": "echo-rs", "input": input, "wait_ms": wait_ms}).to_string();
+        client.publish_with_reply_and_headers(
+            format!("{prefix}.v1.api.job.run"),
+            inbox.clone(),
+            headers.clone(),
+            Bytes::from(body),
+        )
+    };
+    // the job ends within the wait: the worker side answers, the control plane stays silent
+    run(json!({"x": 1}), 30_000).await?;
+    let reply = tokio::time::timeout(Duration::from_secs(30), replies.next()).await?.context("reply")?;
+    let status: Value = serde_json::from_slice(&reply.payload).context("a JSON reply to a JSON request")?;
+    assert_eq!(status["status"], "COMPLETED", "{status}");
+    assert_eq!(status["output"], json!({"x": 1}));
+    let id = status["id"].as_str().context("id")?.to_string();
+    let ev = terminal_event(&mut events, &id).await?;
+    assert_eq!(ev.answered.as_deref(), Some(inbox.as_str()), "the terminal event names the subject answered");
+    let again = tokio::time::timeout(Duration::from_millis(700), replies.next()).await;
+    assert!(again.is_err(), "one answer only: {again:?}");
+
+    // the wait runs out first: the control plane answers with the status of the moment, and
+    // the worker that records the result later does not answer again
+    run(json!({"sleep_ms": 1500}), 300).await?;
+    let reply = tokio::time::timeout(Duration::from_secs(30), replies.next()).await?.context("reply")?;
+    let status: Value = serde_json::from_slice(&reply.payload)?;
+    assert!(status["status"] == "IN_QUEUE" || status["status"] == "IN_PROGRESS", "{status}");
+    let id = status["id"].as_str().context("id")?.to_string();
+    let ev = terminal_event(&mut events, &id).await?;
+    assert_eq!(ev.state, shoal_protocol::job::JobState::Completed);
+    assert_eq!(ev.answered, None, "nobody waits any more");
+    let again = tokio::time::timeout(Duration::from_millis(700), replies.next()).await;
+    assert!(again.is_err(), "one answer only: {again:?}");
+    shoal.stop().await;
+    Ok(())
+}
+
+/// The next terminal event of job `id` on `events`.
+async fn terminal_event(events: &mut async_nats::Subscriber, id: &str) -> Result<shoal_protocol::events::JobEvent> {
+    use futures::StreamExt;
+    loop {
+        let msg = tokio::time::timeout(Duration::from_secs(30), events.next()).await?.context("events")?;
+        let ev: shoal_protocol::events::JobEvent = shoal_protocol::codec::from_msgpack(&msg.payload)?;
+        if ev.job_id == id && ev.state.is_terminal() {
+            return Ok(ev);
+        }
+    }
+}

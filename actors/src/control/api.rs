@@ -79,16 +79,19 @@ async fn serve(ctx: &Ctx, operation: &'static str, request: async_nats::service:
     let enc = Encoding::from_content_type(content_type.as_deref());
     let traceparent = crate::trace_context::from_headers(request.message.headers.as_ref());
     let span = tracing::debug_span!("request", op = operation, trace_id = tracing::field::Empty, otel.kind = "server");
+    let waiter = job_ops::Waiter { subject: reply.to_string(), content_type };
     let result = crate::trace_context::within(
         span,
         traceparent.as_deref(),
-        dispatch(ctx, operation, enc, &request.message.payload),
+        dispatch(ctx, operation, enc, &request.message.payload, waiter),
     )
     .await;
     let mut headers = HeaderMap::new();
     headers.insert(CONTENT_TYPE, enc.content_type());
     let body = match result {
-        Ok(body) => body,
+        Ok(Some(body)) => body,
+        // the worker side that recorded the result answered already
+        Ok(None) => return,
         Err(e) => {
             if e.code == ErrorCode::Internal || e.code == ErrorCode::Unavailable {
                 tracing::warn!(op = operation, code = %e.code, message = %e.message, "request failed");
@@ -111,21 +114,36 @@ fn rep<T: Serialize>(enc: Encoding, value: &T) -> Result<Vec<u8>, ApiError> {
     encode(enc, value).map_err(|e| ApiError::internal(e.to_string()))
 }
 
-async fn dispatch(ctx: &Ctx, operation: &str, enc: Encoding, payload: &[u8]) -> Result<Vec<u8>, ApiError> {
-    match operation {
-        op::JOB_RUN => {
-            if payload.len() > ctx.config.max_input_bytes {
-                return Err(ApiError::new(
-                    ErrorCode::TooLarge,
-                    format!(
-                        "request is {} bytes; the limit is {} bytes (control.max_input_bytes)",
-                        payload.len(),
-                        ctx.config.max_input_bytes
-                    ),
-                ));
-            }
-            rep(enc, &job_ops::run(ctx, req(enc, payload)?).await?)
+/// The reply body of one request; `None` when the request was answered elsewhere (a `job.run`
+/// whose result the worker side sent straight to the waiting submitter).
+async fn dispatch(
+    ctx: &Ctx,
+    operation: &str,
+    enc: Encoding,
+    payload: &[u8],
+    waiter: job_ops::Waiter,
+) -> Result<Option<Vec<u8>>, ApiError> {
+    if operation == op::JOB_RUN {
+        if payload.len() > ctx.config.max_input_bytes {
+            return Err(ApiError::new(
+                ErrorCode::TooLarge,
+                format!(
+                    "request is {} bytes; the limit is {} bytes (control.max_input_bytes)",
+                    payload.len(),
+                    ctx.config.max_input_bytes
+                ),
+            ));
         }
+        return match job_ops::run(ctx, req(enc, payload)?, Some(waiter)).await? {
+            job_ops::Answer::Status(status) => rep(enc, &status).map(Some),
+            job_ops::Answer::Answered => Ok(None),
+        };
+    }
+    dispatch_reply(ctx, operation, enc, payload).await.map(Some)
+}
+
+async fn dispatch_reply(ctx: &Ctx, operation: &str, enc: Encoding, payload: &[u8]) -> Result<Vec<u8>, ApiError> {
+    match operation {
         op::JOB_STATUS => rep(enc, &job_ops::status(ctx, req(enc, payload)?).await?),
         op::JOB_CANCEL => rep(enc, &job_ops::cancel(ctx, req(enc, payload)?).await?),
         op::JOB_RETRY => rep(enc, &job_ops::retry(ctx, req(enc, payload)?).await?),

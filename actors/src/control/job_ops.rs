@@ -30,7 +30,24 @@ fn new_job_id(sync: bool) -> String {
     if sync { format!("sync-{id}-u1") } else { format!("{id}-u1") }
 }
 
-pub(super) async fn run(ctx: &Ctx, mut req: RunRequest) -> Result<JobStatus, ApiError> {
+/// The submitter of a request: its reply subject and content type.
+pub(super) struct Waiter {
+    pub subject: String,
+    pub content_type: Option<String>,
+}
+
+/// What answers a `job.run`: a status to reply with, or nothing more (the worker side that
+/// recorded the result answered the waiting submitter itself).
+pub(super) enum Answer {
+    Status(Box<JobStatus>),
+    Answered,
+}
+
+/// Queues a job; with `wait_ms`, waits for its result. A waiting submitter's reply subject
+/// travels in the job's token, so the worker side answers it as soon as the result is
+/// recorded (`jobs::JobStore::transition_answering`); this waiter answers when that did not
+/// happen (the wait ran out, the job ended otherwise, an older host).
+pub(super) async fn run(ctx: &Ctx, mut req: RunRequest, waiter: Option<Waiter>) -> Result<Answer, ApiError> {
     let spec = ctx.spec(&req.endpoint).await?;
     check_input(ctx, &req).await?;
     check_queue_limit(ctx, &spec).await?;
@@ -61,7 +78,8 @@ pub(super) async fn run(ctx: &Ctx, mut req: RunRequest) -> Result<JobStatus, Api
                 let existing =
                     ctx.nats.idempotency.get(&idem_key).await.map_err(|e| ApiError::unavailable(e.to_string()))?;
                 let existing = existing.map(|b| String::from_utf8_lossy(&b).to_string()).unwrap_or_default();
-                return status(ctx, JobRef { endpoint: Some(spec.id.clone()), id: existing, wait_ms }).await;
+                let found = status(ctx, JobRef { endpoint: Some(spec.id.clone()), id: existing, wait_ms }).await;
+                return found.map(|s| Answer::Status(Box::new(s)));
             }
             Err(e) => return Err(ApiError::unavailable(e.to_string())),
         }
@@ -109,13 +127,21 @@ pub(super) async fn run(ctx: &Ctx, mut req: RunRequest) -> Result<JobStatus, Api
     let Some(revision) = ctx.store.create(&record).await.map_err(store_err)? else {
         return Err(ApiError::conflict(format!("job id {id} exists")));
     };
-    if let Err(e) = enqueue(ctx, &record, Some(revision)).await {
+    let reply = waiter.filter(|_| events.is_some()).map(|w| ReplyTo {
+        subject: w.subject,
+        content_type: w.content_type,
+        until_ms: now + wait_ms,
+    });
+    if let Err(e) = enqueue(ctx, &record, Some(revision), reply.as_ref()).await {
         let _ = ctx.store.delete(&record.endpoint, &record.id).await;
         return Err(e);
     }
     match events {
-        Some(events) => wait_terminal(ctx, &spec.id, &id, events, wait_ms, Some(record)).await,
-        None => Ok(JobStatus::from(&record)),
+        Some(events) => {
+            let mine = reply.as_ref().map(|r| r.subject.as_str());
+            wait_terminal(ctx, &spec.id, &id, events, wait_ms, Some(record), mine).await
+        }
+        None => Ok(Answer::Status(Box::new(JobStatus::from(&record)))),
     }
 }
 
@@ -177,8 +203,9 @@ const MAX_SNAPSHOT_TOKEN_BYTES: usize = 16 * 1024;
 /// Publishes the job's delivery token, awaiting JetStream's ack (the job is durable after it).
 /// With the revision just written, the token carries the record as a snapshot (when small),
 /// so the taking worker skips reading it.
-async fn enqueue(ctx: &Ctx, rec: &JobRecord, revision: Option<u64>) -> Result<(), ApiError> {
+async fn enqueue(ctx: &Ctx, rec: &JobRecord, revision: Option<u64>, reply: Option<&ReplyTo>) -> Result<(), ApiError> {
     let mut token = JobToken::new(rec.id.clone(), rec.endpoint.clone());
+    token.reply = reply.cloned();
     let encode = |t: &JobToken| to_msgpack(t).map_err(|e| ApiError::internal(e.to_string()));
     let mut bytes = encode(&token)?;
     if let Some(revision) = revision {
@@ -210,7 +237,9 @@ async fn subscribe(ctx: &Ctx, endpoint: &str, id: &str) -> Result<async_nats::Su
 }
 
 /// Waits until the job is terminal or `wait_ms` passed; returns its status either way. `known`:
-/// the record as the caller just wrote it (not read again before the first event).
+/// the record as the caller just wrote it (not read again before the first event). `mine`: the
+/// reply subject this waiter answers, which the worker side may have answered already (the
+/// terminal event says so).
 async fn wait_terminal(
     ctx: &Ctx,
     endpoint: &str,
@@ -218,7 +247,8 @@ async fn wait_terminal(
     mut events: async_nats::Subscriber,
     wait_ms: u64,
     mut known: Option<JobRecord>,
-) -> Result<JobStatus, ApiError> {
+    mine: Option<&str>,
+) -> Result<Answer, ApiError> {
     let deadline = Instant::now() + Duration::from_millis(wait_ms);
     loop {
         let rec = match known.take() {
@@ -227,7 +257,7 @@ async fn wait_terminal(
         };
         let remaining = deadline.saturating_duration_since(Instant::now());
         if rec.state.is_terminal() || remaining.is_zero() {
-            return Ok(JobStatus::from(&rec));
+            return Ok(Answer::Status(Box::new(JobStatus::from(&rec))));
         }
         // a terminal event carrying the status (small jobs) is the answer; the record is read
         // again on a terminal event without one (a non-terminal one changes nothing a waiter
@@ -237,8 +267,9 @@ async fn wait_terminal(
         while let Ok(Some(msg)) = tokio::time::timeout_at(until.into(), events.next()).await {
             match from_msgpack::<shoal_protocol::events::JobEvent>(&msg.payload) {
                 Ok(ev) if !ev.state.is_terminal() => {}
+                Ok(ev) if mine.is_some() && ev.answered.as_deref() == mine => return Ok(Answer::Answered),
                 Ok(shoal_protocol::events::JobEvent { status: Some(status), .. }) if status.status.is_terminal() => {
-                    return Ok(status);
+                    return Ok(Answer::Status(Box::new(status)));
                 }
                 _ => break,
             }
@@ -275,7 +306,11 @@ pub(super) async fn status(ctx: &Ctx, job: JobRef) -> Result<JobStatus, ApiError
         return Ok(JobStatus::from(&rec));
     }
     let events = subscribe(ctx, &rec.endpoint, &rec.id).await?;
-    wait_terminal(ctx, &rec.endpoint, &rec.id, events, wait_ms, None).await
+    match wait_terminal(ctx, &rec.endpoint, &rec.id, events, wait_ms, None, None).await? {
+        Answer::Status(status) => Ok(*status),
+        // only a waiter that names its subject is answered by the worker side
+        Answer::Answered => Err(ApiError::internal("a status request was answered by a worker")),
+    }
 }
 
 /// Why a queued job waits, from the owner's view of the endpoint's workers.
@@ -317,7 +352,7 @@ pub(super) async fn retry(ctx: &Ctx, job: JobRef) -> Result<JobStatus, ApiError>
     let rec = find(ctx, &job).await?;
     match ctx.store.transition(&rec.endpoint, &rec.id, |r| lifecycle::retry(r, now_ms())).await.map_err(store_err)? {
         Applied::Changed { record, previous, revision } => {
-            if let Err(e) = enqueue(ctx, &record, Some(revision)).await {
+            if let Err(e) = enqueue(ctx, &record, Some(revision), None).await {
                 // put it back as it was, so it stays retryable
                 let _ =
                     ctx.store.write(&ctx.store.key(&record.endpoint, &record.id), previous.as_ref(), revision).await;

@@ -12,7 +12,7 @@ use async_nats::jetstream::consumer::PullConsumer;
 use futures::StreamExt;
 use serde_json::Value;
 use shoal_protocol::codec::from_msgpack;
-use shoal_protocol::job::{JobRecord, JobToken, Priority, WorkerJob};
+use shoal_protocol::job::{JobRecord, JobToken, Priority, ReplyTo, WorkerJob};
 use shoal_protocol::lifecycle::{self, Outcome, Take};
 
 use super::ack::AckGuard;
@@ -23,6 +23,11 @@ use crate::jobs::JobStore;
 /// How often an idle worker's long-poll looks at the low-priority queue.
 const LOW_PRIORITY_CHECK: Duration = Duration::from_secs(5);
 
+/// How often a busy worker looks at the low-priority queue between normal jobs. Not after
+/// every job: each look costs two pulls that find nothing while normal jobs keep coming
+/// (four messages at the server, two round trips on the worker's path to its next job).
+const LOW_PRIORITY_RECHECK: Duration = Duration::from_millis(200);
+
 /// A job taken for a worker: what the worker gets, the record as written and its revision,
 /// and the delivery.
 pub struct TakenJob {
@@ -30,6 +35,8 @@ pub struct TakenJob {
     pub record: JobRecord,
     pub revision: u64,
     pub ack: AckGuard,
+    /// The waiting submitter to answer with the result, from the token.
+    pub reply: Option<ReplyTo>,
     /// The `job` span (a child of the submitter's trace): the worker actor keeps it open
     /// until the job's result is written.
     pub span: tracing::Span,
@@ -54,15 +61,23 @@ pub async fn fetch_and_take(
         }
         // the worker's own subscription, unless another take of this worker holds it
         let mut own = queues.puller.try_lock().ok();
-        // normal jobs first; low-priority ones only when no normal job waits
-        let mut msgs = queues.pull(own.as_deref_mut(), Priority::Normal, max, None).await;
-        if msgs.is_empty() {
-            msgs = queues.pull(own.as_deref_mut(), Priority::Low, max, None).await;
+        // normal jobs first; low-priority ones only when no normal job waits, looked at
+        // every LOW_PRIORITY_RECHECK at most (a long-poll hands over a waiting normal job at
+        // once, so between looks it is the only pull)
+        let mut msgs = Vec::new();
+        let low_due_in = queues.low_check_due_in();
+        if low_due_in.is_zero() {
+            msgs = queues.pull(own.as_deref_mut(), Priority::Normal, max, None).await;
+            if msgs.is_empty() {
+                msgs = queues.pull(own.as_deref_mut(), Priority::Low, max, None).await;
+                queues.low_checked();
+            }
         }
         if msgs.is_empty() {
-            // wait for a normal job; wake every few seconds to look at the low queue (an idle
-            // worker costs JetStream one pull per wake, so not more often)
-            let wait = remaining.min(LOW_PRIORITY_CHECK);
+            // wait for a normal job; wake to look at the low queue when that is due, or every
+            // few seconds after a look (an idle worker costs JetStream one pull per wake)
+            let wait = if low_due_in.is_zero() { LOW_PRIORITY_CHECK } else { low_due_in };
+            let wait = remaining.min(wait);
             msgs = queues.pull(own.as_deref_mut(), Priority::Normal, max, Some(wait)).await;
         }
         drop(own);
@@ -155,7 +170,8 @@ async fn take_one(store: &JobStore, token: &JobToken, worker: &str, host: &str, 
                 }
                 let input = blob_input.take().unwrap_or_else(|| next.input.clone());
                 let job = WorkerJob { id: next.id.clone(), input, s3_config: next.s3_config.clone() };
-                return Some(TakenJob { job, record: next, revision, ack, span: tracing::Span::current() });
+                let reply = token.reply.clone();
+                return Some(TakenJob { job, record: next, revision, ack, reply, span: tracing::Span::current() });
             }
             Ok(None) => continue,
             Err(e) => {
@@ -174,6 +190,8 @@ pub struct Queues {
     puller: tokio::sync::Mutex<Puller>,
     /// The worker is gone: a pull still under way hands back what it gets.
     closed: AtomicBool,
+    /// When this worker last looked at the low-priority queue (none: never).
+    low_checked_at: std::sync::Mutex<Option<Instant>>,
 }
 
 impl Queues {
@@ -185,7 +203,22 @@ impl Queues {
             low,
             puller: tokio::sync::Mutex::new(puller),
             closed: AtomicBool::new(false),
+            low_checked_at: std::sync::Mutex::new(None),
         }))
+    }
+
+    /// How long until this worker should look at the low-priority queue again (zero: now).
+    fn low_check_due_in(&self) -> Duration {
+        match self.low_checked_at.lock() {
+            Ok(at) => at.map_or(Duration::ZERO, |at| LOW_PRIORITY_RECHECK.saturating_sub(at.elapsed())),
+            Err(_) => Duration::ZERO,
+        }
+    }
+
+    fn low_checked(&self) {
+        if let Ok(mut at) = self.low_checked_at.lock() {
+            *at = Some(Instant::now());
+        }
     }
 
     pub fn is_closed(&self) -> bool {

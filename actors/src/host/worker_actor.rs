@@ -14,7 +14,7 @@ use serde_json::Value;
 use shoal_protocol::codec::to_msgpack;
 use shoal_protocol::endpoint::EndpointSpec;
 use shoal_protocol::events::WorkerEvent;
-use shoal_protocol::job::{JobRecord, Priority, WorkerJob};
+use shoal_protocol::job::{JobRecord, Priority, ReplyTo, WorkerJob};
 use shoal_protocol::lifecycle::{self, Outcome};
 use shoal_protocol::worker::{StartPhases, WorkerRecord, WorkerState};
 
@@ -110,6 +110,8 @@ struct Inflight {
     /// The revision of `record` as this worker's take wrote it.
     revision: u64,
     last_progress: Instant,
+    /// The submitter waiting for the result, answered when it is recorded.
+    reply: Option<ReplyTo>,
     /// The `worker` span, in the job's trace: from the hand-off to the worker to its result.
     span: tracing::Span,
 }
@@ -459,8 +461,8 @@ impl WorkerState_ {
         for t in jobs {
             let (endpoint_id, worker_id) = (&t.record.endpoint, &self.args.worker_id);
             let span = tracing::debug_span!(parent: &t.span, "worker", %endpoint_id, %worker_id, job_id = %t.job.id);
-            let (ack, record, revision) = (t.ack, t.record, t.revision);
-            let inflight = Inflight { ack, record, revision, last_progress: Instant::now(), span };
+            let (ack, record, revision, reply) = (t.ack, t.record, t.revision, t.reply);
+            let inflight = Inflight { ack, record, revision, last_progress: Instant::now(), reply, span };
             self.inflight.insert(t.job.id.clone(), inflight);
         }
         self.settle().await;
@@ -489,6 +491,7 @@ impl WorkerState_ {
         // the record as this worker's take wrote it: the compare-and-set needs no read unless
         // it changed since (cancelled, timed out, a progress update)
         let known = inflight.as_ref().map(|i| (i.record.clone(), i.revision));
+        let waiting = inflight.as_ref().and_then(|i| i.reply.clone());
         let span =
             inflight.as_ref().map_or_else(tracing::Span::none, |i| tracing::debug_span!(parent: &i.span, "result"));
         let done = async move {
@@ -496,7 +499,7 @@ impl WorkerState_ {
             let applied = match store.blobs().offload_outcome(&store, &endpoint, &job_id, &blob_name, outcome).await {
                 Ok((outcome, output_ref)) => {
                     store
-                        .transition_from(&endpoint, &job_id, known, |r| {
+                        .transition_answering(&endpoint, &job_id, known, waiting.as_ref(), |r| {
                             let mut next = lifecycle::finish(r, outcome.clone(), now_ms())?;
                             next.output_ref = output_ref.clone();
                             Ok(next)
