@@ -122,10 +122,21 @@ pub(super) async fn run(ctx: &Ctx, mut req: RunRequest, waiter: Option<Waiter>) 
         retention_s: Some(retention_s),
         webhook_delivery: None,
     };
-    // a waiter subscribes before the job can change
-    let events = if wait_ms > 0 { Some(subscribe(ctx, &spec.id, &id).await?) } else { None };
     let Some(revision) = ctx.store.create(&record).await.map_err(store_err)? else {
         return Err(ApiError::conflict(format!("job id {id} exists")));
+    };
+    // a waiter subscribes before the job can run (its token is not queued yet), and after its
+    // queued event (on the same connection, so that one is not delivered to it); a change
+    // between the two (a cancel) is seen when the waiter reads the record again
+    let events = match wait_ms {
+        0 => None,
+        _ => match subscribe(ctx, &spec.id, &id).await {
+            Ok(events) => Some(events),
+            Err(e) => {
+                let _ = ctx.store.delete(&record.endpoint, &record.id).await;
+                return Err(e);
+            }
+        },
     };
     let reply = waiter.filter(|_| events.is_some()).map(|w| ReplyTo {
         subject: w.subject,
