@@ -28,6 +28,11 @@ pub struct LoadTest {
     pub max_in_flight: usize,
     /// Show a progress line on stderr.
     pub progress: bool,
+    /// Async mode: also watch every job's queued and started events, to time its phases on the
+    /// tester's clock (two more messages per job at the server; without it the tester watches
+    /// only the terminal events, which carry the queue delay and execution time).
+    #[serde(default)]
+    pub phases: bool,
 }
 
 impl LoadTest {
@@ -46,6 +51,7 @@ impl LoadTest {
             job_timeout_ms: 120_000,
             max_in_flight: 10_000,
             progress: false,
+            phases: false,
         }
     }
 

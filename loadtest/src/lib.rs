@@ -304,7 +304,9 @@ async fn run_on(
     let wait = test.effective_wait();
     let tracker = Arc::new(JobTracker::default());
     let tracker_task = match wait {
-        WaitMode::Async => Some(tracker.watch(&watch_client, names, &endpoint_id).await.context("watch job events")?),
+        WaitMode::Async => {
+            Some(tracker.watch(&watch_client, names, &endpoint_id, test.phases).await.context("watch job events")?)
+        }
         _ => None,
     };
     if let Some(spec) = &spec {

@@ -189,6 +189,10 @@ struct Common {
     /// No progress line.
     #[arg(long, global = true)]
     no_progress: bool,
+    /// Async mode: also watch every job's queued and started events and report the phases on
+    /// the tester's clock (costs the server two more messages per job).
+    #[arg(long, global = true)]
+    phases: bool,
 }
 
 fn build(scenario: Scenario, c: &Common) -> Result<LoadTest> {
@@ -245,6 +249,7 @@ fn build(scenario: Scenario, c: &Common) -> Result<LoadTest> {
         job_timeout_ms: c.job_timeout_s.saturating_mul(1000),
         max_in_flight: c.max_in_flight,
         progress: !c.no_progress,
+        phases: c.phases,
     };
     test.validate().map_err(|e| anyhow!(e))?;
     Ok(test)

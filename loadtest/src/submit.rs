@@ -103,14 +103,20 @@ impl JobTracker {
                 if t.finished.is_some() {
                     return;
                 }
+                // from the queued and started events when watched, else as the terminal
+                // event's status says (the record's own timestamps)
+                let status = e.status.as_ref();
                 let f = Finished {
                     state: terminal,
                     seen,
                     queue_ms: match (t.queued_at_ms, t.started_at_ms) {
                         (Some(q), Some(s)) => Some(s.saturating_sub(q)),
-                        _ => None,
+                        _ => status.and_then(|s| s.delay_time_ms),
                     },
-                    exec_ms: t.started_at_ms.map(|s| e.at_ms.saturating_sub(s)),
+                    exec_ms: t
+                        .started_at_ms
+                        .map(|s| e.at_ms.saturating_sub(s))
+                        .or_else(|| status.and_then(|s| s.execution_time_ms)),
                     queued_seen: t.queued_seen,
                     started_seen: t.started_seen,
                 };
@@ -148,14 +154,28 @@ impl JobTracker {
     }
 
     /// Subscribes to the job events of `endpoint` and feeds them to the tracker until dropped
-    /// (the returned task is aborted by the caller).
+    /// (the returned task is aborted by the caller): the terminal events only, or with `phases`
+    /// every event (queued and started too).
     pub async fn watch(
         self: &Arc<Self>,
         client: &async_nats::Client,
         names: &Names,
         endpoint: &str,
+        phases: bool,
     ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
-        let mut sub = client.subscribe(names.events_of_kind("job")).await?;
+        let subjects = if phases {
+            vec![names.job_event_subject(endpoint, "*", "*")]
+        } else {
+            [JobState::Completed, JobState::Failed, JobState::TimedOut, JobState::Cancelled]
+                .iter()
+                .map(|s| names.job_event_subject(endpoint, "*", s.event_token()))
+                .collect()
+        };
+        let mut subs = Vec::new();
+        for subject in subjects {
+            subs.push(client.subscribe(subject).await?);
+        }
+        let mut sub = futures::stream::select_all(subs);
         let (me, endpoint) = (self.clone(), endpoint.to_string());
         Ok(tokio::spawn(async move {
             while let Some(msg) = sub.next().await {
@@ -403,6 +423,20 @@ mod tests {
         assert_eq!((f.state, f.queue_ms, f.exec_ms), (JobState::Failed, Some(2), Some(8)));
         assert!(t.jobs.lock().expect("lock").is_empty());
         assert_eq!(t.events.load(Ordering::Relaxed), 8);
+    }
+
+    #[tokio::test]
+    async fn terminal_events_alone_give_the_delay_and_execution_time_from_their_status() {
+        let t = JobTracker::default();
+        let mut done = ev("c", JobState::Completed, 500);
+        let status =
+            json!({"id": "c", "endpoint": "ep", "status": "COMPLETED", "delay_time_ms": 4, "execution_time_ms": 9});
+        done.status = Some(serde_json::from_value(status).expect("a status"));
+        let rx = t.wait_for("c");
+        t.on_event(&done, Instant::now());
+        let f = rx.await.expect("finished");
+        assert_eq!((f.state, f.queue_ms, f.exec_ms), (JobState::Completed, Some(4), Some(9)));
+        assert_eq!((f.queued_seen, f.started_seen), (None, None));
     }
 
     #[test]
