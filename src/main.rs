@@ -14,6 +14,13 @@ mod settings;
 mod shutdown;
 mod telemetry;
 
+/// jemalloc rather than glibc's allocator: the job path allocates per message (decode, encode,
+/// task and channel nodes), and under a burst glibc's malloc/free took 13 % of the process's CPU;
+/// jemalloc gives 10-15 % more jobs/s for ~2.5 MiB more RSS on an idle 1,000-endpoint replica
+/// (BENCHMARKS.md, series 11).
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 

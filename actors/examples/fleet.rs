@@ -17,6 +17,10 @@
 //! window: CPU (user+system, % of one core) and RSS from /proc/self every 5 s and a summary.
 //! `scripts/bench-fleet` runs the whole thing, its own nats-server included.
 
+/// The allocator of the `shoal` binary, so the replica measured is the one that runs.
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};

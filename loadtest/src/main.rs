@@ -1,5 +1,10 @@
 //! `shoal-loadtest`: the command line of the load tester (see the crate docs of shoal_loadtest).
 
+/// The allocator of the `shoal` binary (see its `main.rs`), so that the embedded installation
+/// measured allocates as `shoal` does.
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 
