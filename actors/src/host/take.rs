@@ -183,6 +183,12 @@ async fn take_one(store: &JobStore, token: &JobToken, worker: &str, host: &str, 
     None
 }
 
+/// How long after `now` a worker that last looked at the low-priority queue at `last` (never:
+/// none) should look again: at once the first time, then LOW_PRIORITY_RECHECK after each look.
+fn low_check_due_in(last: Option<Instant>, now: Instant) -> Duration {
+    last.map_or(Duration::ZERO, |at| LOW_PRIORITY_RECHECK.saturating_sub(now.saturating_duration_since(at)))
+}
+
 /// An endpoint's two queue consumers, as one worker pulls from them.
 pub struct Queues {
     pub normal: PullConsumer,
@@ -210,7 +216,7 @@ impl Queues {
     /// How long until this worker should look at the low-priority queue again (zero: now).
     fn low_check_due_in(&self) -> Duration {
         match self.low_checked_at.lock() {
-            Ok(at) => at.map_or(Duration::ZERO, |at| LOW_PRIORITY_RECHECK.saturating_sub(at.elapsed())),
+            Ok(at) => low_check_due_in(*at, Instant::now()),
             Err(_) => Duration::ZERO,
         }
     }
@@ -330,4 +336,22 @@ async fn drain(batch: Option<async_nats::jetstream::consumer::pull::Batch>) -> V
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_low_priority_queue_is_looked_at_first_then_at_most_every_recheck() {
+        let t0 = Instant::now();
+        assert_eq!(low_check_due_in(None, t0), Duration::ZERO, "a worker that never looked looks at once");
+        assert_eq!(low_check_due_in(Some(t0), t0), LOW_PRIORITY_RECHECK);
+        let half = LOW_PRIORITY_RECHECK / 2;
+        assert_eq!(low_check_due_in(Some(t0), t0 + half), LOW_PRIORITY_RECHECK - half);
+        assert_eq!(low_check_due_in(Some(t0), t0 + LOW_PRIORITY_RECHECK), Duration::ZERO);
+        assert_eq!(low_check_due_in(Some(t0), t0 + LOW_PRIORITY_CHECK), Duration::ZERO);
+        // a clock read before the look (another take of the same worker) is not "overdue"
+        assert_eq!(low_check_due_in(Some(t0 + half), t0), LOW_PRIORITY_RECHECK);
+    }
 }
