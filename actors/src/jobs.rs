@@ -158,11 +158,13 @@ impl JobStore {
             match self.write(&key, &next, revision).await? {
                 Some(rev) => {
                     if next.state != current.state {
-                        let answered = match reply {
-                            Some(reply) if next.state.is_terminal() => self.answer(reply, &next).await,
+                        // the status of a terminal record, built once for the answer and the event
+                        let status = next.state.is_terminal().then(|| JobStatus::from(&next));
+                        let answered = match (reply, &status) {
+                            (Some(reply), Some(status)) => self.answer(reply, status).await,
                             _ => None,
                         };
-                        self.publish_event_answered(&next, answered).await;
+                        self.publish_event_with(&next, status, answered).await;
                     }
                     return Ok(Applied::Changed { record: Box::new(next), previous: Box::new(current), revision: rev });
                 }
@@ -218,19 +220,18 @@ impl JobStore {
     /// a webhook that reached a terminal state also gets a "webhook due" event, which is all the
     /// webhook dispatchers read.
     pub async fn publish_event(&self, rec: &JobRecord) {
-        self.publish_event_answered(rec, None).await
+        self.publish_event_with(rec, rec.state.is_terminal().then(|| JobStatus::from(rec)), None).await
     }
 
     /// Answers a waiting submitter with the status of a terminal record, in the encoding its
     /// request used, unless its wait is over or the answer is too large to be sure it travels
     /// (then the control plane's waiter answers). The subject answered, if any.
-    async fn answer(&self, reply: &ReplyTo, rec: &JobRecord) -> Option<String> {
+    async fn answer(&self, reply: &ReplyTo, status: &JobStatus) -> Option<String> {
         if now_ms() >= reply.until_ms {
             return None;
         }
         let encoding = Encoding::from_content_type(reply.content_type.as_deref());
-        let body =
-            encode_as(encoding, &JobStatus::from(rec)).ok().filter(|b| b.len() <= MAX_EVENT_WITH_STATUS_BYTES)?;
+        let body = encode_as(encoding, status).ok().filter(|b| b.len() <= MAX_EVENT_WITH_STATUS_BYTES)?;
         let mut headers = async_nats::HeaderMap::new();
         headers.insert(CONTENT_TYPE, encoding.content_type());
         match self.nats.client.publish_with_headers(reply.subject.clone(), headers, Bytes::from(body)).await {
@@ -242,7 +243,8 @@ impl JobStore {
         }
     }
 
-    async fn publish_event_answered(&self, rec: &JobRecord, answered: Option<String>) {
+    /// The event of `rec`'s state, with `status` (a terminal record's) and the subject answered.
+    async fn publish_event_with(&self, rec: &JobRecord, status: Option<JobStatus>, answered: Option<String>) {
         let mut event = JobEvent {
             job_id: rec.id.clone(),
             endpoint: rec.endpoint.clone(),
@@ -257,7 +259,7 @@ impl JobStore {
         if rec.state.is_terminal() && rec.webhook.is_some() {
             self.nats.publish_event(self.nats.names.webhook_due_subject(&rec.endpoint, &rec.id), &event).await;
         }
-        event.status = rec.state.is_terminal().then(|| JobStatus::from(rec));
+        event.status = status;
         let subject = self.nats.names.job_event_subject(&rec.endpoint, &rec.id, rec.state.event_token());
         if event.status.is_some() {
             match to_msgpack(&event) {
