@@ -386,11 +386,12 @@ async fn run_on(
         notes.push("interrupted: the run was stopped early; jobs in flight then are not counted".into());
     }
     if wait == WaitMode::Async {
-        notes.push(match test.phases {
-            true => "async mode: queue delay and execution time come from the job events' timestamps (ms)".into(),
-            false => "async mode: queue delay and execution time come from the terminal job events' status (ms); \
-                      --phases also times the queued and started events on the tester's clock"
-                .into(),
+        notes.push(if test.phases {
+            "async mode: queue delay and execution time come from the job events' timestamps (ms)".into()
+        } else {
+            "async mode: queue delay and execution time come from the terminal job events' status (ms); \
+             --phases also times the queued and started events on the tester's clock"
+                .into()
         });
     }
     if workers.cold_starts.iter().any(|c| c.restarts > 0) || workers.timeline.iter().any(|p| p.other > 0) {
