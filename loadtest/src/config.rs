@@ -80,6 +80,9 @@ impl LoadTest {
                 self.endpoint.workers_min, self.endpoint.workers_max
             ));
         }
+        if !(1..=256).contains(&self.endpoint.concurrency) {
+            return Err(format!("concurrency {}: job slots per worker go from 1 to 256", self.endpoint.concurrency));
+        }
         if self.job_timeout_ms < 1000 {
             return Err("job_timeout_ms: must be at least 1000".into());
         }
@@ -183,6 +186,14 @@ pub struct EndpointSettings {
     pub image: Option<String>,
     /// Extra environment of the workers.
     pub env: Vec<(String, String)>,
+    /// Job slots per worker (the endpoint's `concurrency`; the example workers read it as
+    /// SHOAL_EXAMPLE_CONCURRENCY and take jobs in batches when more than one slot is free).
+    #[serde(default = "one")]
+    pub concurrency: u32,
+}
+
+fn one() -> u32 {
+    1
 }
 
 impl Default for EndpointSettings {
@@ -198,6 +209,7 @@ impl Default for EndpointSettings {
             command: None,
             image: None,
             env: vec![],
+            concurrency: 1,
         }
     }
 }
@@ -277,6 +289,9 @@ mod tests {
         let mut t = LoadTest::burst(10);
         t.endpoint.workers_min = 3;
         assert!(t.validate().expect_err("min > max").contains("workers_min"));
+        let mut t = LoadTest::burst(10);
+        t.endpoint.concurrency = 0;
+        assert!(t.validate().expect_err("no slots").contains("concurrency"));
         let mut t = LoadTest::burst(10);
         t.target = Target::embedded(RuntimeKind::Docker);
         assert!(t.validate().expect_err("no image").contains("--image"));

@@ -153,6 +153,10 @@ fn endpoint_spec(test: &LoadTest, id: &str) -> Result<EndpointSpec> {
     spec.scaler_value = s.scaler_value;
     spec.idle_timeout_s = s.idle_timeout_s;
     spec.env.extend(s.env.iter().cloned());
+    spec.concurrency = s.concurrency;
+    if s.concurrency > 1 {
+        spec.env.insert("SHOAL_EXAMPLE_CONCURRENCY".into(), s.concurrency.to_string());
+    }
     spec.validate().map_err(|e| anyhow!("endpoint settings: {}", e.message))?;
     Ok(spec)
 }

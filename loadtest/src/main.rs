@@ -143,6 +143,10 @@ struct Common {
     workers_min: Option<u32>,
     #[arg(long, global = true)]
     workers_max: Option<u32>,
+    /// Job slots per worker: the example workers' SHOAL_EXAMPLE_CONCURRENCY (the SDK's
+    /// concurrency_modifier); with more than one slot free a worker takes jobs with job-take-batch.
+    #[arg(long, global = true, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=256))]
+    worker_concurrency: u32,
     #[arg(long, global = true, value_enum, default_value = "queue-delay")]
     scaler: ScalerArg,
     #[arg(long, global = true, default_value_t = 4.0)]
@@ -248,6 +252,7 @@ fn build(scenario: Scenario, c: &Common) -> Result<LoadTest> {
             command: c.worker_command.clone(),
             image: c.image.clone(),
             env: vec![],
+            concurrency: c.worker_concurrency,
         },
         target,
         baseline: c.baseline,

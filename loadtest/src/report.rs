@@ -163,10 +163,12 @@ impl Report {
             Transport::Http { url: Some(url), .. } => format!("HTTP gateway {url}"),
             Transport::Http { url: None, .. } => "HTTP gateway (embedded)".to_string(),
         };
+        let slots = t.endpoint.concurrency;
+        let env = if slots > 1 { format!(", {slots} job slots each") } else { String::new() };
         let _ = writeln!(out, "shoal-loadtest: {}", t.scenario.describe());
         let _ = writeln!(
             out,
-            "  handler {}, payload {} B, {transport} ({}), endpoint {} (workers {}..{}), {target}",
+            "  handler {}, payload {} B, {transport} ({}), endpoint {} (workers {}..{}{env}), {target}",
             t.handler.describe(),
             t.payload_bytes,
             self.mode,

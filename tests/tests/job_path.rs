@@ -106,6 +106,52 @@ async fn a_concurrent_python_worker_takes_jobs_in_batches() -> Result<()> {
     Ok(())
 }
 
+/// A worker with several job slots (the SDK's `concurrency_modifier`; here the Rust example
+/// worker's `SHOAL_EXAMPLE_CONCURRENCY`) takes what waits in batches and runs the jobs side by
+/// side, and a lone job that comes while it waits is handed over at once: a pull for several
+/// tokens would be held by the server until all of them came or the pull expired (5 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_with_several_slots_takes_batches_and_gets_a_lone_job_at_once() -> Result<()> {
+    use shoal_protocol::api::{JobRef, RunRequest};
+    use shoal_protocol::job::JobState;
+    use shoal_protocol::worker::WorkerState;
+    let shoal = Shoal::start().await?;
+    let mut spec = rust_endpoint("slots")?;
+    spec.env.insert("SHOAL_EXAMPLE_CONCURRENCY".into(), "4".into());
+    spec.concurrency = 4;
+    shoal.api.create_endpoint(&spec).await?;
+    // the worker has asked for jobs (Idle) and is long-polling for them
+    shoal_tests::eventually(Duration::from_secs(60), "the worker is idle", || async {
+        let w = shoal.api.workers(Some("slots")).await.ok()?;
+        w.workers.iter().any(|w| w.state == WorkerState::Idle).then_some(())
+    })
+    .await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for n in 0..3 {
+        let mut req = RunRequest::new("slots", json!({"n": n}));
+        req.wait_ms = 1_000;
+        let s = shoal.api.run(&req).await?;
+        assert_eq!(s.status, JobState::Completed, "lone job {n} is handed over while the worker waits: {s:?}");
+        assert_eq!(s.output, Some(json!({"n": n})));
+    }
+    let mut ids = Vec::new();
+    for n in 0..8 {
+        ids.push(shoal.api.run(&RunRequest::new("slots", json!({"sleep_ms": 1500, "n": n}))).await?.id);
+    }
+    let most = shoal_tests::eventually(Duration::from_secs(60), "several jobs on the worker", || async {
+        let w = shoal.api.workers(Some("slots")).await.ok()?;
+        w.workers.iter().map(|w| w.current_jobs.len()).max().filter(|n| *n >= 2)
+    })
+    .await?;
+    assert!(most <= 4, "never more jobs than slots: {most}");
+    for id in ids {
+        let s = shoal.api.status(&JobRef { endpoint: Some("slots".into()), id, wait_ms: 60_000 }).await?;
+        assert_eq!(s.status, JobState::Completed, "{s:?}");
+    }
+    shoal.stop().await;
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_api_is_discoverable_as_a_nats_micro_service() -> Result<()> {
     let shoal = Shoal::start().await?;

@@ -63,24 +63,30 @@ pub async fn fetch_and_take(
         let mut own = queues.puller.try_lock().ok();
         // normal jobs first; low-priority ones only when no normal job waits, looked at
         // every LOW_PRIORITY_RECHECK at most (a long-poll hands over a waiting normal job at
-        // once, so between looks it is the only pull)
+        // once, so between looks it is the only pull). A worker with several free slots first
+        // takes what waits now, up to all of them.
         let mut msgs = Vec::new();
         let low_due_in = queues.low_check_due_in();
-        if low_due_in.is_zero() {
+        if low_due_in.is_zero() || max > 1 {
             msgs = queues.pull(own.as_deref_mut(), Priority::Normal, max, None).await;
-            if msgs.is_empty() {
-                msgs = queues.pull(own.as_deref_mut(), Priority::Low, max, None).await;
-                queues.low_checked();
-            }
+        }
+        if msgs.is_empty() && low_due_in.is_zero() {
+            msgs = queues.pull(own.as_deref_mut(), Priority::Low, max, None).await;
+            queues.low_checked();
         }
         if msgs.is_empty() {
             // wait for a normal job; wake to look at the low queue when that is due, or every
-            // few seconds after a look (an idle worker costs JetStream one pull per wake)
+            // few seconds after a look (an idle worker costs JetStream one pull per wake). The
+            // wait is for one token: the server holds a pull for more until all have come or
+            // it expires, which would keep the first one from a worker with free slots
             let wait = if low_due_in.is_zero() { LOW_PRIORITY_CHECK } else { low_due_in };
             let wait = remaining.min(wait);
-            msgs = queues.pull(own.as_deref_mut(), Priority::Normal, max, Some(wait)).await;
+            msgs = queues.pull(own.as_deref_mut(), Priority::Normal, 1, Some(wait)).await;
         }
         drop(own);
+        // the tokens of one pull are taken together: their compare-and-sets and events leave
+        // side by side (one write to the server for the batch, not a round trip each)
+        let mut takes = Vec::with_capacity(msgs.len());
         for m in msgs {
             let (message, acker) = m.split();
             let ack = AckGuard::new(acker);
@@ -97,13 +103,16 @@ pub async fn fetch_and_take(
             let trace_id = crate::trace_context::trace_id_of(message.headers.as_ref());
             let span = tracing::info_span!("job", endpoint_id = %token.endpoint, job_id = %token.id, worker_id = worker, trace_id);
             crate::trace_context::set_parent(&span, message.headers.as_ref());
-            let taken_one =
-                tracing::Instrument::instrument(take_one(store, &token, worker, host, ack), span.clone()).await;
-            span.in_scope(|| tracing::debug!(taken = taken_one.is_some(), "job token delivered"));
-            if let Some(t) = taken_one {
-                taken.push(t);
-            }
+            takes.push(tracing::Instrument::instrument(
+                async move {
+                    let taken_one = take_one(store, &token, worker, host, ack).await;
+                    tracing::debug!(taken = taken_one.is_some(), "job token delivered");
+                    taken_one
+                },
+                span,
+            ));
         }
+        taken.extend(futures::future::join_all(takes).await.into_iter().flatten());
     }
     taken
 }

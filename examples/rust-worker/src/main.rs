@@ -1,7 +1,9 @@
 //! A tiny worker speaking the RunPod worker HTTP protocol (see `runpod.md` §3), for tests and benchmarks.
 //!
-//! It reads the same environment as the runpod Python SDK and behaves like an SDK worker with one job slot and no
-//! job-stop channel (like SDK < 1.10.1: only killing the process cancels a job). What a job does is chosen by its
+//! It reads the same environment as the runpod Python SDK and behaves like an SDK worker without a job-stop channel
+//! (like SDK < 1.10.1: only killing the process cancels a job). It has one job slot, or `SHOAL_EXAMPLE_CONCURRENCY`
+//! of them (like the SDK's `concurrency_modifier`, runpod.md §3.6): with more than one slot free it takes jobs with
+//! job-take-batch (`batch_size` = the free slots) and runs them concurrently. What a job does is chosen by its
 //! `input` (a JSON object; any other value is echoed), applied in this order:
 //!
 //! - `{"sleep_ms": N}`: sleep N ms first (then the other keys apply; alone, the input is echoed);
@@ -32,6 +34,8 @@ struct Config {
     ping: String,
     ping_interval: Duration,
     api_key: String,
+    /// Job slots (`SHOAL_EXAMPLE_CONCURRENCY`, default 1).
+    concurrency: usize,
 }
 
 fn required(name: &str) -> Result<String> {
@@ -65,7 +69,15 @@ impl Config {
                 bail!("{name} must contain '?' (parameters are appended with '&'): {url}");
             }
         }
+        let concurrency = match std::env::var("SHOAL_EXAMPLE_CONCURRENCY") {
+            Ok(v) if !v.trim().is_empty() => match v.trim().parse::<usize>() {
+                Ok(n) if (1..=256).contains(&n) => n,
+                _ => bail!("SHOAL_EXAMPLE_CONCURRENCY must be a number of job slots from 1 to 256, got {v:?}"),
+            },
+            _ => 1,
+        };
         Ok(Self {
+            concurrency,
             get_job,
             post_output,
             post_stream,
@@ -93,21 +105,58 @@ fn encode(value: &str) -> String {
 struct Worker {
     cfg: Config,
     http: reqwest::Client,
-    /// The job being run, listed in pings.
-    current: Arc<Mutex<Option<String>>>,
+    /// The jobs being run, listed in pings.
+    current: Arc<Mutex<Vec<String>>>,
+}
+
+/// The job-take URL for `free` free slots (runpod.md §3.6): job-take for one, job-take-batch with `batch_size` for
+/// more; `job_in_progress` tells whether this worker still runs a job.
+fn take_url(get_job: &str, free: usize, in_progress: bool) -> String {
+    let in_progress = u8::from(in_progress);
+    if free > 1 {
+        let batch = get_job.replacen("/job-take/", "/job-take-batch/", 1);
+        format!("{batch}&batch_size={free}&job_in_progress={in_progress}")
+    } else {
+        format!("{get_job}&job_in_progress={in_progress}")
+    }
+}
+
+/// The jobs of a job-take reply: one object, or an array of them (batch); anything without an id and an input is
+/// dropped with a message.
+fn jobs_of(reply: Value) -> Vec<(String, Value)> {
+    let items = match reply {
+        Value::Array(items) => items,
+        one => vec![one],
+    };
+    items
+        .into_iter()
+        .filter_map(|job| match (job.get("id").and_then(Value::as_str), job.get("input")) {
+            (Some(id), Some(input)) => Some((id.to_owned(), input.clone())),
+            _ => {
+                eprintln!("shoal-example-worker: dropping job without id and input: {job}");
+                None
+            }
+        })
+        .collect()
 }
 
 impl Worker {
-    fn set_current(&self, id: Option<&str>) {
-        *self.current.lock().unwrap_or_else(|e| e.into_inner()) = id.map(str::to_owned);
+    fn running(&self, id: &str, on: bool) {
+        let mut current = self.current.lock().unwrap_or_else(|e| e.into_inner());
+        if on {
+            current.push(id.to_owned());
+        } else {
+            current.retain(|j| j != id);
+        }
     }
 
-    /// One job-take call. `Ok(None)` means no job (204, 400, malformed reply); errors carry the back-off to use.
-    async fn take(&self) -> Result<Option<(String, Value)>, Duration> {
-        let url = format!("{}&job_in_progress=0", self.cfg.get_job);
+    /// One job-take call for `free` slots. `Ok(vec![])` means no job (204, 400, malformed reply); errors carry the
+    /// back-off to use.
+    async fn take(&self, free: usize, in_progress: bool) -> Result<Vec<(String, Value)>, Duration> {
+        let url = take_url(&self.cfg.get_job, free, in_progress);
         let resp = match self.http.get(&url).timeout(TAKE_TIMEOUT).send().await {
             Ok(r) => r,
-            Err(e) if e.is_timeout() => return Ok(None),
+            Err(e) if e.is_timeout() => return Ok(vec![]),
             Err(e) => {
                 eprintln!("shoal-example-worker: job-take failed: {e}");
                 return Err(Duration::from_secs(1));
@@ -115,25 +164,18 @@ impl Worker {
         };
         match resp.status() {
             StatusCode::OK => {}
-            StatusCode::NO_CONTENT | StatusCode::BAD_REQUEST => return Ok(None),
+            StatusCode::NO_CONTENT | StatusCode::BAD_REQUEST => return Ok(vec![]),
             StatusCode::TOO_MANY_REQUESTS => return Err(Duration::from_secs(5)),
             s => {
                 eprintln!("shoal-example-worker: job-take answered {s}");
                 return Err(Duration::from_secs(1));
             }
         }
-        let job: Value = match resp.json().await {
-            Ok(v) => v,
+        match resp.json::<Value>().await {
+            Ok(reply) => Ok(jobs_of(reply)),
             Err(e) => {
                 eprintln!("shoal-example-worker: job-take body is not JSON: {e}");
-                return Ok(None);
-            }
-        };
-        match (job.get("id").and_then(Value::as_str), job.get("input")) {
-            (Some(id), Some(input)) => Ok(Some((id.to_owned(), input.clone()))),
-            _ => {
-                eprintln!("shoal-example-worker: dropping job without id and input: {job}");
-                Ok(None)
+                Ok(vec![])
             }
         }
     }
@@ -193,13 +235,14 @@ impl Worker {
 }
 
 /// Heartbeat: `GET {PING}?job_id=<id>&runpod_version=…` (no `job_id` when idle), then sleep the interval.
-async fn ping_loop(http: reqwest::Client, base: String, interval: Duration, current: Arc<Mutex<Option<String>>>) {
+async fn ping_loop(http: reqwest::Client, base: String, interval: Duration, current: Arc<Mutex<Vec<String>>>) {
     let sep = if base.contains('?') { '&' } else { '?' };
     loop {
-        let job = current.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        let url = match job {
-            Some(id) => format!("{base}{sep}job_id={}&runpod_version={VERSION}", encode(&id)),
-            None => format!("{base}{sep}runpod_version={VERSION}"),
+        let jobs = current.lock().unwrap_or_else(|e| e.into_inner()).join(",");
+        let url = if jobs.is_empty() {
+            format!("{base}{sep}runpod_version={VERSION}")
+        } else {
+            format!("{base}{sep}job_id={}&runpod_version={VERSION}", encode(&jobs))
         };
         if let Err(e) = http.get(&url).timeout(interval * 2).send().await {
             eprintln!("shoal-example-worker: ping failed: {e}");
@@ -219,11 +262,11 @@ async fn main_loop(cfg: Config) -> Result<()> {
         .user_agent(concat!("shoal-example-worker/", env!("CARGO_PKG_VERSION")))
         .build()
         .context("building the HTTP client")?;
-    let current = Arc::new(Mutex::new(None));
+    let current = Arc::new(Mutex::new(Vec::new()));
     tokio::spawn(ping_loop(http.clone(), cfg.ping.clone(), cfg.ping_interval, current.clone()));
-    let worker = Worker { cfg, http, current };
+    let worker = Arc::new(Worker { cfg, http, current });
 
-    // SIGTERM/SIGINT: like the SDK, finish the current long-poll and job, then exit 0.
+    // SIGTERM/SIGINT: like the SDK, finish the current long-poll and jobs, then exit 0.
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {
         wait_for_signal().await;
@@ -231,19 +274,32 @@ async fn main_loop(cfg: Config) -> Result<()> {
         let _ = stop_tx.send(true);
     });
 
+    let slots = worker.cfg.concurrency;
+    let mut jobs = tokio::task::JoinSet::new();
     while !*stop_rx.borrow() {
-        match worker.take().await {
-            Ok(Some((id, input))) => {
-                worker.set_current(Some(&id));
-                if let Err(e) = worker.run(&id, &input).await {
-                    eprintln!("shoal-example-worker: job {id}: {e:#}");
+        // a slot frees when a job ends; those that ended meanwhile free theirs too, so the next take asks for them all
+        if jobs.len() >= slots {
+            jobs.join_next().await;
+        }
+        while jobs.try_join_next().is_some() {}
+        match worker.take(slots - jobs.len(), !jobs.is_empty()).await {
+            Ok(taken) => {
+                for (id, input) in taken {
+                    // marked running at once, before the handler starts, like the SDK
+                    worker.running(&id, true);
+                    let worker = worker.clone();
+                    jobs.spawn(async move {
+                        if let Err(e) = worker.run(&id, &input).await {
+                            eprintln!("shoal-example-worker: job {id}: {e:#}");
+                        }
+                        worker.running(&id, false);
+                    });
                 }
-                worker.set_current(None);
             }
-            Ok(None) => {}
             Err(backoff) => tokio::time::sleep(backoff).await,
         }
     }
+    while jobs.join_next().await.is_some() {}
     Ok(())
 }
 
@@ -268,8 +324,8 @@ async fn wait_for_signal() {
     let _ = tokio::signal::ctrl_c().await;
 }
 
-// One job at a time, like the SDK's single asyncio loop: one thread is enough, and a
-// multi-threaded runtime per worker process costs more in wake-ups than the jobs themselves.
+// Like the SDK's single asyncio loop: one thread is enough, and a multi-threaded runtime per
+// worker process costs more in wake-ups than the jobs themselves.
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
     let cfg = match Config::from_env() {
@@ -285,5 +341,32 @@ async fn main() -> ExitCode {
             eprintln!("shoal-example-worker: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GET_JOB: &str = "http://h:1/v2/ep/job-take/w1?gpu=none";
+
+    #[test]
+    fn one_free_slot_takes_one_job_and_more_take_a_batch_of_them() {
+        assert_eq!(take_url(GET_JOB, 1, false), "http://h:1/v2/ep/job-take/w1?gpu=none&job_in_progress=0");
+        assert_eq!(take_url(GET_JOB, 1, true), "http://h:1/v2/ep/job-take/w1?gpu=none&job_in_progress=1");
+        assert_eq!(
+            take_url(GET_JOB, 3, true),
+            "http://h:1/v2/ep/job-take-batch/w1?gpu=none&batch_size=3&job_in_progress=1"
+        );
+    }
+
+    #[test]
+    fn a_take_reply_is_one_job_or_a_batch_and_malformed_jobs_are_dropped() {
+        let one = jobs_of(json!({"id": "a", "input": {"x": 1}}));
+        assert_eq!(one, vec![("a".to_string(), json!({"x": 1}))]);
+        let batch = jobs_of(json!([{"id": "a", "input": 1}, {"id": "b"}, {"input": 2}, {"id": "c", "input": null}]));
+        assert_eq!(batch, vec![("a".to_string(), json!(1)), ("c".to_string(), Value::Null)]);
+        assert!(jobs_of(json!([])).is_empty());
+        assert!(jobs_of(json!("nonsense")).is_empty());
     }
 }
