@@ -27,13 +27,26 @@ async fn simulated_workers_scale_and_run_a_burst() -> Result<()> {
         spec.scaler = ScalerKind::RequestCount;
         spec.scaler_value = 2.0;
         spec.idle_timeout_s = 1;
+        if ep == "sim-b" {
+            // two workers with four job slots each, taking in batches
+            spec.workers_max = 2;
+            spec.concurrency = 4;
+        }
         shoal.api.create_endpoint(&spec).await?;
     }
     let mut ids = Vec::new();
     for n in 0..100 {
-        let ep = if n % 2 == 0 { "sim-a" } else { "sim-b" };
-        ids.push((ep, shoal.api.run(&RunRequest::new(ep, json!({"n": n}))).await?.id));
+        let (ep, input) =
+            if n % 2 == 0 { ("sim-a", json!({"n": n})) } else { ("sim-b", json!({"n": n, "sleep_ms": 200})) };
+        ids.push((ep, shoal.api.run(&RunRequest::new(ep, input)).await?.id));
     }
+    let most =
+        shoal_tests::eventually(std::time::Duration::from_secs(60), "a sim-b worker runs several jobs", || async {
+            let w = shoal.api.workers(Some("sim-b")).await.ok()?;
+            w.workers.iter().map(|w| w.current_jobs.len()).max().filter(|n| *n >= 2)
+        })
+        .await?;
+    assert!(most <= 4, "never more jobs than slots: {most}");
     for (ep, id) in ids {
         let s = shoal.api.status(&JobRef { endpoint: Some(ep.into()), id, wait_ms: 60_000 }).await?;
         assert_eq!(s.status, JobState::Completed, "{s:?}");

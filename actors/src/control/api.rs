@@ -80,12 +80,10 @@ async fn serve(ctx: &Ctx, operation: &'static str, request: async_nats::service:
     let traceparent = crate::trace_context::from_headers(request.message.headers.as_ref());
     let span = tracing::debug_span!("request", op = operation, trace_id = tracing::field::Empty, otel.kind = "server");
     let waiter = job_ops::Waiter { subject: reply.to_string(), content_type };
-    let result = crate::trace_context::within(
-        span,
-        traceparent.as_deref(),
-        dispatch(ctx, operation, enc, &request.message.payload, waiter),
-    )
-    .await;
+    // boxed: every request is a task of its own, and one holding the operation's whole state
+    // inline (tens of KB) costs a large allocation and its copy per request
+    let dispatched = Box::pin(dispatch(ctx, operation, enc, &request.message.payload, waiter));
+    let result = crate::trace_context::within(span, traceparent.as_deref(), dispatched).await;
     let mut headers = HeaderMap::new();
     headers.insert(CONTENT_TYPE, enc.content_type());
     let body = match result {
@@ -139,7 +137,9 @@ async fn dispatch(
             job_ops::Answer::Answered => Ok(None),
         };
     }
-    dispatch_reply(ctx, operation, enc, payload).await.map(Some)
+    // the other operations are rare next to job runs: boxed, so that a run's state is not
+    // sized for the largest of them
+    Box::pin(dispatch_reply(ctx, operation, enc, payload)).await.map(Some)
 }
 
 async fn dispatch_reply(ctx: &Ctx, operation: &str, enc: Encoding, payload: &[u8]) -> Result<Vec<u8>, ApiError> {
