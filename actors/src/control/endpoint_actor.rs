@@ -259,7 +259,7 @@ impl EndpointState {
         if rec.state.is_terminal() {
             self.open.remove(&rec.id);
         } else {
-            self.open.insert(rec.id.clone(), rec);
+            self.open.insert(rec.id.clone(), kept(rec));
         }
     }
 
@@ -341,6 +341,16 @@ impl EndpointState {
     }
 }
 
+/// What the actor keeps of an open job: its state, priority and the times and timeouts of its
+/// deadlines, not its input or output (up to the inline limit each: a long queue would hold
+/// them all in the owning replica's memory). A deadline's transition reads the record anew.
+fn kept(mut rec: JobRecord) -> JobRecord {
+    rec.input = serde_json::Value::Null;
+    rec.output = None;
+    rec.s3_config = None;
+    rec
+}
+
 /// Tells the host running `rec` to stop it (cancel, timeout).
 pub async fn send_stop(nats: &Nats, rec: &JobRecord, reason: &str) {
     let (Some(host), Some(worker)) = (&rec.host_id, &rec.worker_id) else { return };
@@ -354,5 +364,34 @@ pub async fn send_stop(nats: &Nats, rec: &JobRecord, reason: &str) {
         && let Err(e) = nats.client.publish(nats.names.host_stop_job_subject(host), Bytes::from(bytes)).await
     {
         tracing::warn!(job_id = %rec.id, error = %e, "cannot send stop to host");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use shoal_protocol::codec::from_msgpack;
+
+    #[test]
+    fn an_open_job_is_kept_without_its_input_and_output_but_with_its_deadlines() {
+        let sample = include_bytes!("../../../protocol/tests/samples/job_record.msgpack");
+        let mut rec: JobRecord = from_msgpack(sample).expect("the sample record decodes");
+        rec.input = serde_json::json!({"prompt": "x".repeat(10_000)});
+        rec.output = Some(serde_json::json!({"partial": "y".repeat(10_000)}));
+        rec.state = JobState::InProgress;
+        rec.started_at_ms = Some(rec.submitted_at_ms + 5);
+        let held = kept(rec.clone());
+        assert_eq!(held.input, serde_json::Value::Null);
+        assert_eq!(held.output, None);
+        assert!(to_msgpack(&held).expect("encodes").len() < 2_000, "a few hundred bytes, not the payloads");
+        let execution = rec.execution_deadline_ms().expect("running");
+        assert!(lifecycle::overdue(&held, execution).is_some());
+        for now in [0, execution - 1, execution, rec.ttl_deadline_ms(), u64::MAX] {
+            assert_eq!(lifecycle::overdue(&held, now), lifecycle::overdue(&rec, now), "same deadlines at {now}");
+        }
+        assert_eq!(
+            (held.id.clone(), held.state, held.policy.clone(), held.retries, held.queued_at_ms, held.delay_time_ms()),
+            (rec.id.clone(), rec.state, rec.policy.clone(), rec.retries, rec.queued_at_ms, rec.delay_time_ms())
+        );
     }
 }
