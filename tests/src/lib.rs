@@ -263,6 +263,16 @@ pub fn rust_endpoint(id: &str) -> Result<EndpointSpec> {
     Ok(spec)
 }
 
+/// Waits until one worker of `endpoint` holds two jobs or more at once (a worker with several
+/// job slots); returns the most seen on one worker.
+pub async fn several_jobs_on_one_worker(api: &ApiClient, endpoint: &str) -> Result<usize> {
+    eventually(Duration::from_secs(60), "several jobs on one worker", || async {
+        let list = api.workers(Some(endpoint)).await.ok()?;
+        list.workers.iter().map(|w| w.current_jobs.len()).max().filter(|n| *n >= 2)
+    })
+    .await
+}
+
 /// Polls `check` until it returns `Some`, or fails after `timeout` with `what`.
 pub async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut check: F) -> Result<T>
 where

@@ -40,12 +40,7 @@ async fn simulated_workers_scale_and_run_a_burst() -> Result<()> {
             if n % 2 == 0 { ("sim-a", json!({"n": n})) } else { ("sim-b", json!({"n": n, "sleep_ms": 200})) };
         ids.push((ep, shoal.api.run(&RunRequest::new(ep, input)).await?.id));
     }
-    let most =
-        shoal_tests::eventually(std::time::Duration::from_secs(60), "a sim-b worker runs several jobs", || async {
-            let w = shoal.api.workers(Some("sim-b")).await.ok()?;
-            w.workers.iter().map(|w| w.current_jobs.len()).max().filter(|n| *n >= 2)
-        })
-        .await?;
+    let most = shoal_tests::several_jobs_on_one_worker(&shoal.api, "sim-b").await?;
     assert!(most <= 4, "never more jobs than slots: {most}");
     for (ep, id) in ids {
         let s = shoal.api.status(&JobRef { endpoint: Some(ep.into()), id, wait_ms: 60_000 }).await?;

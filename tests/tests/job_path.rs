@@ -92,11 +92,7 @@ async fn a_concurrent_python_worker_takes_jobs_in_batches() -> Result<()> {
         ids.push(shoal.api.run(&req).await?.id);
     }
     // one worker holds several jobs at once
-    let most = shoal_tests::eventually(Duration::from_secs(60), "several jobs on one worker", || async {
-        let w = shoal.api.workers(Some("multi")).await.ok()?;
-        w.workers.iter().map(|w| w.current_jobs.len()).max().filter(|n| *n >= 2)
-    })
-    .await?;
+    let most = shoal_tests::several_jobs_on_one_worker(&shoal.api, "multi").await?;
     assert!(most >= 2);
     for id in ids {
         let s = shoal.api.status(&JobRef { endpoint: Some("multi".into()), id, wait_ms: 60_000 }).await?;
@@ -138,11 +134,7 @@ async fn a_worker_with_several_slots_takes_batches_and_gets_a_lone_job_at_once()
     for n in 0..8 {
         ids.push(shoal.api.run(&RunRequest::new("slots", json!({"sleep_ms": 1500, "n": n}))).await?.id);
     }
-    let most = shoal_tests::eventually(Duration::from_secs(60), "several jobs on the worker", || async {
-        let w = shoal.api.workers(Some("slots")).await.ok()?;
-        w.workers.iter().map(|w| w.current_jobs.len()).max().filter(|n| *n >= 2)
-    })
-    .await?;
+    let most = shoal_tests::several_jobs_on_one_worker(&shoal.api, "slots").await?;
     assert!(most <= 4, "never more jobs than slots: {most}");
     for id in ids {
         let s = shoal.api.status(&JobRef { endpoint: Some("slots".into()), id, wait_ms: 60_000 }).await?;
