@@ -105,7 +105,8 @@ async fn a_concurrent_python_worker_takes_jobs_in_batches() -> Result<()> {
 /// A worker with several job slots (the SDK's `concurrency_modifier`; here the Rust example
 /// worker's `SHOAL_EXAMPLE_CONCURRENCY`) takes what waits in batches and runs the jobs side by
 /// side, and a lone job that comes while it waits is handed over at once: a pull for several
-/// tokens would be held by the server until all of them came or the pull expired (5 s).
+/// tokens would be held by the server until all of them came or the pull expired (the bridge's
+/// hold, 2 s in these tests: each lone job would wait up to that long, past its 1 s wait).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_with_several_slots_takes_batches_and_gets_a_lone_job_at_once() -> Result<()> {
     use shoal_protocol::api::{JobRef, RunRequest};
