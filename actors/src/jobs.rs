@@ -1,5 +1,7 @@
 //! The job store: job records in the `shoal-jobs` KV, changed only by compare-and-set with the
-//! pure transitions of [`shoal_protocol::lifecycle`]. Each applied change publishes a job event.
+//! pure transitions of [`shoal_protocol::lifecycle`]. Each applied change that the job's owner
+//! would see (its [`JobView`]) publishes a job event carrying that view and the record's
+//! revision: the owning endpoint actor follows its jobs from these events.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,7 +12,8 @@ use futures::StreamExt;
 use shoal_protocol::api::JobStatus;
 use shoal_protocol::codec::{CONTENT_TYPE, Encoding, encode as encode_as, from_msgpack, to_msgpack};
 use shoal_protocol::events::JobEvent;
-use shoal_protocol::job::{JobRecord, ReplyTo};
+use shoal_protocol::events::REMOVED_EVENT_TOKEN;
+use shoal_protocol::job::{JobRecord, JobView, ReplyTo};
 use shoal_protocol::lifecycle::TransitionError;
 
 use crate::clock::now_ms;
@@ -90,7 +93,7 @@ impl JobStore {
         let bytes = encode(&key, rec)?;
         match self.nats.jobs.create(&key, bytes).await {
             Ok(rev) => {
-                self.publish_event(rec).await;
+                self.publish_event(rec, rev).await;
                 Ok(Some(rev))
             }
             Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => Ok(None),
@@ -98,8 +101,19 @@ impl JobStore {
         }
     }
 
-    pub async fn delete(&self, endpoint: &str, id: &str) -> Result<(), StoreError> {
-        self.nats.jobs.purge(self.key(endpoint, id)).await.map_err(|e| StoreError::Unavailable(e.to_string()))
+    /// Removes the record of a submission undone (its job could not be queued), and tells the
+    /// owner with a `removed` event. `rec` is the record as created.
+    pub async fn delete(&self, rec: &JobRecord) -> Result<(), StoreError> {
+        self.nats
+            .jobs
+            .purge(self.key(&rec.endpoint, &rec.id))
+            .await
+            .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+        let mut event = event_of(rec, None);
+        event.removed = true;
+        let subject = self.nats.names.job_event_subject(&rec.endpoint, &rec.id, REMOVED_EVENT_TOKEN);
+        self.nats.publish_event(subject, &event).await;
+        Ok(())
     }
 
     /// Reads the record, applies `f`, writes the result if the revision did not move; on a
@@ -157,14 +171,14 @@ impl JobStore {
             };
             match self.write(&key, &next, revision).await? {
                 Some(rev) => {
-                    if next.state != current.state {
+                    if !JobView::of(&next, rev).same_as(&JobView::of(&current, revision)) {
                         // the status of a terminal record, built once for the answer and the event
                         let status = next.state.is_terminal().then(|| JobStatus::from(&next));
                         let answered = match (reply, &status) {
                             (Some(reply), Some(status)) => self.answer(reply, status).await,
                             _ => None,
                         };
-                        self.publish_event_with(&next, status, answered).await;
+                        self.publish_event_with(&next, rev, status, answered).await;
                     }
                     return Ok(Applied::Changed { record: Box::new(next), previous: Box::new(current), revision: rev });
                 }
@@ -219,8 +233,8 @@ impl JobStore {
     /// status when it is small, so a `wait_ms` waiter answers from the event alone. A job with
     /// a webhook that reached a terminal state also gets a "webhook due" event, which is all the
     /// webhook dispatchers read.
-    pub async fn publish_event(&self, rec: &JobRecord) {
-        self.publish_event_with(rec, rec.state.is_terminal().then(|| JobStatus::from(rec)), None).await
+    pub async fn publish_event(&self, rec: &JobRecord, revision: u64) {
+        self.publish_event_with(rec, revision, rec.state.is_terminal().then(|| JobStatus::from(rec)), None).await
     }
 
     /// Answers a waiting submitter with the status of a terminal record, in the encoding its
@@ -243,22 +257,20 @@ impl JobStore {
         }
     }
 
-    /// The event of `rec`'s state, with `status` (a terminal record's) and the subject answered.
-    async fn publish_event_with(&self, rec: &JobRecord, status: Option<JobStatus>, answered: Option<String>) {
-        let mut event = JobEvent {
-            job_id: rec.id.clone(),
-            endpoint: rec.endpoint.clone(),
-            state: rec.state,
-            attempts: rec.attempts,
-            worker_id: rec.worker_id.clone(),
-            error: rec.error.clone(),
-            at_ms: now_ms(),
-            status: None,
-            answered,
-        };
+    /// The event of `rec`'s state as written at `revision`, with `status` (a terminal record's)
+    /// and the subject answered.
+    async fn publish_event_with(
+        &self,
+        rec: &JobRecord,
+        revision: u64,
+        status: Option<JobStatus>,
+        answered: Option<String>,
+    ) {
+        let mut event = event_of(rec, answered);
         if rec.state.is_terminal() && rec.webhook.is_some() {
             self.nats.publish_event(self.nats.names.webhook_due_subject(&rec.endpoint, &rec.id), &event).await;
         }
+        event.view = Some(JobView::of(rec, revision));
         event.status = status;
         let subject = self.nats.names.job_event_subject(&rec.endpoint, &rec.id, rec.state.event_token());
         if event.status.is_some() {
@@ -274,6 +286,22 @@ impl JobStore {
             }
         }
         self.nats.publish_event(subject, &event).await;
+    }
+}
+
+fn event_of(rec: &JobRecord, answered: Option<String>) -> JobEvent {
+    JobEvent {
+        job_id: rec.id.clone(),
+        endpoint: rec.endpoint.clone(),
+        state: rec.state,
+        attempts: rec.attempts,
+        worker_id: rec.worker_id.clone(),
+        error: rec.error.clone(),
+        at_ms: now_ms(),
+        status: None,
+        answered,
+        view: None,
+        removed: false,
     }
 }
 

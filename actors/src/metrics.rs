@@ -27,7 +27,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
-use shoal_protocol::job::JobRecord;
+use shoal_protocol::job::JobView;
 
 use crate::control::scaling::Demand;
 use crate::control::waiting::Fleet;
@@ -137,14 +137,14 @@ fn endpoint(id: &str) -> EndpointLabels {
 }
 
 /// A job reached a terminal state (counted once, by the endpoint's owner).
-pub fn job_ended(rec: &JobRecord) {
+pub fn job_ended(endpoint_id: &str, job: &JobView) {
     let m = &*METRICS;
-    m.jobs.get_or_create(&StateLabels { endpoint: rec.endpoint.clone(), state: rec.state.as_str().into() }).inc();
-    if let Some(ms) = rec.delay_time_ms() {
-        m.delay.get_or_create(&endpoint(&rec.endpoint)).observe(ms as f64 / 1000.0);
+    m.jobs.get_or_create(&StateLabels { endpoint: endpoint_id.to_string(), state: job.state.as_str().into() }).inc();
+    if let Some(ms) = job.delay_time_ms() {
+        m.delay.get_or_create(&endpoint(endpoint_id)).observe(ms as f64 / 1000.0);
     }
-    if let Some(ms) = rec.execution_time_ms() {
-        m.execution.get_or_create(&endpoint(&rec.endpoint)).observe(ms as f64 / 1000.0);
+    if let Some(ms) = job.execution_time_ms() {
+        m.execution.get_or_create(&endpoint(endpoint_id)).observe(ms as f64 / 1000.0);
     }
 }
 

@@ -1,6 +1,7 @@
 //! The connection to NATS and the JetStream topology (streams and buckets) every process
 //! ensures at start. Names come from [`shoal_protocol::names::Names`].
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use async_nats::jetstream::{self, kv, stream};
@@ -73,10 +74,36 @@ pub struct Nats {
     pub job_ttl: bool,
 }
 
+/// Subscriptions that fell behind in this process (async-nats dropped messages for them).
+static SLOW_CONSUMERS: AtomicU64 = AtomicU64::new(0);
+
+/// Connection options that count the subscriptions falling behind ([`feed_gaps`]) and log the
+/// connection's changes. Every client of a control plane should be made with them.
+pub fn counting_gaps(options: async_nats::ConnectOptions) -> async_nats::ConnectOptions {
+    options.event_callback(|event| async move {
+        match event {
+            async_nats::Event::SlowConsumer(sid) => {
+                SLOW_CONSUMERS.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(sid, "a NATS subscription fell behind; messages were dropped");
+            }
+            async_nats::Event::Disconnected => tracing::warn!("disconnected from NATS"),
+            async_nats::Event::Connected => tracing::info!("connected to NATS"),
+            other => tracing::debug!(event = %other, "NATS connection event"),
+        }
+    })
+}
+
+/// A number that changes whenever messages for core subscriptions on `client` may have been
+/// lost: the connection was made again (what was published meanwhile never came), or a
+/// subscription of this process fell behind (with [`counting_gaps`]).
+pub fn feed_gaps(client: &async_nats::Client) -> u64 {
+    client.statistics().connects.load(Ordering::Relaxed).wrapping_add(SLOW_CONSUMERS.load(Ordering::Relaxed))
+}
+
 impl Nats {
     /// Connects and makes sure every stream and bucket exists (idempotent).
     pub async fn connect(url: &str, names: Names, topology: &Topology) -> Result<Nats, ConnectError> {
-        let client = async_nats::ConnectOptions::new()
+        let client = counting_gaps(async_nats::ConnectOptions::new())
             .name("shoal")
             .retry_on_initial_connect()
             .connection_timeout(Duration::from_secs(5))

@@ -73,7 +73,7 @@ pub fn random_token() -> String {
 }
 
 async fn connect(url: &str, name: &str) -> Result<async_nats::Client> {
-    async_nats::ConnectOptions::new()
+    shoal_actors::nats::counting_gaps(async_nats::ConnectOptions::new())
         .name(name)
         .connection_timeout(Duration::from_secs(5))
         .connect(url)

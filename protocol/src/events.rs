@@ -26,7 +26,19 @@ pub struct JobEvent {
     /// subject sends nothing more.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub answered: Option<String>,
+    /// What the owning endpoint actor keeps of the job, as this change left it (with the
+    /// record's revision): the owner follows its jobs from these events. None from processes
+    /// older than this field (the owner then reads the record).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub view: Option<crate::job::JobView>,
+    /// The record was removed (a submission undone because its job could not be queued): the
+    /// event's subject ends in `removed`, and the owner forgets the job.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub removed: bool,
 }
+
+/// The last token of a [`JobEvent::removed`] event's subject.
+pub const REMOVED_EVENT_TOKEN: &str = "removed";
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct WorkerEvent {

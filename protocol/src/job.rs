@@ -192,6 +192,72 @@ impl JobRecord {
     }
 }
 
+/// What the endpoint actor owning a job keeps of it: its state, policy (deadlines and
+/// priority), retries and the times its deadlines, metrics and retention count from, with the
+/// revision of the record it was taken from; not its input, output or anything else that a
+/// long queue would make the owner hold in memory. Job events carry it
+/// ([`crate::events::JobEvent::view`]), so the owner follows its jobs from the events alone.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobView {
+    pub state: JobState,
+    pub policy: Policy,
+    #[serde(default)]
+    pub retries: u32,
+    pub submitted_at_ms: u64,
+    pub queued_at_ms: u64,
+    #[serde(default)]
+    pub started_at_ms: Option<u64>,
+    #[serde(default)]
+    pub finished_at_ms: Option<u64>,
+    #[serde(default)]
+    pub retention_s: Option<u64>,
+    /// The `shoal-jobs` revision of the record this view was taken from.
+    pub revision: u64,
+}
+
+impl JobView {
+    /// The view of `rec` as written at `revision`.
+    pub fn of(rec: &JobRecord, revision: u64) -> JobView {
+        JobView {
+            state: rec.state,
+            policy: rec.policy.clone(),
+            retries: rec.retries,
+            submitted_at_ms: rec.submitted_at_ms,
+            queued_at_ms: rec.queued_at_ms,
+            started_at_ms: rec.started_at_ms,
+            finished_at_ms: rec.finished_at_ms,
+            retention_s: rec.retention_s,
+            revision,
+        }
+    }
+    /// Whether `other` says the same of the job (the revision aside): a write that changes
+    /// nothing the owner keeps (a webhook's outcome on a terminal record) needs no event.
+    pub fn same_as(&self, other: &JobView) -> bool {
+        JobView { revision: other.revision, ..self.clone() } == *other
+    }
+    pub fn delay_time_ms(&self) -> Option<u64> {
+        self.started_at_ms.map(|s| s.saturating_sub(self.queued_at_ms))
+    }
+    pub fn execution_time_ms(&self) -> Option<u64> {
+        match (self.started_at_ms, self.finished_at_ms) {
+            (Some(s), Some(f)) => Some(f.saturating_sub(s)),
+            _ => None,
+        }
+    }
+    pub fn ttl_deadline_ms(&self) -> u64 {
+        self.submitted_at_ms.saturating_add(self.policy.ttl_ms)
+    }
+    pub fn execution_deadline_ms(&self) -> Option<u64> {
+        self.started_at_ms.map(|s| s.saturating_add(self.policy.execution_timeout_ms))
+    }
+    /// When a terminal record expires (its retention after it finished): the owner forgets
+    /// the job then. None while the job is open.
+    pub fn expires_at_ms(&self) -> Option<u64> {
+        let finished = self.finished_at_ms.filter(|_| self.state.is_terminal())?;
+        Some(finished.saturating_add(self.retention_s.unwrap_or(DEFAULT_RETENTION_S).saturating_mul(1000)))
+    }
+}
+
 /// The message on `<prefix>.jobs.<endpoint>.<priority>`: a delivery token. The record is the
 /// truth; the token says which job to take and may carry a snapshot of the record as queued,
 /// so that a taker can compare-and-set against the snapshot's revision without reading the

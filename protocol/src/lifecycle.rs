@@ -15,7 +15,7 @@
 
 use serde_json::Value;
 
-use crate::job::{JobRecord, JobState};
+use crate::job::{JobRecord, JobState, JobView};
 
 /// Why a transition was refused. The caller decides whether that is an error for its client.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -192,17 +192,31 @@ fn end(rec: &JobRecord, state: JobState, reason: &str, now_ms: u64) -> Result<Jo
 /// Why a non-terminal job should end now, if it should: the deadline check the endpoint actor
 /// runs on every tick.
 pub fn overdue(rec: &JobRecord, now_ms: u64) -> Option<&'static str> {
-    if rec.state.is_terminal() {
+    overdue_by(rec.state, rec.ttl_deadline_ms(), rec.execution_deadline_ms(), now_ms)
+}
+
+/// [`overdue`] of what the owning endpoint actor keeps of a job (the same deadlines).
+pub fn overdue_view(view: &JobView, now_ms: u64) -> Option<&'static str> {
+    overdue_by(view.state, view.ttl_deadline_ms(), view.execution_deadline_ms(), now_ms)
+}
+
+fn overdue_by(
+    state: JobState,
+    ttl_deadline: u64,
+    execution_deadline: Option<u64>,
+    now_ms: u64,
+) -> Option<&'static str> {
+    if state.is_terminal() {
         return None;
     }
-    if now_ms >= rec.ttl_deadline_ms() {
-        return Some(if rec.state == JobState::InQueue {
+    if now_ms >= ttl_deadline {
+        return Some(if state == JobState::InQueue {
             "job ttl expired before a worker took it"
         } else {
             "job ttl expired while it ran"
         });
     }
-    if rec.state == JobState::InProgress && rec.execution_deadline_ms().is_some_and(|d| now_ms >= d) {
+    if state == JobState::InProgress && execution_deadline.is_some_and(|d| now_ms >= d) {
         return Some("execution timeout exceeded");
     }
     None

@@ -220,6 +220,10 @@ impl Names {
     pub fn job_events_of(&self, endpoint: &str, job_id: &str) -> String {
         format!("{}.events.job.{endpoint}.{job_id}.*", self.prefix)
     }
+    /// Every job event (`<prefix>.events.job.>`).
+    pub fn job_events_all(&self) -> String {
+        format!("{}.events.job.>", self.prefix)
+    }
     /// Every job's events of one state (a [`crate::job::JobState::event_token`]).
     pub fn job_events_in_state(&self, state: &str) -> String {
         format!("{}.events.job.*.*.{state}", self.prefix)

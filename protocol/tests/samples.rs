@@ -216,6 +216,8 @@ fn every_message_sample_still_decodes() {
             at_ms: 5,
             status: None,
             answered: None,
+            view: None,
+            removed: false,
         },
     );
     check(
@@ -230,6 +232,8 @@ fn every_message_sample_still_decodes() {
             at_ms: 6,
             status: Some(JobStatus::from(&record())),
             answered: None,
+            view: None,
+            removed: false,
         },
     );
     check(
@@ -244,6 +248,40 @@ fn every_message_sample_still_decodes() {
             at_ms: 7,
             status: Some(JobStatus::from(&record())),
             answered: Some("_INBOX.abc.def".into()),
+            view: None,
+            removed: false,
+        },
+    );
+    check(
+        "job_event_with_view",
+        JobEvent {
+            job_id: "j".into(),
+            endpoint: "e".into(),
+            state: JobState::InProgress,
+            attempts: 1,
+            worker_id: Some("w-1".into()),
+            error: None,
+            at_ms: 8,
+            status: None,
+            answered: None,
+            view: Some(JobView::of(&JobRecord { state: JobState::InProgress, started_at_ms: Some(7), ..record() }, 42)),
+            removed: false,
+        },
+    );
+    check(
+        "job_event_removed",
+        JobEvent {
+            job_id: "j".into(),
+            endpoint: "e".into(),
+            state: JobState::InQueue,
+            attempts: 0,
+            worker_id: None,
+            error: None,
+            at_ms: 9,
+            status: None,
+            answered: None,
+            view: None,
+            removed: true,
         },
     );
     check(

@@ -133,3 +133,73 @@ async fn generator_chunks_stream_in_order_each_once() -> Result<()> {
     shoal.stop().await;
     Ok(())
 }
+
+/// Writes `id`'s record as CANCELLED behind the job events' back (no event), as if its event
+/// had been lost on the way to the endpoint's owner.
+async fn cancel_without_an_event(shoal: &Shoal, endpoint: &str, id: &str) -> Result<()> {
+    let store = shoal_actors::jobs::JobStore::new(shoal.nats.clone());
+    let (rec, revision) = store.get(endpoint, id).await?.expect("the record exists");
+    let now = shoal_actors::clock::now_ms();
+    let cancelled = shoal_protocol::lifecycle::cancel(&rec, "cancelled behind the events' back", now)?;
+    store.write(&store.key(endpoint, id), &cancelled, revision).await?.expect("nobody wrote in between");
+    Ok(())
+}
+
+async fn counts(shoal: &Shoal, endpoint: &str) -> Result<(u64, u64)> {
+    let jobs = shoal.api.health(endpoint).await?.jobs;
+    Ok((jobs.in_queue, jobs.cancelled))
+}
+
+/// The endpoint actor follows its jobs from the job events; when one was missed, it learns
+/// the record's state at the latest at the job's next deadline (the time-out it tries is
+/// refused, and it reads the record), without writing over the record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_owner_catches_up_with_a_missed_event_at_the_jobs_deadline() -> Result<()> {
+    let shoal = Shoal::start().await?;
+    let mut spec = rust_endpoint("quiet")?;
+    (spec.workers_min, spec.workers_max) = (0, 0);
+    shoal.api.create_endpoint(&spec).await?;
+    let mut req = RunRequest::new("quiet", json!({}));
+    req.policy = Some(PolicyRequest { ttl_ms: Some(1_500), ..Default::default() });
+    let id = shoal.api.run(&req).await?.id;
+    eventually(Duration::from_secs(10), "the owner to count the queued job", || async {
+        counts(&shoal, "quiet").await.ok().filter(|c| *c == (1, 0))
+    })
+    .await?;
+    cancel_without_an_event(&shoal, "quiet", &id).await?;
+    assert_eq!(counts(&shoal, "quiet").await?, (1, 0), "no event: the owner still counts it queued");
+    eventually(Duration::from_secs(10), "the owner to read the record at the ttl", || async {
+        counts(&shoal, "quiet").await.ok().filter(|c| *c == (0, 1))
+    })
+    .await?;
+    let status = shoal.api.status(&job("quiet", &id)).await?;
+    assert_eq!(status.status, JobState::Cancelled, "the record is left as it was, not timed out");
+    shoal.stop().await;
+    Ok(())
+}
+
+/// Events published while the control plane's connection is down never reach it: when it is
+/// connected again, every endpoint actor it runs reads its job records again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_owner_reads_its_records_again_after_a_reconnect() -> Result<()> {
+    let mut shoal = Shoal::start().await?;
+    let mut spec = rust_endpoint("quiet")?;
+    (spec.workers_min, spec.workers_max) = (0, 0);
+    shoal.api.create_endpoint(&spec).await?;
+    let id = shoal.api.run(&RunRequest::new("quiet", json!({}))).await?.id;
+    eventually(Duration::from_secs(10), "the owner to count the queued job", || async {
+        counts(&shoal, "quiet").await.ok().filter(|c| *c == (1, 0))
+    })
+    .await?;
+    cancel_without_an_event(&shoal, "quiet", &id).await?;
+    // the job's ttl is a day away: only a new read of the records can tell the owner
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(counts(&shoal, "quiet").await?, (1, 0), "no event: the owner still counts it queued");
+    shoal.server.restart()?;
+    eventually(Duration::from_secs(20), "the owner to read its records again", || async {
+        counts(&shoal, "quiet").await.ok().filter(|c| *c == (0, 1))
+    })
+    .await?;
+    shoal.stop().await;
+    Ok(())
+}

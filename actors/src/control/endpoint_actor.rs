@@ -1,7 +1,8 @@
 //! The endpoint actor: one per endpoint, on the control replica holding its lease. It keeps
-//! the live index of the endpoint's queued and running jobs and the job counters, from its job
-//! records (`shoal-jobs`, keys `<endpoint>.>`: read once when it starts, then changes from the
-//! replica's [feed](super::feeds)), and on every tick ends the jobs whose ttl or execution
+//! the [book](super::job_book) of the endpoint's jobs (queued and running, and the counters),
+//! from its job records (`shoal-jobs`, keys `<endpoint>.>`: read once when it starts, and again
+//! after a gap in the events) and then from the job events (the replica's
+//! [feed](super::feeds)), and on every tick ends the jobs whose ttl or execution
 //! timeout passed (TIMED_OUT by compare-and-set), telling the worker's host to stop a running
 //! one. Its child, the [scaler](super::scaler), sizes the workers from the demand this actor
 //! measures (the worker records' changes pass through here to it), and is woken at once when
@@ -9,7 +10,6 @@
 //! answers the [owner queries](super::owner_queries) (`health`, `queued`, `waiting`) that the
 //! API of any replica sends.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -20,12 +20,13 @@ use shoal_protocol::api::JobCounts;
 use shoal_protocol::codec::to_msgpack;
 use shoal_protocol::endpoint::EndpointSpec;
 use shoal_protocol::host::StopJob;
-use shoal_protocol::job::{JobRecord, JobState, Priority};
+use shoal_protocol::job::{JobRecord, JobState, JobView};
 use shoal_protocol::lifecycle;
 use shoal_protocol::worker::WorkerRecord;
 
-use super::feeds::{Entry, Feed, spawn_history_read};
+use super::feeds::{Entry, spawn_history_read};
 use super::hosts::HostDirectory;
+use super::job_book::{JobBook, Noted};
 use super::scaler::{ScalerActor, ScalerArgs, ScalerMsg};
 use super::scaling::Demand;
 use super::waiting::Fleet;
@@ -53,12 +54,15 @@ pub struct EndpointArgs {
 pub enum EndpointMsg {
     /// The actor is registered with the replica's feeds: read the history.
     Start,
-    /// A change of one of the endpoint's job records, from the replica's live feed.
-    JobLive(Entry<JobRecord>),
-    /// A job record from the history read.
-    JobHistory(Entry<JobRecord>),
+    /// A change of one of the endpoint's jobs, from the replica's live feed (its job events).
+    JobLive(Entry<JobView>),
+    /// A job from the history read.
+    JobHistory(Entry<JobView>),
     /// The history read is done; the bucket's revision before it began.
     JobsCaughtUp(u64),
+    /// The live feed may have missed events (a reconnect, a subscriber that fell behind):
+    /// read the history again.
+    Resync,
     /// A change of one of the endpoint's worker records (for the scaler).
     WorkerLive(Entry<WorkerRecord>),
     SpecChanged(Box<EndpointSpec>),
@@ -82,12 +86,10 @@ struct Cadence {
 pub struct EndpointState {
     nats: Arc<Nats>,
     spec: EndpointSpec,
-    /// The job records' history read merged with the live changes.
-    feed: Feed<JobRecord>,
-    /// Non-terminal jobs, by id.
-    open: HashMap<String, JobRecord>,
-    /// Last known state and retries of every retained job, for the counters.
-    seen: HashMap<String, (JobState, u32)>,
+    /// What the actor knows of the endpoint's jobs.
+    book: JobBook,
+    /// The history read under way, if any.
+    history_read: Option<tokio::task::JoinHandle<()>>,
     scaler: ActorRef<ScalerMsg>,
     /// A [`ScalerMsg::Wake`] is on its way (shared with the scaler, which clears it).
     wake: Arc<AtomicBool>,
@@ -136,9 +138,8 @@ impl Actor for EndpointActor {
         Ok(EndpointState {
             nats: args.nats,
             spec: args.spec,
-            feed: Feed::default(),
-            open: HashMap::new(),
-            seen: HashMap::new(),
+            book: JobBook::default(),
+            history_read: None,
             scaler,
             wake,
             fleet,
@@ -158,31 +159,26 @@ impl Actor for EndpointActor {
     ) -> Result<(), ActorProcessingErr> {
         match msg {
             EndpointMsg::Start => {
-                let filter = st.nats.names.job_keys_of_endpoint(&st.spec.id);
-                st.tasks.push(spawn_history_read(
-                    st.nats.clone(),
-                    |n| &n.jobs,
-                    filter,
-                    st.limits.clone(),
-                    myself,
-                    EndpointMsg::JobHistory,
-                    EndpointMsg::JobsCaughtUp,
-                ));
+                st.read_history(myself);
                 let _ = st.scaler.cast(ScalerMsg::Start);
             }
+            EndpointMsg::Resync => {
+                tracing::info!(endpoint_id = %st.spec.id, "job events may have been missed; reading the job records again");
+                st.book.restart();
+                st.read_history(myself);
+            }
             EndpointMsg::JobLive(entry) => {
-                if let Some(entry) = st.feed.live(entry) {
-                    st.apply(entry);
-                }
+                let noted = st.book.live(entry);
+                st.noted(noted);
             }
             EndpointMsg::JobHistory(entry) => {
-                if let Some(entry) = st.feed.history(entry) {
-                    st.apply(entry);
-                }
+                let noted = st.book.history(entry);
+                st.noted(noted);
             }
             EndpointMsg::JobsCaughtUp(since) => {
-                for entry in st.feed.caught_up(since) {
-                    st.apply(entry);
+                st.history_read = None;
+                for noted in st.book.caught_up(since) {
+                    st.noted(noted);
                 }
             }
             EndpointMsg::WorkerLive(entry) => {
@@ -198,7 +194,7 @@ impl Actor for EndpointActor {
             EndpointMsg::Tick => {
                 st.cadence.count = st.cadence.count.wrapping_add(1);
                 if st.cadence.count.is_multiple_of(st.cadence.deadlines) {
-                    st.on_tick();
+                    st.on_tick(&myself);
                 }
                 if st.cadence.count.is_multiple_of(st.cadence.scaler) && !st.tick_sent.swap(true, Ordering::AcqRel) {
                     let _ = st.scaler.cast(ScalerMsg::Tick(st.demand()));
@@ -208,8 +204,7 @@ impl Actor for EndpointActor {
                 let _ = reply.send(st.counts());
             }
             EndpointMsg::GetQueued(reply) => {
-                let ids = st.open.values().filter(|r| r.state == JobState::InQueue).map(|r| r.id.clone()).collect();
-                let _ = reply.send(ids);
+                let _ = reply.send(st.book.queued());
             }
             EndpointMsg::GetFleet(reply) => {
                 let fleet = st.fleet.lock().map(|f| f.clone()).unwrap_or_default();
@@ -224,7 +219,7 @@ impl Actor for EndpointActor {
         _myself: ActorRef<EndpointMsg>,
         st: &mut EndpointState,
     ) -> Result<(), ActorProcessingErr> {
-        for t in &st.tasks {
+        for t in st.tasks.iter().chain(&st.history_read) {
             t.abort();
         }
         st.scaler.stop(None);
@@ -234,95 +229,57 @@ impl Actor for EndpointActor {
 }
 
 impl EndpointState {
-    fn apply(&mut self, entry: Entry<JobRecord>) {
-        match entry.value {
-            Some(rec) => self.on_record(rec),
-            None => self.on_gone(&entry.id),
+    /// Reads the endpoint's job records (the last value of each) into the book, replacing a
+    /// read still under way.
+    fn read_history(&mut self, myself: ActorRef<EndpointMsg>) {
+        if let Some(read) = self.history_read.take() {
+            read.abort();
         }
+        let filter = self.nats.names.job_keys_of_endpoint(&self.spec.id);
+        self.history_read = Some(spawn_history_read(
+            self.nats.clone(),
+            |n| &n.jobs,
+            filter,
+            self.limits.clone(),
+            myself,
+            |e: Entry<JobRecord>| EndpointMsg::JobHistory(view_entry(e)),
+            EndpointMsg::JobsCaughtUp,
+        ));
     }
 
-    fn on_record(&mut self, rec: JobRecord) {
-        let before = self.seen.get(&rec.id).map(|(state, _)| *state);
-        let was_open = before.is_some_and(|state| !state.is_terminal());
-        if rec.state == JobState::InQueue
-            && before != Some(JobState::InQueue)
-            && rec.policy.priority == Priority::Normal
-            && !self.wake.swap(true, Ordering::AcqRel)
-        {
+    fn noted(&mut self, noted: Noted) {
+        if noted.queued && !self.wake.swap(true, Ordering::AcqRel) {
             // newly queued: the scaler starts a worker at once if there is none
             let _ = self.scaler.cast(ScalerMsg::Wake);
         }
-        if was_open && rec.state.is_terminal() {
-            crate::metrics::job_ended(&rec);
+        if let Some(view) = noted.ended {
+            crate::metrics::job_ended(&self.spec.id, &view);
         }
-        self.seen.insert(rec.id.clone(), (rec.state, rec.retries));
-        if rec.state.is_terminal() {
-            self.open.remove(&rec.id);
-        } else {
-            self.open.insert(rec.id.clone(), kept(rec));
-        }
-    }
-
-    fn on_gone(&mut self, id: &str) {
-        self.open.remove(id);
-        self.seen.remove(id);
     }
 
     fn demand(&self) -> Demand {
-        let now = now_ms();
-        let mut d = Demand::default();
-        for r in self.open.values().filter(|r| r.policy.priority == Priority::Normal) {
-            match r.state {
-                JobState::InQueue => {
-                    d.queued += 1;
-                    let waited = now.saturating_sub(r.queued_at_ms);
-                    d.oldest_wait_ms = Some(d.oldest_wait_ms.map_or(waited, |w| w.max(waited)));
-                }
-                JobState::InProgress => d.in_progress += 1,
-                _ => {}
-            }
-        }
-        // low-priority jobs already running keep their workers busy, so count them as running
-        d.in_progress += self
-            .open
-            .values()
-            .filter(|r| r.policy.priority == Priority::Low && r.state == JobState::InProgress)
-            .count() as u64;
-        d
+        self.book.demand(now_ms())
     }
 
     fn counts(&self) -> JobCounts {
-        let mut c = JobCounts::default();
-        for (state, retries) in self.seen.values() {
-            match state {
-                JobState::InQueue => c.in_queue += 1,
-                JobState::InProgress => c.in_progress += 1,
-                JobState::Completed => c.completed += 1,
-                JobState::Failed => c.failed += 1,
-                JobState::Cancelled => c.cancelled += 1,
-                JobState::TimedOut => c.timed_out += 1,
-            }
-            c.retried += u64::from(*retries);
-        }
-        c
+        self.book.counts()
     }
 
     /// Ends overdue jobs. Each is a compare-and-set that re-checks the deadline on the record
-    /// it reads, so a job that finished meanwhile is left alone.
-    fn on_tick(&mut self) {
+    /// it reads, so a job that finished meanwhile is left alone; when the record says the job
+    /// is not overdue after all (an event was missed), the book gets the record as it is.
+    fn on_tick(&mut self, myself: &ActorRef<EndpointMsg>) {
+        let now = now_ms();
+        self.book.forget_expired(now);
         let demand = self.demand();
         if self.published != Some(demand) {
             crate::metrics::set_demand(&self.spec.id, &demand);
             self.published = Some(demand);
         }
-        let now = now_ms();
-        for rec in self.open.values() {
-            if lifecycle::overdue(rec, now).is_none() {
-                continue;
-            }
+        for id in self.book.overdue(now) {
             // rare (a job overdue): the store is made when needed, not held by every actor
             let (store, nats) = (JobStore::new(Nats::clone(&self.nats)), self.nats.clone());
-            let (endpoint, id) = (rec.endpoint.clone(), rec.id.clone());
+            let (endpoint, myself) = (self.spec.id.clone(), myself.clone());
             tokio::spawn(async move {
                 let applied = store
                     .transition(&endpoint, &id, |r| match lifecycle::overdue(r, now_ms()) {
@@ -330,10 +287,27 @@ impl EndpointState {
                         None => Err(lifecycle::TransitionError::NotRunning("not overdue")),
                     })
                     .await;
-                if let Ok(Applied::Changed { record, previous, .. }) = applied {
-                    tracing::info!(endpoint_id = %endpoint, job_id = %id, reason = ?record.error, "job timed out");
-                    if previous.state == JobState::InProgress {
-                        send_stop(&nats, &previous, record.error.as_deref().unwrap_or("timed out")).await;
+                match applied {
+                    Ok(Applied::Changed { record, previous, .. }) => {
+                        tracing::info!(endpoint_id = %endpoint, job_id = %id, reason = ?record.error, "job timed out");
+                        if previous.state == JobState::InProgress {
+                            send_stop(&nats, &previous, record.error.as_deref().unwrap_or("timed out")).await;
+                        }
+                    }
+                    Ok(Applied::Refused { .. } | Applied::NotFound) => {
+                        // the book was behind the record: give it the record as it is now
+                        if let Ok(found) = store.get(&endpoint, &id).await {
+                            let entry = match found {
+                                Some((rec, revision)) => {
+                                    Entry { id, revision, value: Some(JobView::of(&rec, revision)) }
+                                }
+                                None => Entry { id, revision: u64::MAX, value: None },
+                            };
+                            let _ = myself.cast(EndpointMsg::JobLive(entry));
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(endpoint_id = %endpoint, job_id = %id, error = %e, "cannot time out an overdue job")
                     }
                 }
             });
@@ -341,14 +315,9 @@ impl EndpointState {
     }
 }
 
-/// What the actor keeps of an open job: its state, priority and the times and timeouts of its
-/// deadlines, not its input or output (up to the inline limit each: a long queue would hold
-/// them all in the owning replica's memory). A deadline's transition reads the record anew.
-fn kept(mut rec: JobRecord) -> JobRecord {
-    rec.input = serde_json::Value::Null;
-    rec.output = None;
-    rec.s3_config = None;
-    rec
+/// A record from the history read as the book keeps it.
+fn view_entry(e: Entry<JobRecord>) -> Entry<JobView> {
+    Entry { value: e.value.map(|rec| JobView::of(&rec, e.revision)), id: e.id, revision: e.revision }
 }
 
 /// Tells the host running `rec` to stop it (cancel, timeout).
@@ -364,34 +333,5 @@ pub async fn send_stop(nats: &Nats, rec: &JobRecord, reason: &str) {
         && let Err(e) = nats.client.publish(nats.names.host_stop_job_subject(host), Bytes::from(bytes)).await
     {
         tracing::warn!(job_id = %rec.id, error = %e, "cannot send stop to host");
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use shoal_protocol::codec::from_msgpack;
-
-    #[test]
-    fn an_open_job_is_kept_without_its_input_and_output_but_with_its_deadlines() {
-        let sample = include_bytes!("../../../protocol/tests/samples/job_record.msgpack");
-        let mut rec: JobRecord = from_msgpack(sample).expect("the sample record decodes");
-        rec.input = serde_json::json!({"prompt": "x".repeat(10_000)});
-        rec.output = Some(serde_json::json!({"partial": "y".repeat(10_000)}));
-        rec.state = JobState::InProgress;
-        rec.started_at_ms = Some(rec.submitted_at_ms + 5);
-        let held = kept(rec.clone());
-        assert_eq!(held.input, serde_json::Value::Null);
-        assert_eq!(held.output, None);
-        assert!(to_msgpack(&held).expect("encodes").len() < 2_000, "a few hundred bytes, not the payloads");
-        let execution = rec.execution_deadline_ms().expect("running");
-        assert!(lifecycle::overdue(&held, execution).is_some());
-        for now in [0, execution - 1, execution, rec.ttl_deadline_ms(), u64::MAX] {
-            assert_eq!(lifecycle::overdue(&held, now), lifecycle::overdue(&rec, now), "same deadlines at {now}");
-        }
-        assert_eq!(
-            (held.id.clone(), held.state, held.policy.clone(), held.retries, held.queued_at_ms, held.delay_time_ms()),
-            (rec.id.clone(), rec.state, rec.policy.clone(), rec.retries, rec.queued_at_ms, rec.delay_time_ms())
-        );
     }
 }

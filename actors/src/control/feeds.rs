@@ -3,9 +3,17 @@
 //!
 //! A replica owning a thousand endpoints must not hold two thousand watches (each is a
 //! JetStream consumer and a subscription, ~10 KiB of buffers in the process and a consumer in
-//! the server). So it holds one live watch per bucket ([`route`]), started before it owns
-//! anything, that hands each change to the endpoint actor the key names (`<endpoint>.<id>`),
-//! when this replica owns it; changes of other endpoints are dropped before they are decoded.
+//! the server). So it holds one live feed per kind of record, started before it owns anything,
+//! that hands each change to the endpoint actor it concerns, when this replica owns it;
+//! changes of other endpoints are dropped before they are decoded:
+//!
+//! - worker records: a live watch of the bucket ([`route`]; keys `<endpoint>.<id>`);
+//! - job records: the job events ([`route_job_events`]), which carry what the endpoint actor
+//!   keeps of each job ([`JobView`]) and the record's revision. A job changes three times or
+//!   more, at the full rate of the job path: a core subscription to the events costs the
+//!   server and this process far less than a JetStream delivery of every record change (the
+//!   watch this replaced; BENCHMARKS.md series 13). It is not gap-free, so after a reconnect or
+//!   a subscription that fell behind every owned endpoint actor reads its records again.
 //!
 //! An actor that starts (a new endpoint, a takeover) still needs what was written before:
 //! it reads its endpoint's history once ([`read_history`]: the last value per key, then the
@@ -21,6 +29,8 @@ use async_nats::jetstream::kv;
 use futures::StreamExt;
 use serde::de::DeserializeOwned;
 use shoal_protocol::codec::from_msgpack;
+use shoal_protocol::events::JobEvent;
+use shoal_protocol::job::JobView;
 
 use super::Limits;
 use super::endpoint_actor::EndpointMsg;
@@ -124,6 +134,8 @@ pub enum HistoryError {
     Watch(#[from] async_nats::jetstream::kv::WatchError),
     #[error("watch failed: {0}")]
     Watcher(#[from] async_nats::jetstream::kv::WatcherError),
+    #[error("cannot subscribe: {0}")]
+    Subscribe(#[from] async_nats::SubscribeError),
 }
 
 /// Reads the last value of every key matching `filter` (`<endpoint>.>`), handing each to
@@ -229,6 +241,91 @@ pub async fn route<T: DeserializeOwned + Send + 'static>(
             }
         }
     }))
+}
+
+/// How often the job-event feed looks for a gap when no event comes.
+const GAP_CHECK: Duration = Duration::from_secs(1);
+
+/// Starts the live feed of job events (`<prefix>.events.job.>`, a core subscription) and the
+/// task that hands each one to the owning endpoint actor as [`EndpointMsg::JobLive`]. The
+/// subscription exists when this returns. When events may have been missed (the connection
+/// was made again, or the subscription fell behind: [`crate::nats::feed_gaps`]), every owned
+/// actor is told to read its records again ([`EndpointMsg::Resync`]), once the subscription is
+/// known to be live again. An event without the view (from an older process) is looked up in
+/// the record.
+pub async fn route_job_events(
+    nats: Arc<Nats>,
+    directory: Directory,
+) -> Result<tokio::task::JoinHandle<()>, async_nats::SubscribeError> {
+    let subject = nats.names.job_events_all();
+    let mut sub = nats.client.subscribe(subject.clone()).await?;
+    let mut gaps = crate::nats::feed_gaps(&nats.client);
+    Ok(tokio::spawn(async move {
+        let mut check = tokio::time::interval(GAP_CHECK);
+        check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                msg = sub.next() => match msg {
+                    Some(msg) => route_event(&nats, &directory, &msg.payload),
+                    None => {
+                        tracing::warn!(subject = %subject, "job event feed ended; subscribing again");
+                        tokio::time::sleep(REWATCH_AFTER).await;
+                        match nats.client.subscribe(subject.clone()).await {
+                            Ok(s) => sub = s,
+                            Err(e) => tracing::warn!(error = %e, "cannot subscribe to the job events"),
+                        }
+                        gaps = gaps.wrapping_add(1); // resync below
+                    }
+                },
+                _ = check.tick() => {}
+            }
+            let now = crate::nats::feed_gaps(&nats.client);
+            if now != gaps {
+                // the server has our subscription again once it answered a flush made after it
+                if let Err(e) = nats.client.flush().await {
+                    tracing::warn!(error = %e, "cannot flush before reading the job records again");
+                    continue;
+                }
+                gaps = now;
+                for actor in directory.owned_actors() {
+                    let _ = actor.cast(EndpointMsg::Resync);
+                }
+            }
+        }
+    }))
+}
+
+/// Hands one job event to the actor owning its endpoint.
+fn route_event(nats: &Arc<Nats>, directory: &Directory, payload: &[u8]) {
+    let event = match from_msgpack::<JobEvent>(payload) {
+        Ok(event) => event,
+        Err(e) => {
+            tracing::debug!(error = %e, "undecodable job event ignored");
+            return;
+        }
+    };
+    let Some(actor) = directory.actor(&event.endpoint) else { return };
+    let entry = match (event.removed, event.view) {
+        // a removal is final: no later change of that record can exist
+        (true, _) => Entry { id: event.job_id, revision: u64::MAX, value: None },
+        (false, Some(view)) => Entry { id: event.job_id, revision: view.revision, value: Some(view) },
+        (false, None) => {
+            // from a process older than the view: read the record (rare)
+            let store = crate::jobs::JobStore::new(Nats::clone(nats));
+            tokio::spawn(async move {
+                match store.get(&event.endpoint, &event.job_id).await {
+                    Ok(Some((rec, revision))) => {
+                        let value = Some(JobView::of(&rec, revision));
+                        let _ = actor.cast(EndpointMsg::JobLive(Entry { id: event.job_id, revision, value }));
+                    }
+                    Ok(None) => {}
+                    Err(e) => tracing::warn!(job_id = %event.job_id, error = %e, "cannot read a job record"),
+                }
+            });
+            return;
+        }
+    };
+    let _ = actor.cast(EndpointMsg::JobLive(entry));
 }
 
 #[cfg(test)]

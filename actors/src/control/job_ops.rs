@@ -133,7 +133,7 @@ pub(super) async fn run(ctx: &Ctx, mut req: RunRequest, waiter: Option<Waiter>) 
         _ => match subscribe(ctx, &spec.id, &id).await {
             Ok(events) => Some(events),
             Err(e) => {
-                let _ = ctx.store.delete(&record.endpoint, &record.id).await;
+                let _ = ctx.store.delete(&record).await;
                 return Err(e);
             }
         },
@@ -144,7 +144,7 @@ pub(super) async fn run(ctx: &Ctx, mut req: RunRequest, waiter: Option<Waiter>) 
         until_ms: now + wait_ms,
     });
     if let Err(e) = enqueue(ctx, &record, Some(revision), reply.as_ref()).await {
-        let _ = ctx.store.delete(&record.endpoint, &record.id).await;
+        let _ = ctx.store.delete(&record).await;
         return Err(e);
     }
     match events {
@@ -364,9 +364,11 @@ pub(super) async fn retry(ctx: &Ctx, job: JobRef) -> Result<JobStatus, ApiError>
     match ctx.store.transition(&rec.endpoint, &rec.id, |r| lifecycle::retry(r, now_ms())).await.map_err(store_err)? {
         Applied::Changed { record, previous, revision } => {
             if let Err(e) = enqueue(ctx, &record, Some(revision), None).await {
-                // put it back as it was, so it stays retryable
-                let _ =
-                    ctx.store.write(&ctx.store.key(&record.endpoint, &record.id), previous.as_ref(), revision).await;
+                // put it back as it was, so it stays retryable (and its owner sees it so)
+                let key = ctx.store.key(&record.endpoint, &record.id);
+                if let Ok(Some(rev)) = ctx.store.write(&key, previous.as_ref(), revision).await {
+                    ctx.store.publish_event(&previous, rev).await;
+                }
                 return Err(e);
             }
             Ok(JobStatus::from(record.as_ref()))

@@ -49,6 +49,10 @@ impl Directory {
             m.insert(spec.id.clone(), (spec, actor));
         }
     }
+    /// The actors of the endpoints owned here.
+    pub fn owned_actors(&self) -> Vec<ActorRef<EndpointMsg>> {
+        self.0.read().map(|m| m.values().filter_map(|(_, a)| a.clone()).collect()).unwrap_or_default()
+    }
     /// The replica holding the endpoint's lease, as last seen (`None`: nobody, or not yet seen).
     pub fn owner(&self, id: &str) -> Option<String> {
         self.1.read().ok().and_then(|m| m.get(id).cloned())

@@ -13,6 +13,7 @@ pub mod api;
 pub mod endpoint_actor;
 pub mod feeds;
 pub mod hosts;
+pub mod job_book;
 mod job_list;
 mod job_ops;
 pub mod lease;
@@ -196,11 +197,11 @@ pub async fn start(nats: Nats, config: ControlConfig) -> Result<ControlHandle, S
     let (hosts, hosts_watch) = hosts::HostDirectory::watch(&nats, nats.topology.host_ttl_s * 1000)
         .await
         .map_err(|e| StartControlError::Hosts(e.to_string()))?;
-    // one live watch per bucket for all the endpoints this replica will own, started before
+    // one live feed per kind of record for all the endpoints this replica will own, started before
     // it owns any (see feeds)
-    let jobs_feed = feeds::route(nats.jobs.clone(), directory.clone(), endpoint_actor::EndpointMsg::JobLive)
+    let jobs_feed = feeds::route_job_events(Arc::new(nats.clone()), directory.clone())
         .await
-        .map_err(|e| StartControlError::Feed("job", e))?;
+        .map_err(|e| StartControlError::Feed("job", e.into()))?;
     let workers_feed = feeds::route(nats.workers.clone(), directory.clone(), endpoint_actor::EndpointMsg::WorkerLive)
         .await
         .map_err(|e| StartControlError::Feed("worker", e))?;

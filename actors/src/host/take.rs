@@ -172,7 +172,7 @@ async fn take_one(store: &JobStore, token: &JobToken, worker: &str, host: &str, 
         }
         match store.write(&key, &next, rev).await {
             Ok(Some(revision)) => {
-                store.publish_event(&next).await;
+                store.publish_event(&next, revision).await;
                 if !run {
                     ack.ack().await;
                     return None;

@@ -229,3 +229,50 @@ proptest! {
         }
     }
 }
+
+proptest! {
+    /// What the owning endpoint actor keeps of a job ([`JobView`]) has the record's deadlines,
+    /// times and retention, whatever happened to the job and whenever the actor looks.
+    #[test]
+    fn the_owners_view_has_the_records_deadlines(
+        events in prop::collection::vec(ev(), 0..40),
+        look in prop::collection::vec(0u64..200_000, 1..8),
+        retention in prop::option::of(0u64..4_000),
+    ) {
+        let mut rec = JobRecord { retention_s: retention, ..queued(0) };
+        let mut now = 0u64;
+        for e in events {
+            now += 1;
+            let next = match e {
+                Ev::Take => match take(&rec, "w", "h", now) {
+                    Take::Run(r) | Take::Expired(r) | Take::Exhausted(r) => Some(r),
+                    Take::Skip => None,
+                },
+                Ev::Complete => finish(&rec, Outcome::Completed { output: Some(json!(1)), stop_pod: false }, now).ok(),
+                Ev::Fail => finish(&rec, Outcome::Failed { error: "e".into(), output: None, stop_pod: false }, now).ok(),
+                Ev::Progress => finish(&rec, Outcome::Progress(json!(0)), now).ok(),
+                Ev::Cancel => cancel(&rec, "c", now).ok(),
+                Ev::TimeOut => time_out(&rec, "t", now).ok(),
+                Ev::Lost => worker_lost(&rec, now).ok(),
+                Ev::Retry => retry(&rec, now).ok(),
+                Ev::Tick(d) => { now += d; None }
+            };
+            let Some(next) = next else { continue };
+            let view = JobView::of(&next, 7);
+            prop_assert_eq!(view.revision, 7);
+            prop_assert_eq!(view.state, next.state);
+            prop_assert_eq!(view.delay_time_ms(), next.delay_time_ms());
+            prop_assert_eq!(view.execution_time_ms(), next.execution_time_ms());
+            for at in &look {
+                prop_assert_eq!(overdue_view(&view, now + at), overdue(&next, now + at));
+            }
+            match view.expires_at_ms() {
+                Some(at) => prop_assert_eq!(at, next.finished_at_ms.unwrap_or_default() + next.retention_s() * 1000),
+                None => prop_assert!(!next.state.is_terminal()),
+            }
+            prop_assert!(view.same_as(&JobView::of(&next, 8)), "the revision aside, the same");
+            prop_assert_eq!(view.same_as(&JobView::of(&rec, 7)), JobView::of(&rec, 7) == view);
+            rec = next;
+        }
+    }
+}
