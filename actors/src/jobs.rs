@@ -237,6 +237,16 @@ impl JobStore {
         self.publish_event_with(rec, revision, rec.state.is_terminal().then(|| JobStatus::from(rec)), None).await
     }
 
+    /// Publishes the event of a record put back as it was at `revision` (an undone retry), so
+    /// that its owner sees it so; unlike [`JobStore::publish_event`] it announces no webhook
+    /// again.
+    pub async fn publish_restored(&self, rec: &JobRecord, revision: u64) {
+        let mut event = event_of(rec, None);
+        event.view = Some(JobView::of(rec, revision));
+        let subject = self.nats.names.job_event_subject(&rec.endpoint, &rec.id, rec.state.event_token());
+        self.nats.publish_event(subject, &event).await;
+    }
+
     /// Answers a waiting submitter with the status of a terminal record, in the encoding its
     /// request used, unless its wait is over or the answer is too large to be sure it travels
     /// (then the control plane's waiter answers). The subject answered, if any.

@@ -29,7 +29,6 @@ use async_nats::jetstream::kv;
 use futures::StreamExt;
 use serde::de::DeserializeOwned;
 use shoal_protocol::codec::from_msgpack;
-use shoal_protocol::events::JobEvent;
 use shoal_protocol::job::JobView;
 
 use super::Limits;
@@ -258,6 +257,8 @@ pub async fn route_job_events(
     directory: Directory,
 ) -> Result<tokio::task::JoinHandle<()>, async_nats::SubscribeError> {
     let subject = nats.names.job_events_all();
+    // `<prefix>.events.job.<endpoint>.<job id>.<state>`: the endpoint follows this
+    let before_endpoint = subject.trim_end_matches('>').to_string();
     let mut sub = nats.client.subscribe(subject.clone()).await?;
     let mut gaps = crate::nats::feed_gaps(&nats.client);
     Ok(tokio::spawn(async move {
@@ -266,7 +267,12 @@ pub async fn route_job_events(
         loop {
             tokio::select! {
                 msg = sub.next() => match msg {
-                    Some(msg) => route_event(&nats, &directory, &msg.payload),
+                    Some(msg) => {
+                        let endpoint = msg.subject.strip_prefix(before_endpoint.as_str()).and_then(|s| s.split('.').next());
+                        if let Some(actor) = endpoint.and_then(|e| directory.actor(e)) {
+                            route_event(&nats, actor, &msg.payload);
+                        }
+                    }
                     None => {
                         tracing::warn!(subject = %subject, "job event feed ended; subscribing again");
                         tokio::time::sleep(REWATCH_AFTER).await;
@@ -295,16 +301,28 @@ pub async fn route_job_events(
     }))
 }
 
-/// Hands one job event to the actor owning its endpoint.
-fn route_event(nats: &Arc<Nats>, directory: &Directory, payload: &[u8]) {
-    let event = match from_msgpack::<JobEvent>(payload) {
+/// What the feed reads of a [`JobEvent`](shoal_protocol::events::JobEvent) (the rest, a terminal event's output among it, is
+/// skipped, not decoded).
+#[derive(serde::Deserialize)]
+struct Routed {
+    job_id: String,
+    endpoint: String,
+    #[serde(default)]
+    removed: bool,
+    #[serde(default)]
+    view: Option<JobView>,
+}
+
+/// Hands one job event to the actor owning its endpoint (events of endpoints owned elsewhere
+/// are dropped before they are decoded).
+fn route_event(nats: &Arc<Nats>, actor: ractor::ActorRef<EndpointMsg>, payload: &[u8]) {
+    let event = match from_msgpack::<Routed>(payload) {
         Ok(event) => event,
         Err(e) => {
             tracing::debug!(error = %e, "undecodable job event ignored");
             return;
         }
     };
-    let Some(actor) = directory.actor(&event.endpoint) else { return };
     let entry = match (event.removed, event.view) {
         // a removal is final: no later change of that record can exist
         (true, _) => Entry { id: event.job_id, revision: u64::MAX, value: None },
@@ -338,6 +356,26 @@ mod tests {
     }
     fn del(id: &str, revision: u64) -> Entry<u32> {
         Entry { id: id.into(), revision, value: None }
+    }
+
+    #[test]
+    fn the_feed_reads_the_view_and_removal_of_a_job_event() {
+        use shoal_protocol::events::JobEvent;
+        let with_view = include_bytes!("../../../protocol/tests/samples/job_event_with_view.msgpack");
+        let (read, full): (Routed, JobEvent) =
+            (from_msgpack(with_view).expect("decodes"), from_msgpack(with_view).expect("decodes"));
+        assert!(full.view.is_some());
+        assert_eq!(
+            (read.job_id, read.endpoint, read.removed, read.view),
+            (full.job_id, full.endpoint, false, full.view)
+        );
+        let removed = include_bytes!("../../../protocol/tests/samples/job_event_removed.msgpack");
+        let read: Routed = from_msgpack(removed).expect("decodes");
+        assert!(read.removed && read.view.is_none());
+        // an event from before the view: no view, not removed (the feed reads the record)
+        let old = include_bytes!("../../../protocol/tests/samples/job_event_with_status.msgpack");
+        let read: Routed = from_msgpack(old).expect("decodes");
+        assert!(!read.removed && read.view.is_none());
     }
 
     #[test]

@@ -367,7 +367,7 @@ pub(super) async fn retry(ctx: &Ctx, job: JobRef) -> Result<JobStatus, ApiError>
                 // put it back as it was, so it stays retryable (and its owner sees it so)
                 let key = ctx.store.key(&record.endpoint, &record.id);
                 if let Ok(Some(rev)) = ctx.store.write(&key, previous.as_ref(), revision).await {
-                    ctx.store.publish_event(&previous, rev).await;
+                    ctx.store.publish_restored(&previous, rev).await;
                 }
                 return Err(e);
             }
