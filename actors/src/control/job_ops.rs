@@ -217,14 +217,13 @@ const MAX_SNAPSHOT_TOKEN_BYTES: usize = 16 * 1024;
 async fn enqueue(ctx: &Ctx, rec: &JobRecord, revision: Option<u64>, reply: Option<&ReplyTo>) -> Result<(), ApiError> {
     let mut token = JobToken::new(rec.id.clone(), rec.endpoint.clone());
     token.reply = reply.cloned();
+    token.snapshot = revision.map(|revision| RecordSnapshot { revision, record: rec.clone() });
     let encode = |t: &JobToken| to_msgpack(t).map_err(|e| ApiError::internal(e.to_string()));
     let mut bytes = encode(&token)?;
-    if let Some(revision) = revision {
-        token.snapshot = Some(RecordSnapshot { revision, record: rec.clone() });
-        let with_snapshot = encode(&token)?;
-        if with_snapshot.len() <= MAX_SNAPSHOT_TOKEN_BYTES {
-            bytes = with_snapshot;
-        }
+    if token.snapshot.is_some() && bytes.len() > MAX_SNAPSHOT_TOKEN_BYTES {
+        // too large to carry the record: the taker reads it
+        token.snapshot = None;
+        bytes = encode(&token)?;
     }
     let subject = ctx.nats.names.job_subject(&rec.endpoint, rec.policy.priority);
     let mut headers = async_nats::HeaderMap::new();
