@@ -46,6 +46,8 @@ pub enum ConnectError {
     Connect { url: String, source: async_nats::ConnectError },
     #[error("cannot create stream {name}: {source}")]
     Stream { name: String, source: async_nats::jetstream::context::CreateStreamError },
+    #[error("cannot change the subjects of stream {name}: {reason}")]
+    StreamUpdate { name: String, reason: String },
     #[error("cannot create bucket {name}: {source}")]
     Bucket { name: String, source: async_nats::jetstream::context::CreateKeyValueError },
     #[error("cannot create object store {name}: {source}")]
@@ -137,8 +139,18 @@ impl Nats {
             let stream = js
                 .get_or_create_stream(config)
                 .await
-                .map_err(|source| ConnectError::Stream { name: def.name, source })?;
-            raise_consumer_limit(&js, stream.cached_info().config.clone()).await;
+                .map_err(|source| ConnectError::Stream { name: def.name.clone(), source })?;
+            let mut existing = stream.cached_info().config.clone();
+            if !same_subjects(&existing.subjects, &def.subjects) {
+                // made by another version of shoal (SHOAL_EVENTS kept every job event before)
+                tracing::info!(stream = %def.name, from = ?existing.subjects, to = ?def.subjects, "changing the stream's subjects");
+                existing = js
+                    .update_stream(stream::Config { subjects: def.subjects.clone(), ..existing })
+                    .await
+                    .map_err(|e| ConnectError::StreamUpdate { name: def.name.clone(), reason: e.to_string() })?
+                    .config;
+            }
+            raise_consumer_limit(&js, existing).await;
         }
         let mut stores = Vec::new();
         for def in names.buckets(topology.retention_s, topology.host_ttl_s, topology.lease_ttl_s) {
@@ -225,6 +237,13 @@ impl Nats {
             Err(e) => tracing::warn!(error = %e, "cannot encode event"),
         }
     }
+}
+
+fn same_subjects(a: &[String], b: &[String]) -> bool {
+    let (mut a, mut b) = (a.to_vec(), b.to_vec());
+    a.sort();
+    b.sort();
+    a == b
 }
 
 /// Gives a stream room for [`MAX_CONSUMERS`] consumers (buckets cannot be created with a limit).

@@ -1,4 +1,6 @@
-//! Events on `SHOAL_EVENTS`: every state change of a job, worker or host, past tense.
+//! Events, past tense: every state change of a job, worker or host, published on
+//! `<prefix>.events.…`. `SHOAL_EVENTS` keeps all but a job's queued and started events (see
+//! [`crate::names::Names::events_subjects`]): a job's end carries its whole timeline.
 
 use serde::{Deserialize, Serialize};
 

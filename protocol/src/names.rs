@@ -7,7 +7,7 @@
 
 use crate::error::ApiError;
 use crate::ids::validate_id;
-use crate::job::Priority;
+use crate::job::{JobState, Priority};
 
 pub const DEFAULT_PREFIX: &str = "shoal";
 /// The major version of the wire protocol, carried in API and command subjects.
@@ -248,8 +248,18 @@ impl Names {
     pub fn host_event_subject(&self, host: &str, event: &str) -> String {
         format!("{}.events.host.{host}.{event}", self.prefix)
     }
-    pub fn events_subjects(&self) -> String {
-        format!("{}.events.>", self.prefix)
+    /// What `SHOAL_EVENTS` keeps: every worker, host and webhook event, and of a job its end
+    /// (a terminal state, or its removal), whose event carries the job's whole timeline (the
+    /// times of its [`crate::job::JobView`]). A job's queued and started events are live only:
+    /// published on the same subjects to whoever listens (its endpoint's owner, waiters,
+    /// dashboards), not stored — storing messages is most of the server's work per job.
+    pub fn events_subjects(&self) -> Vec<String> {
+        let mut subjects: Vec<String> =
+            ["worker", "host", "webhook", "webhook_due"].iter().map(|kind| self.events_of_kind(kind)).collect();
+        let ends = [JobState::Completed, JobState::Failed, JobState::Cancelled, JobState::TimedOut];
+        subjects.extend(ends.iter().map(|s| self.job_events_in_state(s.event_token())));
+        subjects.push(self.job_events_in_state(crate::events::REMOVED_EVENT_TOKEN));
+        subjects
     }
     /// All events of one kind (`job`, `worker`, `host`).
     pub fn events_of_kind(&self, kind: &str) -> String {
@@ -317,11 +327,11 @@ impl Names {
             },
             StreamDef {
                 name: self.events_stream(),
-                subjects: vec![self.events_subjects()],
+                subjects: self.events_subjects(),
                 retention: Retention::Limits,
                 max_age_s: 24 * 3600,
                 max_msgs: 1_000_000,
-                description: "every job, worker and host state change",
+                description: "every worker and host state change, every job's end, webhook calls",
             },
             StreamDef {
                 name: self.stream_stream(),
@@ -397,9 +407,48 @@ mod tests {
         assert_eq!(n.blob_input("j1"), "j1/input");
         assert_eq!(n.blob_output("j1"), "j1/output");
         assert_eq!(n.job_events_in_state("completed"), "shoal.events.job.*.*.completed");
-        assert!(n.webhook_event_subject("e", "j", "delivered").starts_with(&n.events_subjects().replace('>', "")));
+        assert!(stored(&n, &n.webhook_event_subject("e", "j", "delivered")));
         assert_eq!(n.webhook_due_subject("e", "j"), "shoal.events.webhook_due.e.j");
         assert_eq!(n.webhooks_due(), "shoal.events.webhook_due.*.*");
+    }
+
+    /// Whether `SHOAL_EVENTS` captures `subject` (NATS wildcards: `*` one token, `>` the rest).
+    fn stored(n: &Names, subject: &str) -> bool {
+        fn matches(pattern: &str, subject: &str) -> bool {
+            let (mut p, mut s) = (pattern.split('.'), subject.split('.'));
+            loop {
+                match (p.next(), s.next()) {
+                    (Some(">"), Some(_)) => return true,
+                    (Some("*"), Some(_)) => {}
+                    (Some(a), Some(b)) if a == b => {}
+                    (None, None) => return true,
+                    _ => return false,
+                }
+            }
+        }
+        n.events_subjects().iter().any(|p| matches(p, subject))
+    }
+
+    #[test]
+    fn the_events_stream_keeps_a_jobs_end_and_every_worker_host_and_webhook_event() {
+        let n = Names::default();
+        for state in [
+            JobState::InQueue,
+            JobState::InProgress,
+            JobState::Completed,
+            JobState::Failed,
+            JobState::Cancelled,
+            JobState::TimedOut,
+        ] {
+            let subject = n.job_event_subject("ep", "j1", state.event_token());
+            assert_eq!(stored(&n, &subject), state.is_terminal(), "{subject}");
+        }
+        assert!(stored(&n, &n.job_event_subject("ep", "j1", crate::events::REMOVED_EVENT_TOKEN)));
+        assert!(stored(&n, &n.worker_event_subject("ep", "Idle")));
+        assert!(stored(&n, &n.host_event_subject("h1", "started")));
+        assert!(stored(&n, &n.webhook_due_subject("ep", "j1")));
+        assert!(!stored(&n, &n.job_subject("ep", Priority::Normal)), "tokens are another stream's");
+        assert!(!stored(&Names::new("other").expect("valid"), &n.job_event_subject("ep", "j1", "completed")));
     }
 
     #[test]

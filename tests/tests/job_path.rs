@@ -229,3 +229,67 @@ async fn terminal_event(events: &mut async_nats::Subscriber, id: &str) -> Result
         }
     }
 }
+
+/// `SHOAL_EVENTS` keeps a job's end, whose event carries the job's whole timeline; its queued
+/// and started events are live only (its waiters and its endpoint's owner get them).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_events_stream_keeps_a_jobs_end_with_its_timeline_not_each_step() -> Result<()> {
+    use futures::StreamExt;
+    use shoal_protocol::api::RunRequest;
+    use shoal_protocol::events::JobEvent;
+    use shoal_protocol::job::JobState;
+    let shoal = Shoal::start().await?;
+    shoal.api.create_endpoint(&rust_endpoint("kept")?).await?;
+    let names = shoal.nats.names.clone();
+    // a live listener of every event of the endpoint's jobs
+    let mut live = shoal.nats.client.subscribe(names.job_events_all()).await?;
+    let mut req = RunRequest::new("kept", json!({"x": 1}));
+    req.wait_ms = 30_000;
+    let done = shoal.api.run(&req).await?;
+    assert_eq!(done.status, JobState::Completed);
+    let mut heard = Vec::new();
+    while heard.len() < 3 {
+        let msg = tokio::time::timeout(Duration::from_secs(10), live.next()).await?.context("live events")?;
+        heard.push(shoal_protocol::codec::from_msgpack::<JobEvent>(&msg.payload)?.state);
+    }
+    assert_eq!(heard, [JobState::InQueue, JobState::InProgress, JobState::Completed], "every step is published");
+
+    let stream = shoal.nats.js.get_stream(names.events_stream()).await?;
+    let subject = |state: JobState| names.job_event_subject("kept", &done.id, state.event_token());
+    for step in [JobState::InQueue, JobState::InProgress] {
+        assert!(stream.get_last_raw_message_by_subject(&subject(step)).await.is_err(), "{step:?} is not stored");
+    }
+    let end = stream.get_last_raw_message_by_subject(&subject(JobState::Completed)).await?;
+    let end: JobEvent = shoal_protocol::codec::from_msgpack(&end.payload)?;
+    let view = end.view.context("the end carries the job's view")?;
+    let (started, finished) = (view.started_at_ms.context("started")?, view.finished_at_ms.context("finished")?);
+    assert!(view.submitted_at_ms <= view.queued_at_ms && view.queued_at_ms <= started && started <= finished);
+    assert_eq!(view.state, JobState::Completed);
+    shoal.stop().await;
+    Ok(())
+}
+
+/// An installation made by an older shoal kept every job event: the subjects of its events
+/// stream are changed when a process connects.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_events_stream_that_kept_every_job_event_is_changed_on_connect() -> Result<()> {
+    use async_nats::jetstream::stream;
+    let server = shoal_tests::NatsServer::start()?;
+    let names = shoal_protocol::names::Names::new(&shoal_tests::test_prefix())?;
+    let js = async_nats::jetstream::new(async_nats::connect(&server.url).await?);
+    let everything = format!("{}.events.>", names.prefix());
+    js.create_stream(stream::Config {
+        name: names.events_stream(),
+        subjects: vec![everything.clone()],
+        ..Default::default()
+    })
+    .await?;
+    let nats = shoal_actors::nats::Nats::connect(&server.url, names.clone(), &shoal_tests::fast_topology()).await?;
+    let mut info = nats.js.get_stream(names.events_stream()).await?;
+    let subjects = info.info().await?.config.subjects.clone();
+    assert!(!subjects.contains(&everything), "{subjects:?}");
+    assert_eq!(subjects.len(), names.events_subjects().len());
+    // and a second connect finds nothing to change
+    shoal_actors::nats::Nats::connect(&server.url, names.clone(), &shoal_tests::fast_topology()).await?;
+    Ok(())
+}
