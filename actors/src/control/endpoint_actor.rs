@@ -306,8 +306,9 @@ impl EndpointState {
                             let _ = myself.cast(EndpointMsg::JobLive(entry));
                         }
                     }
+                    // tried again on the next tick (a store that is down says so elsewhere)
                     Err(e) => {
-                        tracing::warn!(endpoint_id = %endpoint, job_id = %id, error = %e, "cannot time out an overdue job")
+                        tracing::debug!(endpoint_id = %endpoint, job_id = %id, error = %e, "cannot time out an overdue job")
                     }
                 }
             });
