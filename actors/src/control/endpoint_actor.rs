@@ -56,10 +56,11 @@ pub enum EndpointMsg {
     Start,
     /// A change of one of the endpoint's jobs, from the replica's live feed (its job events).
     JobLive(Entry<JobView>),
-    /// A job from the history read.
-    JobHistory(Entry<JobView>),
-    /// The history read is done; the bucket's revision before it began.
-    JobsCaughtUp(u64),
+    /// A job from the history read of that number (a read replaced by a later one — after a
+    /// gap in the events — may still have sent some: they are dropped).
+    JobHistory(u64, Entry<JobView>),
+    /// The history read of that number is done; the bucket's revision before it began.
+    JobsCaughtUp(u64, u64),
     /// The live feed may have missed events (a reconnect, a subscriber that fell behind):
     /// read the history again.
     Resync,
@@ -88,8 +89,9 @@ pub struct EndpointState {
     spec: EndpointSpec,
     /// What the actor knows of the endpoint's jobs.
     book: JobBook,
-    /// The history read under way, if any.
+    /// The history read under way, if any, and the number of the last one started.
     history_read: Option<tokio::task::JoinHandle<()>>,
+    reads: u64,
     scaler: ActorRef<ScalerMsg>,
     /// A [`ScalerMsg::Wake`] is on its way (shared with the scaler, which clears it).
     wake: Arc<AtomicBool>,
@@ -140,6 +142,7 @@ impl Actor for EndpointActor {
             spec: args.spec,
             book: JobBook::default(),
             history_read: None,
+            reads: 0,
             scaler,
             wake,
             fleet,
@@ -171,16 +174,18 @@ impl Actor for EndpointActor {
                 let noted = st.book.live(entry);
                 st.noted(noted);
             }
-            EndpointMsg::JobHistory(entry) => {
+            EndpointMsg::JobHistory(read, entry) if read == st.reads => {
                 let noted = st.book.history(entry);
                 st.noted(noted);
             }
-            EndpointMsg::JobsCaughtUp(since) => {
+            EndpointMsg::JobHistory(..) => {}
+            EndpointMsg::JobsCaughtUp(read, since) if read == st.reads => {
                 st.history_read = None;
                 for noted in st.book.caught_up(since) {
                     st.noted(noted);
                 }
             }
+            EndpointMsg::JobsCaughtUp(..) => {}
             EndpointMsg::WorkerLive(entry) => {
                 let _ = st.scaler.cast(ScalerMsg::WorkerLive(entry));
             }
@@ -235,15 +240,16 @@ impl EndpointState {
         if let Some(read) = self.history_read.take() {
             read.abort();
         }
-        let filter = self.nats.names.job_keys_of_endpoint(&self.spec.id);
+        self.reads += 1;
+        let (read, filter) = (self.reads, self.nats.names.job_keys_of_endpoint(&self.spec.id));
         self.history_read = Some(spawn_history_read(
             self.nats.clone(),
             |n| &n.jobs,
             filter,
             self.limits.clone(),
             myself,
-            |e: Entry<JobRecord>| EndpointMsg::JobHistory(view_entry(e)),
-            EndpointMsg::JobsCaughtUp,
+            move |e: Entry<JobRecord>| EndpointMsg::JobHistory(read, view_entry(e)),
+            move |since| EndpointMsg::JobsCaughtUp(read, since),
         ));
     }
 

@@ -179,8 +179,8 @@ pub fn spawn_history_read<T: DeserializeOwned + Send + 'static, M: ractor::Messa
     filter: String,
     limits: Arc<Limits>,
     actor: ractor::ActorRef<M>,
-    entry: fn(Entry<T>) -> M,
-    done: fn(u64) -> M,
+    entry: impl Fn(Entry<T>) -> M + Send + Sync + 'static,
+    done: impl Fn(u64) -> M + Send + Sync + 'static,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         loop {
