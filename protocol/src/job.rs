@@ -169,22 +169,23 @@ pub struct WebhookDelivery {
 }
 
 impl JobRecord {
+    /// Its times and deadlines, computed in one place ([`JobView`]; no allocation).
+    fn times(&self) -> JobView {
+        JobView::of(self, 0)
+    }
     /// Milliseconds queued before the last attempt started.
     pub fn delay_time_ms(&self) -> Option<u64> {
-        self.started_at_ms.map(|s| s.saturating_sub(self.queued_at_ms))
+        self.times().delay_time_ms()
     }
     /// Milliseconds the last attempt ran, once terminal.
     pub fn execution_time_ms(&self) -> Option<u64> {
-        match (self.started_at_ms, self.finished_at_ms) {
-            (Some(s), Some(f)) => Some(f.saturating_sub(s)),
-            _ => None,
-        }
+        self.times().execution_time_ms()
     }
     pub fn ttl_deadline_ms(&self) -> u64 {
-        self.submitted_at_ms.saturating_add(self.policy.ttl_ms)
+        self.times().ttl_deadline_ms()
     }
     pub fn execution_deadline_ms(&self) -> Option<u64> {
-        self.started_at_ms.map(|s| s.saturating_add(self.policy.execution_timeout_ms))
+        self.times().execution_deadline_ms()
     }
     /// Seconds the record is kept once terminal.
     pub fn retention_s(&self) -> u64 {
@@ -235,9 +236,11 @@ impl JobView {
     pub fn same_as(&self, other: &JobView) -> bool {
         JobView { revision: other.revision, ..self.clone() } == *other
     }
+    /// Milliseconds queued before the last attempt started.
     pub fn delay_time_ms(&self) -> Option<u64> {
         self.started_at_ms.map(|s| s.saturating_sub(self.queued_at_ms))
     }
+    /// Milliseconds the last attempt ran, once terminal.
     pub fn execution_time_ms(&self) -> Option<u64> {
         match (self.started_at_ms, self.finished_at_ms) {
             (Some(s), Some(f)) => Some(f.saturating_sub(s)),

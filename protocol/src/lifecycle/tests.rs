@@ -184,6 +184,28 @@ fn ev() -> impl Strategy<Value = Ev> {
     ]
 }
 
+/// What event `e` does to `rec` at `now` (a tick moves `now` on): the next record, if any.
+fn step(rec: &JobRecord, e: Ev, now: &mut u64) -> Option<JobRecord> {
+    let now_ms = *now;
+    match e {
+        Ev::Take => match take(rec, "w", "h", now_ms) {
+            Take::Run(r) | Take::Expired(r) | Take::Exhausted(r) => Some(r),
+            Take::Skip => None,
+        },
+        Ev::Complete => finish(rec, Outcome::Completed { output: Some(json!(1)), stop_pod: false }, now_ms).ok(),
+        Ev::Fail => finish(rec, Outcome::Failed { error: "e".into(), output: None, stop_pod: false }, now_ms).ok(),
+        Ev::Progress => finish(rec, Outcome::Progress(json!(0)), now_ms).ok(),
+        Ev::Cancel => cancel(rec, "c", now_ms).ok(),
+        Ev::TimeOut => time_out(rec, "t", now_ms).ok(),
+        Ev::Lost => worker_lost(rec, now_ms).ok(),
+        Ev::Retry => retry(rec, now_ms).ok(),
+        Ev::Tick(d) => {
+            *now += d;
+            None
+        }
+    }
+}
+
 proptest! {
     /// Whatever order events arrive in: terminal states only change through retry, attempts
     /// never exceed the maximum, a running job always names its worker, and times are ordered.
@@ -194,20 +216,7 @@ proptest! {
         for e in events {
             now += 1;
             let before = rec.clone();
-            let next = match e {
-                Ev::Take => match take(&rec, "w", "h", now) {
-                    Take::Run(r) | Take::Expired(r) | Take::Exhausted(r) => Some(r),
-                    Take::Skip => None,
-                },
-                Ev::Complete => finish(&rec, Outcome::Completed { output: Some(json!(1)), stop_pod: false }, now).ok(),
-                Ev::Fail => finish(&rec, Outcome::Failed { error: "e".into(), output: None, stop_pod: false }, now).ok(),
-                Ev::Progress => finish(&rec, Outcome::Progress(json!(0)), now).ok(),
-                Ev::Cancel => cancel(&rec, "c", now).ok(),
-                Ev::TimeOut => time_out(&rec, "t", now).ok(),
-                Ev::Lost => worker_lost(&rec, now).ok(),
-                Ev::Retry => retry(&rec, now).ok(),
-                Ev::Tick(d) => { now += d; None }
-            };
+            let next = step(&rec, e, &mut now);
             if let Some(n) = next {
                 if before.state.is_terminal() {
                     prop_assert_eq!(n.state, JobState::InQueue, "only retry leaves a terminal state");
@@ -243,20 +252,7 @@ proptest! {
         let mut now = 0u64;
         for e in events {
             now += 1;
-            let next = match e {
-                Ev::Take => match take(&rec, "w", "h", now) {
-                    Take::Run(r) | Take::Expired(r) | Take::Exhausted(r) => Some(r),
-                    Take::Skip => None,
-                },
-                Ev::Complete => finish(&rec, Outcome::Completed { output: Some(json!(1)), stop_pod: false }, now).ok(),
-                Ev::Fail => finish(&rec, Outcome::Failed { error: "e".into(), output: None, stop_pod: false }, now).ok(),
-                Ev::Progress => finish(&rec, Outcome::Progress(json!(0)), now).ok(),
-                Ev::Cancel => cancel(&rec, "c", now).ok(),
-                Ev::TimeOut => time_out(&rec, "t", now).ok(),
-                Ev::Lost => worker_lost(&rec, now).ok(),
-                Ev::Retry => retry(&rec, now).ok(),
-                Ev::Tick(d) => { now += d; None }
-            };
+            let next = step(&rec, e, &mut now);
             let Some(next) = next else { continue };
             let view = JobView::of(&next, 7);
             prop_assert_eq!(view.revision, 7);
