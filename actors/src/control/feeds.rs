@@ -97,6 +97,17 @@ impl<T> Feed<T> {
         held.into_iter().filter(|e| e.revision > since).filter_map(|e| self.admit(e)).collect()
     }
 
+    /// Forgets a key whose record is gone without a deletion being seen (a finished job's
+    /// record expires by its TTL): nothing is held for it any more.
+    pub fn forget(&mut self, id: &str) {
+        self.revisions.remove(id);
+    }
+
+    /// How many keys the merge holds a revision for.
+    pub fn keys(&self) -> usize {
+        self.revisions.len()
+    }
+
     fn admit(&mut self, entry: Entry<T>) -> Option<Entry<T>> {
         if self.revisions.get(&entry.id).is_some_and(|seen| *seen >= entry.revision) {
             return None;

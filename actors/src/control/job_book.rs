@@ -127,6 +127,7 @@ impl JobBook {
             // a job retried since, or finished again later, is not due yet
             if self.seen.get(&id).is_some_and(|(_, _, expires)| *expires == Some(at)) {
                 self.seen.remove(&id);
+                self.feed.forget(&id);
             }
         }
     }
@@ -168,6 +169,12 @@ impl JobBook {
     /// The open jobs whose ttl or execution timeout passed by `now`.
     pub fn overdue(&self, now: u64) -> Vec<String> {
         self.open.iter().filter(|(_, v)| lifecycle::overdue_view(v, now).is_some()).map(|(id, _)| id.clone()).collect()
+    }
+
+    /// How many jobs the book holds anything of (open, counted, or a revision): what its memory
+    /// grows with.
+    pub fn held(&self) -> usize {
+        self.seen.len().max(self.open.len()).max(self.feed.keys()).max(self.expiries.len())
     }
 
     /// Ids of the jobs waiting in the queue.
@@ -257,6 +264,7 @@ mod tests {
         assert_eq!(b.counts().failed, 1, "f's second ending is not due yet");
         b.forget_expired(90_000 + 60_000);
         assert_eq!(b.counts(), JobCounts::default());
+        assert_eq!(b.held(), 0, "nothing is held for a job whose record expired");
     }
 
     #[test]
