@@ -189,7 +189,7 @@ impl JobRecord {
     }
     /// Seconds the record is kept once terminal.
     pub fn retention_s(&self) -> u64 {
-        self.retention_s.unwrap_or(DEFAULT_RETENTION_S)
+        self.times().retention_s()
     }
 }
 
@@ -257,7 +257,11 @@ impl JobView {
     /// the job then. None while the job is open.
     pub fn expires_at_ms(&self) -> Option<u64> {
         let finished = self.finished_at_ms.filter(|_| self.state.is_terminal())?;
-        Some(finished.saturating_add(self.retention_s.unwrap_or(DEFAULT_RETENTION_S).saturating_mul(1000)))
+        Some(finished.saturating_add(self.retention_s().saturating_mul(1000)))
+    }
+    /// Seconds the record is kept once terminal.
+    pub fn retention_s(&self) -> u64 {
+        self.retention_s.unwrap_or(DEFAULT_RETENTION_S)
     }
 }
 

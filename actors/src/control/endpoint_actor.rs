@@ -24,7 +24,7 @@ use shoal_protocol::job::{JobRecord, JobState, JobView};
 use shoal_protocol::lifecycle;
 use shoal_protocol::worker::WorkerRecord;
 
-use super::feeds::{Entry, spawn_history_read};
+use super::feeds::{Entry, read_job, spawn_history_read};
 use super::hosts::HostDirectory;
 use super::job_book::{JobBook, Noted};
 use super::scaler::{ScalerActor, ScalerArgs, ScalerMsg};
@@ -300,18 +300,8 @@ impl EndpointState {
                             send_stop(&nats, &previous, record.error.as_deref().unwrap_or("timed out")).await;
                         }
                     }
-                    Ok(Applied::Refused { .. } | Applied::NotFound) => {
-                        // the book was behind the record: give it the record as it is now
-                        if let Ok(found) = store.get(&endpoint, &id).await {
-                            let entry = match found {
-                                Some((rec, revision)) => {
-                                    Entry { id, revision, value: Some(JobView::of(&rec, revision)) }
-                                }
-                                None => Entry { id, revision: u64::MAX, value: None },
-                            };
-                            let _ = myself.cast(EndpointMsg::JobLive(entry));
-                        }
-                    }
+                    // the book was behind the record: give it the record as it is now
+                    Ok(Applied::Refused { .. } | Applied::NotFound) => read_job(&store, &myself, &endpoint, id).await,
                     // tried again on the next tick (a store that is down says so elsewhere)
                     Err(e) => {
                         tracing::debug!(endpoint_id = %endpoint, job_id = %id, error = %e, "cannot time out an overdue job")

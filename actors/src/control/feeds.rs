@@ -104,6 +104,7 @@ impl<T> Feed<T> {
     }
 
     /// How many keys the merge holds a revision for.
+    #[cfg(test)]
     pub fn keys(&self) -> usize {
         self.revisions.len()
     }
@@ -312,8 +313,8 @@ pub async fn route_job_events(
     }))
 }
 
-/// What the feed reads of a [`JobEvent`](shoal_protocol::events::JobEvent) (the rest, a terminal event's output among it, is
-/// skipped, not decoded).
+/// What the feed reads of a [`JobEvent`](shoal_protocol::events::JobEvent) (the rest, a
+/// terminal event's output among it, is skipped, not decoded).
 #[derive(serde::Deserialize)]
 struct Routed {
     job_id: String,
@@ -341,16 +342,28 @@ fn route_event(nats: &Arc<Nats>, actor: ractor::ActorRef<EndpointMsg>, payload: 
         (false, None) => {
             // from a process older than the view: read the record (rare)
             let store = crate::jobs::JobStore::new(Nats::clone(nats));
-            tokio::spawn(async move {
-                match store.get(&event.endpoint, &event.job_id).await {
-                    Ok(Some((rec, revision))) => {
-                        let value = Some(JobView::of(&rec, revision));
-                        let _ = actor.cast(EndpointMsg::JobLive(Entry { id: event.job_id, revision, value }));
-                    }
-                    Ok(None) => {}
-                    Err(e) => tracing::warn!(job_id = %event.job_id, error = %e, "cannot read a job record"),
-                }
-            });
+            tokio::spawn(async move { read_job(&store, &actor, &event.endpoint, event.job_id).await });
+            return;
+        }
+    };
+    let _ = actor.cast(EndpointMsg::JobLive(entry));
+}
+
+/// Reads one job's record and hands it to `actor` as a live change: its view, or its removal
+/// when the record is gone. For when the events did not say (an event from an older process,
+/// a book found behind its record).
+pub async fn read_job(
+    store: &crate::jobs::JobStore,
+    actor: &ractor::ActorRef<EndpointMsg>,
+    endpoint: &str,
+    id: String,
+) {
+    let entry = match store.get(endpoint, &id).await {
+        Ok(Some((rec, revision))) => Entry { id, revision, value: Some(JobView::of(&rec, revision)) },
+        // a removal is final: no later change of that record can exist
+        Ok(None) => Entry { id, revision: u64::MAX, value: None },
+        Err(e) => {
+            tracing::warn!(job_id = %id, error = %e, "cannot read a job record");
             return;
         }
     };

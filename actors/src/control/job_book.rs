@@ -70,6 +70,7 @@ impl JobBook {
         noted
     }
 
+    #[cfg(test)]
     pub fn is_caught_up(&self) -> bool {
         self.feed.is_caught_up()
     }
@@ -173,6 +174,7 @@ impl JobBook {
 
     /// How many jobs the book holds anything of (open, counted, or a revision): what its memory
     /// grows with.
+    #[cfg(test)]
     pub fn held(&self) -> usize {
         self.seen.len().max(self.open.len()).max(self.feed.keys()).max(self.expiries.len())
     }
