@@ -13,8 +13,6 @@ use shoal_protocol::names::{Names, Retention};
 
 use crate::blobs::Blobs;
 
-/// How long the delete marker of an expired job record stays (KV `limit_markers`).
-const JOB_MARKER_TTL: Duration = Duration::from_secs(60);
 /// Consumers a stream may have. nats-server 2.15 allows 1000 per stream unless the stream sets
 /// its own limit; shoal has two durable consumers per endpoint on `SHOAL_JOBS`, and a watch of
 /// the jobs and of the workers bucket per endpoint a control replica owns.
@@ -264,9 +262,11 @@ fn longest_job_life(topology: &Topology) -> Duration {
     Duration::from_millis(MAX_TTL_MS) + Duration::from_secs(topology.retention_s)
 }
 
-/// Lets the jobs bucket take per-key TTLs (terminal records expire after their retention)
-/// and places a delete marker when one expires. Needs NATS >= 2.11; without it, records live
-/// as long as the bucket's max age.
+/// Lets the jobs bucket take per-key TTLs (terminal records expire after their retention).
+/// Needs NATS >= 2.11; without it, records live as long as the bucket's max age. No delete
+/// marker is placed when a record expires (a bucket made by an older shoal had them): nothing
+/// watches the bucket for expiries, and each marker was one more stored write per job, and
+/// one more removal when it expired in turn.
 async fn enable_job_ttl(js: &jetstream::Context, stream_name: &str, topology: &Topology) -> bool {
     let max_age = longest_job_life(topology);
     let mut stream = match js.get_stream(stream_name).await {
@@ -283,11 +283,11 @@ async fn enable_job_ttl(js: &jetstream::Context, stream_name: &str, topology: &T
             return false;
         }
     };
-    if config.allow_message_ttl && config.subject_delete_marker_ttl.is_some() && config.max_age == max_age {
+    if config.allow_message_ttl && config.subject_delete_marker_ttl.is_none() && config.max_age == max_age {
         return true;
     }
-    let wanted =
-        stream::Config { allow_message_ttl: true, subject_delete_marker_ttl: Some(JOB_MARKER_TTL), max_age, ..config };
+    let had_ttl = config.allow_message_ttl;
+    let wanted = stream::Config { allow_message_ttl: true, subject_delete_marker_ttl: None, max_age, ..config };
     match js.update_stream(wanted).await {
         Ok(info) if info.config.allow_message_ttl => true,
         Ok(_) => {
@@ -295,6 +295,11 @@ async fn enable_job_ttl(js: &jetstream::Context, stream_name: &str, topology: &T
                 "this NATS server ignores per-message TTLs (< 2.11); results keep the jobs bucket's max age"
             );
             false
+        }
+        // TTLs were on already; only the update (of the markers or the max age) was refused
+        Err(e) if had_ttl => {
+            tracing::info!(error = %e, "cannot update the jobs bucket; it keeps its settings");
+            true
         }
         Err(e) => {
             tracing::warn!(error = %e, "cannot enable per-message TTLs on the jobs bucket (NATS < 2.11?); results keep its max age");

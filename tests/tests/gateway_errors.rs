@@ -212,6 +212,12 @@ async fn results_expire_after_their_retention_and_runsync_can_time_out() -> Resu
     })
     .await?;
     assert_error(&gone, 404, &sync_id);
+    // and nothing is stored in its place (no delete marker: one stored write fewer per job)
+    let jobs = &shoal.nats.jobs;
+    let subject = format!("{}{}", jobs.prefix, shoal.nats.names.job_key("echo", &sync_id));
+    let bucket = shoal.nats.js.get_stream(&jobs.stream_name).await?;
+    let left = bucket.get_last_raw_message_by_subject(&subject).await;
+    assert!(left.is_err(), "an expired record left {:?}", left.map(|m| m.headers));
     // the /run result is kept
     let (code, kept) = http.get(&format!("/echo/status/{run_id}")).await?;
     assert_eq!((code, &kept["status"], &kept["output"]), (200, &json!("COMPLETED"), &json!("kept")));

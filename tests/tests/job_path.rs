@@ -269,6 +269,26 @@ async fn the_events_stream_keeps_a_jobs_end_with_its_timeline_not_each_step() ->
     Ok(())
 }
 
+/// A jobs bucket made by an older shoal placed a delete marker when a record expired: it
+/// places none after a process connects.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_jobs_bucket_that_placed_delete_markers_is_changed_on_connect() -> Result<()> {
+    use async_nats::jetstream::stream;
+    let server = shoal_tests::NatsServer::start()?;
+    let names = shoal_protocol::names::Names::new(&shoal_tests::test_prefix())?;
+    let nats = shoal_actors::nats::Nats::connect(&server.url, names.clone(), &shoal_tests::fast_topology()).await?;
+    assert!(nats.job_ttl);
+    let mut bucket = nats.js.get_stream(&nats.jobs.stream_name).await?;
+    let config = bucket.info().await?.config.clone();
+    assert_eq!(config.subject_delete_marker_ttl, None);
+    let marked = stream::Config { subject_delete_marker_ttl: Some(Duration::from_secs(60)), ..config };
+    nats.js.update_stream(marked).await?;
+    let again = shoal_actors::nats::Nats::connect(&server.url, names.clone(), &shoal_tests::fast_topology()).await?;
+    assert!(again.job_ttl);
+    assert_eq!(bucket.info().await?.config.subject_delete_marker_ttl, None);
+    Ok(())
+}
+
 /// An installation made by an older shoal kept every job event: the subjects of its events
 /// stream are changed when a process connects.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
