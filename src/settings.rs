@@ -116,6 +116,12 @@ impl Settings {
         if self.topology.host_ttl_s == 0 {
             return Err("topology.host_ttl_s: must be above 0".into());
         }
+        if self.topology.events_max_msgs == 0 || self.topology.events_max_msgs < -1 {
+            return Err(format!(
+                "topology.events_max_msgs: {} must be at least 1, or -1 for no limit",
+                self.topology.events_max_msgs
+            ));
+        }
         if self.host.heartbeat_ms >= self.topology.host_ttl_s.saturating_mul(1000) {
             return Err(format!(
                 "host.heartbeat_ms: {} is not below topology.host_ttl_s ({} s); hosts would vanish between heartbeats",
@@ -250,6 +256,8 @@ mod tests {
             ("SHOAL_HOST__ID", "my host", "host.id"),
             ("SHOAL_HOST__BRIDGE_LISTEN", "not-an-address", "host.bridge_listen"),
             ("SHOAL_TOPOLOGY__REPLICAS", "0", "topology.replicas"),
+            ("SHOAL_TOPOLOGY__EVENTS_MAX_MSGS", "0", "topology.events_max_msgs"),
+            ("SHOAL_TOPOLOGY__EVENTS_MAX_MSGS", "-2", "topology.events_max_msgs"),
             ("SHOAL_GATEWAY__MAX_RUN_BYTES", "0", "gateway.max_run_bytes"),
             ("SHOAL_CONTROL__SYNC_RETENTION_S", "0", "control.sync_retention_s"),
             ("SHOAL_CONTROL__WEBHOOK__TIMEOUT_MS", "0", "control.webhook.timeout_ms"),

@@ -9,7 +9,7 @@ use bytes::Bytes;
 use serde::Serialize;
 use shoal_protocol::codec::to_msgpack;
 use shoal_protocol::job::MAX_TTL_MS;
-use shoal_protocol::names::{Names, Retention};
+use shoal_protocol::names::{EventLimits, Names, Retention};
 
 use crate::blobs::Blobs;
 
@@ -30,11 +30,23 @@ pub struct Topology {
     pub replicas: usize,
     /// An endpoint lease not renewed for this long expires and another replica takes over.
     pub lease_ttl_s: u64,
+    /// How long `SHOAL_EVENTS` keeps an event (worker and host changes, a job's end).
+    pub events_max_age_s: u64,
+    /// The most events `SHOAL_EVENTS` keeps (the oldest go first; -1: no limit but the age).
+    /// A job's end is one event: at 1,000 jobs a second a million is about 17 minutes.
+    pub events_max_msgs: i64,
 }
 
 impl Default for Topology {
     fn default() -> Self {
-        Topology { retention_s: 1800, host_ttl_s: 30, replicas: 1, lease_ttl_s: 10 }
+        Topology {
+            retention_s: 1800,
+            host_ttl_s: 30,
+            replicas: 1,
+            lease_ttl_s: 10,
+            events_max_age_s: 24 * 3600,
+            events_max_msgs: 1_000_000,
+        }
     }
 }
 
@@ -44,7 +56,7 @@ pub enum ConnectError {
     Connect { url: String, source: async_nats::ConnectError },
     #[error("cannot create stream {name}: {source}")]
     Stream { name: String, source: async_nats::jetstream::context::CreateStreamError },
-    #[error("cannot change the subjects of stream {name}: {reason}")]
+    #[error("cannot change the subjects or limits of stream {name}: {reason}")]
     StreamUpdate { name: String, reason: String },
     #[error("cannot create bucket {name}: {source}")]
     Bucket { name: String, source: async_nats::jetstream::context::CreateKeyValueError },
@@ -119,7 +131,8 @@ impl Nats {
         topology: &Topology,
     ) -> Result<Nats, ConnectError> {
         let js = jetstream::new(client.clone());
-        for def in names.streams(topology.retention_s) {
+        let events = EventLimits { max_age_s: topology.events_max_age_s, max_msgs: topology.events_max_msgs };
+        for def in names.streams(topology.retention_s, events) {
             let config = stream::Config {
                 name: def.name.clone(),
                 subjects: def.subjects.clone(),
@@ -139,11 +152,27 @@ impl Nats {
                 .await
                 .map_err(|source| ConnectError::Stream { name: def.name.clone(), source })?;
             let mut existing = stream.cached_info().config.clone();
-            if !same_subjects(&existing.subjects, &def.subjects) {
-                // made by another version of shoal (SHOAL_EVENTS kept every job event before)
-                tracing::info!(stream = %def.name, from = ?existing.subjects, to = ?def.subjects, "changing the stream's subjects");
+            let max_age = Duration::from_secs(def.max_age_s);
+            if !same_subjects(&existing.subjects, &def.subjects)
+                || existing.max_age != max_age
+                || existing.max_messages != def.max_msgs
+            {
+                // made by another version of shoal (SHOAL_EVENTS kept every job event before),
+                // or with other limits in its topology settings
+                tracing::info!(
+                    stream = %def.name,
+                    subjects = ?def.subjects,
+                    max_age_s = def.max_age_s,
+                    max_msgs = def.max_msgs,
+                    "changing the stream's subjects or limits"
+                );
                 existing = js
-                    .update_stream(stream::Config { subjects: def.subjects.clone(), ..existing })
+                    .update_stream(stream::Config {
+                        subjects: def.subjects.clone(),
+                        max_age,
+                        max_messages: def.max_msgs,
+                        ..existing
+                    })
                     .await
                     .map_err(|e| ConnectError::StreamUpdate { name: def.name.clone(), reason: e.to_string() })?
                     .config;

@@ -36,6 +36,14 @@ pub struct StreamDef {
     pub description: &'static str,
 }
 
+/// What the events stream keeps: events younger than `max_age_s` (0: no age limit), at most
+/// `max_msgs` of them (-1: no count limit).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EventLimits {
+    pub max_age_s: u64,
+    pub max_msgs: i64,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BucketDef {
     pub bucket: String,
@@ -314,8 +322,9 @@ impl Names {
 
     // ---- definitions ---------------------------------------------------------------------
 
-    /// Every stream, with its limits. `retention_s` bounds how long results and events live.
-    pub fn streams(&self, retention_s: u64) -> Vec<StreamDef> {
+    /// Every stream, with its limits. `retention_s` bounds how long partial outputs live;
+    /// `events`, what the events stream keeps.
+    pub fn streams(&self, retention_s: u64, events: EventLimits) -> Vec<StreamDef> {
         vec![
             StreamDef {
                 name: self.jobs_stream(),
@@ -329,8 +338,8 @@ impl Names {
                 name: self.events_stream(),
                 subjects: self.events_subjects(),
                 retention: Retention::Limits,
-                max_age_s: 24 * 3600,
-                max_msgs: 1_000_000,
+                max_age_s: events.max_age_s,
+                max_msgs: events.max_msgs,
                 description: "every worker and host state change, every job's end, webhook calls",
             },
             StreamDef {
@@ -464,7 +473,7 @@ mod tests {
     #[test]
     fn every_stream_subject_falls_under_its_prefix() {
         let n = Names::new("p").expect("valid");
-        for s in n.streams(60) {
+        for s in n.streams(60, EventLimits { max_age_s: 3600, max_msgs: -1 }) {
             for subj in s.subjects {
                 assert!(subj.starts_with("p."), "{subj}");
             }

@@ -289,6 +289,30 @@ async fn a_jobs_bucket_that_placed_delete_markers_is_changed_on_connect() -> Res
     Ok(())
 }
 
+/// The events stream keeps what the topology settings say, and takes new limits on connect.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_events_streams_limits_follow_the_topology_settings() -> Result<()> {
+    use shoal_actors::nats::Nats;
+    let server = shoal_tests::NatsServer::start()?;
+    let names = shoal_protocol::names::Names::new(&shoal_tests::test_prefix())?;
+    let nats = Nats::connect(&server.url, names.clone(), &shoal_tests::fast_topology()).await?;
+    let config = nats.js.get_stream(names.events_stream()).await?.info().await?.config.clone();
+    assert_eq!((config.max_age, config.max_messages), (Duration::from_secs(24 * 3600), 1_000_000));
+    let sized =
+        shoal_actors::nats::Topology { events_max_age_s: 3600, events_max_msgs: 5, ..shoal_tests::fast_topology() };
+    let nats = Nats::connect(&server.url, names.clone(), &sized).await?;
+    let mut events = nats.js.get_stream(names.events_stream()).await?;
+    let config = events.info().await?.config.clone();
+    assert_eq!((config.max_age, config.max_messages), (Duration::from_secs(3600), 5));
+    // the oldest go first once it holds five
+    for n in 0..8 {
+        nats.js.publish(format!("{}.events.host.h{n}.started", names.prefix()), Bytes::new()).await?.await?;
+    }
+    let state = events.info().await?.state.clone();
+    assert_eq!((state.messages, state.first_sequence), (5, 4));
+    Ok(())
+}
+
 /// An installation made by an older shoal kept every job event: the subjects of its events
 /// stream are changed when a process connects.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
