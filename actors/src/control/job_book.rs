@@ -390,8 +390,9 @@ mod tests {
             b.live(put(&id, view(JobState::InProgress, 3 * n + 2)));
             b.live(put(&id, view(JobState::Completed, 3 * n + 3)));
         }
-        let per_job = (rss() - before) / JOBS;
-        println!("{per_job} bytes per retained finished job ({} held)", b.counts().completed);
+        let per_job = rss().saturating_sub(before) / JOBS;
+        assert_eq!((b.counts().completed, b.counts().in_progress), (JOBS, 0));
+        println!("{per_job} bytes per retained finished job ({JOBS} held)");
     }
 
     proptest::proptest! {
