@@ -101,14 +101,17 @@ async fn a_docker_host_runs_jobs_in_a_container_scales_to_zero_and_starts_warm_a
     let s = shoal.api.run(&RunRequest::new("dk-echo", json!({"again": true}))).await?;
     let s = shoal.api.status(&JobRef { endpoint: Some("dk-echo".into()), id: s.id, wait_ms: 120_000 }).await?;
     assert_eq!(s.status, JobState::Completed, "{s:?}");
-    let again = shoal
-        .api
-        .workers(Some("dk-echo"))
-        .await?
-        .workers
-        .into_iter()
-        .find(|w| w.state != WorkerState::Stopped)
-        .context("the new worker")?;
+    // the worker's record is written behind the job path (coalesced, not awaited), and a warm
+    // container's worker can ping and take the job before the runtime's start call returns: read
+    // the record once it holds both the job and the runtime's start (warm or cold, `start_ms`)
+    let again = eventually(Duration::from_secs(10), "the new worker's record with its start and first job", || async {
+        let workers = shoal.api.workers(Some("dk-echo")).await.ok()?.workers;
+        workers.into_iter().find(|w| {
+            w.state != WorkerState::Stopped
+                && w.start.as_ref().is_some_and(|s| s.start_ms.is_some() && s.first_job_ms.is_some())
+        })
+    })
+    .await?;
     let warm = again.start.clone().context("start phases")?;
     assert!(warm.warm && warm.create_ms.is_none() && warm.pull_ms.is_none(), "{warm:?}");
     assert_eq!(again.runtime_ref.as_deref(), Some(container.as_str()), "the same container, started again");
