@@ -13,7 +13,7 @@ use shoal_protocol::api::JobStatus;
 use shoal_protocol::codec::{CONTENT_TYPE, Encoding, encode as encode_as, from_msgpack, to_msgpack};
 use shoal_protocol::events::JobEvent;
 use shoal_protocol::events::REMOVED_EVENT_TOKEN;
-use shoal_protocol::job::{JobRecord, JobView, ReplyTo};
+use shoal_protocol::job::{JobRecord, JobToken, JobView, Priority, ReplyTo};
 use shoal_protocol::lifecycle::TransitionError;
 
 use crate::clock::now_ms;
@@ -66,7 +66,103 @@ impl JobStore {
         self.nats.names.job_key(endpoint, id)
     }
 
+    /// A job as its readers see it: its record, or, for a job queued without one (the record
+    /// is written by whoever changes the job first: its taker, a cancel, a time-out), the
+    /// record its token carries, at revision 0. A compare-and-set against revision 0 creates
+    /// the record, so a transition from either is the same.
     pub async fn get(&self, endpoint: &str, id: &str) -> Result<Option<(JobRecord, u64)>, StoreError> {
+        Ok(self.lookup(endpoint, id).await?.map(|found| (found.record, found.revision)))
+    }
+
+    async fn lookup(&self, endpoint: &str, id: &str) -> Result<Option<Found>, StoreError> {
+        if let Some((record, revision)) = self.get_record(endpoint, id).await? {
+            return Ok(Some(Found { record, revision, token: None }));
+        }
+        if let Some((record, token)) = self.queued_token(endpoint, id).await? {
+            return Ok(Some(Found { record, revision: 0, token: Some(token) }));
+        }
+        // neither: unknown, or taken (its record written) between the two reads
+        Ok(self.get_record(endpoint, id).await?.map(|(record, revision)| Found { record, revision, token: None }))
+    }
+
+    /// The record of a queued job that has none yet, from its token, and the token's sequence
+    /// in the jobs stream. `endpoint` may be `*`. A token that carries no record, or one
+    /// written before it was queued (an older shoal; a record too large to travel in its
+    /// token), is not one: that job's record is in the bucket.
+    pub async fn queued_token(&self, endpoint: &str, id: &str) -> Result<Option<(JobRecord, u64)>, StoreError> {
+        use async_nats::jetstream::stream::LastRawMessageErrorKind;
+        let subject = self.nats.names.job_token_of(endpoint, id);
+        match self.jobs_stream().await?.get_last_raw_message_by_subject(&subject).await {
+            Ok(message) => Ok(queued_record(&message.payload, id).map(|rec| (rec, message.sequence))),
+            Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => Ok(None),
+            Err(e) => Err(StoreError::Unavailable(e.to_string())),
+        }
+    }
+
+    /// Every queued job of `endpoint` that has no record yet, from its token, as `(record,
+    /// token sequence)`, oldest first (one read per token: for an owner that starts and for
+    /// the job list, not the job path).
+    pub async fn queued_tokens(&self, endpoint: &str) -> Result<Vec<(JobRecord, u64)>, StoreError> {
+        use async_nats::jetstream::stream::LastRawMessageErrorKind;
+        let stream = self.jobs_stream().await?;
+        let filter = self.nats.names.job_tokens_of_endpoint(endpoint);
+        let mut out = Vec::new();
+        let mut from = 1;
+        loop {
+            let read = stream.raw_message_builder().sequence(from).next_by_subject(filter.clone()).send().await;
+            match read {
+                Ok(message) => {
+                    let id = message.subject.rsplit('.').next().unwrap_or_default();
+                    if let Some(rec) = queued_record(&message.payload, id) {
+                        out.push((rec, message.sequence));
+                    }
+                    from = message.sequence + 1;
+                }
+                Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => return Ok(out),
+                Err(e) => return Err(StoreError::Unavailable(e.to_string())),
+            }
+        }
+    }
+
+    /// Removes a token whose job ended before it was taken (a cancel, a time-out): its record
+    /// says so, but a record expires, and a token outliving it would be taken as new.
+    async fn remove_token(&self, id: &str, sequence: u64) {
+        let removed = match self.jobs_stream().await {
+            Ok(stream) => stream.delete_message(sequence).await.map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        if let Err(e) = removed {
+            // it is skipped when delivered while the record lives (lifecycle::take)
+            tracing::warn!(job_id = %id, error = %e, "cannot remove the token of a job that ended in the queue");
+        }
+    }
+
+    /// Whether a job has ended: a terminal (or removal) event of it is stored. For a token
+    /// delivered again whose job has no record: taken, ended, and its record expired since,
+    /// or never taken (a delivery handed back, a taker that failed first).
+    pub async fn has_ended(&self, endpoint: &str, id: &str) -> Result<bool, StoreError> {
+        use async_nats::jetstream::stream::LastRawMessageErrorKind;
+        let stream = self
+            .nats
+            .js
+            .get_stream_no_info(self.nats.names.events_stream())
+            .await
+            .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+        match stream.get_last_raw_message_by_subject(&self.nats.names.job_events_of(endpoint, id)).await {
+            Ok(_) => Ok(true),
+            Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => Ok(false),
+            Err(e) => Err(StoreError::Unavailable(e.to_string())),
+        }
+    }
+
+    async fn jobs_stream(&self) -> Result<async_nats::jetstream::stream::Stream<()>, StoreError> {
+        let name = self.nats.names.jobs_stream();
+        self.nats.js.get_stream_no_info(name).await.map_err(|e| StoreError::Unavailable(e.to_string()))
+    }
+
+    /// The record of a job in the bucket, nothing else (its taker's read: a token is what it
+    /// holds).
+    pub async fn get_record(&self, endpoint: &str, id: &str) -> Result<Option<(JobRecord, u64)>, StoreError> {
         let key = self.key(endpoint, id);
         let entry = self.nats.jobs.entry(&key).await.map_err(|e| StoreError::Unavailable(e.to_string()))?;
         match entry {
@@ -81,9 +177,16 @@ impl JobStore {
         let mut watch =
             self.nats.jobs.watch_with_history(&pattern).await.map_err(|e| StoreError::Unavailable(e.to_string()))?;
         match tokio::time::timeout(Duration::from_millis(500), watch.next()).await {
-            Ok(Some(Ok(e))) if e.operation == kv::Operation::Put => Ok(Some((decode(&e.key, &e.value)?, e.revision))),
-            Ok(Some(Err(e))) => Err(StoreError::Unavailable(e.to_string())),
-            _ => Ok(None),
+            Ok(Some(Ok(e))) if e.operation == kv::Operation::Put => {
+                return Ok(Some((decode(&e.key, &e.value)?, e.revision)));
+            }
+            Ok(Some(Err(e))) => return Err(StoreError::Unavailable(e.to_string())),
+            _ => {}
+        }
+        // a queued job with no record yet; or, when a record was written since, that
+        match self.queued_token("*", id).await? {
+            Some((rec, _)) => Ok(Some(self.get_record(&rec.endpoint, id).await?.unwrap_or((rec, 0)))),
+            None => Ok(None),
         }
     }
 
@@ -101,14 +204,17 @@ impl JobStore {
         }
     }
 
-    /// Removes the record of a submission undone (its job could not be queued), and tells the
-    /// owner with a `removed` event. `rec` is the record as created.
-    pub async fn delete(&self, rec: &JobRecord) -> Result<(), StoreError> {
-        self.nats
-            .jobs
-            .purge(self.key(&rec.endpoint, &rec.id))
-            .await
-            .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+    /// Undoes a submission (its job could not be queued): removes its record when one was
+    /// written (`written`), and tells the owner with a `removed` event. `rec` is the record as
+    /// submitted.
+    pub async fn delete(&self, rec: &JobRecord, written: bool) -> Result<(), StoreError> {
+        if written {
+            self.nats
+                .jobs
+                .purge(self.key(&rec.endpoint, &rec.id))
+                .await
+                .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+        }
         let mut event = event_of(rec, None);
         event.removed = true;
         let subject = self.nats.names.job_event_subject(&rec.endpoint, &rec.id, REMOVED_EVENT_TOKEN);
@@ -159,10 +265,10 @@ impl JobStore {
         let key = self.key(endpoint, id);
         for _ in 0..16 {
             let found = match known.take() {
-                Some(held) => Some(held),
-                None => self.get(endpoint, id).await?,
+                Some((record, revision)) => Some(Found { record, revision, token: None }),
+                None => self.lookup(endpoint, id).await?,
             };
-            let Some((current, revision)) = found else {
+            let Some(Found { record: current, revision, token }) = found else {
                 return Ok(Applied::NotFound);
             };
             let next = match f(&current) {
@@ -179,6 +285,9 @@ impl JobStore {
                             _ => None,
                         };
                         self.publish_event_with(&next, rev, status, answered).await;
+                    }
+                    if let (Some(sequence), true) = (token, next.state.is_terminal()) {
+                        self.remove_token(id, sequence).await;
                     }
                     return Ok(Applied::Changed { record: Box::new(next), previous: Box::new(current), revision: rev });
                 }
@@ -299,6 +408,22 @@ impl JobStore {
     }
 }
 
+/// A job as [`JobStore::lookup`] found it.
+struct Found {
+    record: JobRecord,
+    revision: u64,
+    /// The sequence of the token it was read from (revision 0: no record yet).
+    token: Option<u64>,
+}
+
+/// The record a token carries when its job was queued without one (revision 0), if it is
+/// that job's.
+fn queued_record(payload: &[u8], id: &str) -> Option<JobRecord> {
+    let token = from_msgpack::<JobToken>(payload).ok()?;
+    let snapshot = token.snapshot?;
+    (snapshot.revision == 0 && snapshot.record.id == id && token.id == id).then_some(snapshot.record)
+}
+
 fn event_of(rec: &JobRecord, answered: Option<String>) -> JobEvent {
     JobEvent {
         job_id: rec.id.clone(),
@@ -328,7 +453,8 @@ pub fn decode(key: &str, bytes: &[u8]) -> Result<JobRecord, StoreError> {
 }
 
 /// The durable pull consumer the workers of an endpoint share for one priority. Created by
-/// whoever needs it first, always with the same config.
+/// whoever needs it first, always with the same config; one made by an older shoal (which
+/// queued every token of the queue on one subject) is changed to take both subject forms.
 pub async fn jobs_consumer(
     nats: &Nats,
     endpoint: &str,
@@ -336,22 +462,33 @@ pub async fn jobs_consumer(
     ack_wait: Duration,
 ) -> Result<async_nats::jetstream::consumer::PullConsumer, StoreError> {
     use async_nats::jetstream::consumer::{AckPolicy, pull};
+    let unavailable = |e: &dyn std::fmt::Display| StoreError::Unavailable(e.to_string());
     let name = nats.names.jobs_consumer(endpoint, priority);
-    let stream =
-        nats.js.get_stream(nats.names.jobs_stream()).await.map_err(|e| StoreError::Unavailable(e.to_string()))?;
-    stream
-        .get_or_create_consumer(
-            &name,
-            pull::Config {
-                durable_name: Some(name.clone()),
-                filter_subject: nats.names.job_subject(endpoint, priority),
-                ack_policy: AckPolicy::Explicit,
-                ack_wait,
-                max_ack_pending: 100_000,
-                max_waiting: 4096,
-                ..Default::default()
-            },
-        )
-        .await
-        .map_err(|e| StoreError::Unavailable(e.to_string()))
+    let stream = nats.js.get_stream_no_info(nats.names.jobs_stream()).await.map_err(|e| unavailable(&e))?;
+    let config = pull::Config {
+        durable_name: Some(name.clone()),
+        filter_subjects: queue_subjects(&nats.names, endpoint, priority),
+        ack_policy: AckPolicy::Explicit,
+        ack_wait,
+        max_ack_pending: 100_000,
+        max_waiting: 4096,
+        ..Default::default()
+    };
+    let mut consumer: async_nats::jetstream::consumer::PullConsumer =
+        stream.get_or_create_consumer(&name, config.clone()).await.map_err(|e| unavailable(&e))?;
+    let filters = &consumer.cached_info().config.filter_subjects;
+    if filters.len() != config.filter_subjects.len() || config.filter_subjects.iter().any(|s| !filters.contains(s)) {
+        let mut update = consumer.cached_info().config.clone();
+        update.filter_subject = String::new();
+        update.filter_subjects = config.filter_subjects.clone();
+        stream.update_consumer(update).await.map_err(|e| unavailable(&e))?;
+        consumer = stream.get_consumer(&name).await.map_err(|e| unavailable(&e))?;
+    }
+    Ok(consumer)
+}
+
+/// What a queue consumer takes: tokens on their own subjects, and those an older shoal queued
+/// on the queue's one subject.
+pub fn queue_subjects(names: &shoal_protocol::names::Names, endpoint: &str, priority: Priority) -> Vec<String> {
+    vec![names.job_tokens_of_queue(endpoint, priority), names.job_subject(endpoint, priority)]
 }

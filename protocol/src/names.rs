@@ -207,9 +207,28 @@ impl Names {
 
     // ---- subjects ------------------------------------------------------------------------
 
-    /// Where a queued job waits: `<prefix>.jobs.<endpoint>.<priority>`.
+    /// Where the tokens of an older shoal waited, one subject per endpoint and priority:
+    /// `<prefix>.jobs.<endpoint>.<priority>`. The queue consumers still take what waits there.
     pub fn job_subject(&self, endpoint: &str, priority: Priority) -> String {
         format!("{}.jobs.{endpoint}.{}", self.prefix, priority.as_str())
+    }
+    /// Where a queued job's delivery token waits: `<prefix>.jobs.<endpoint>.<priority>.<job id>`.
+    /// A subject of its own, so that a job that is queued and has no record yet (the taker
+    /// creates it) is found by its id.
+    pub fn job_token_subject(&self, endpoint: &str, priority: Priority, job_id: &str) -> String {
+        format!("{}.jobs.{endpoint}.{}.{job_id}", self.prefix, priority.as_str())
+    }
+    /// The tokens of one endpoint's queue of one priority (a queue consumer's filter).
+    pub fn job_tokens_of_queue(&self, endpoint: &str, priority: Priority) -> String {
+        format!("{}.jobs.{endpoint}.{}.*", self.prefix, priority.as_str())
+    }
+    /// Every token of an endpoint, of either priority and of either subject form.
+    pub fn job_tokens_of_endpoint(&self, endpoint: &str) -> String {
+        format!("{}.jobs.{endpoint}.>", self.prefix)
+    }
+    /// The token of one job, of either priority; `endpoint` `*` when it is not known.
+    pub fn job_token_of(&self, endpoint: &str, job_id: &str) -> String {
+        format!("{}.jobs.{endpoint}.*.{job_id}", self.prefix)
     }
     pub fn jobs_subjects(&self) -> String {
         format!("{}.jobs.>", self.prefix)
@@ -408,6 +427,10 @@ mod tests {
         assert_eq!(n.jobs_bucket(), "shoal-jobs");
         assert_eq!(n.job_subject("ep1", Priority::Normal), "shoal.jobs.ep1.normal");
         assert_eq!(n.job_subject("ep1", Priority::Low), "shoal.jobs.ep1.low");
+        assert_eq!(n.job_token_subject("ep1", Priority::Low, "j1"), "shoal.jobs.ep1.low.j1");
+        assert_eq!(n.job_tokens_of_queue("ep1", Priority::Normal), "shoal.jobs.ep1.normal.*");
+        assert_eq!(n.job_tokens_of_endpoint("ep1"), "shoal.jobs.ep1.>");
+        assert_eq!(n.job_token_of("*", "j1"), "shoal.jobs.*.*.j1");
         assert_eq!(n.api_subject(op::JOB_RUN), "shoal.v1.api.job.run");
         assert_eq!(n.host_stop_job_subject("h1"), "shoal.v1.host.h1.job.stop");
         assert_eq!(n.host_worker_logs_subject("h1"), "shoal.v1.host.h1.worker.logs");

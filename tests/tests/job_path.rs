@@ -337,3 +337,53 @@ async fn an_events_stream_that_kept_every_job_event_is_changed_on_connect() -> R
     shoal_actors::nats::Nats::connect(&server.url, names.clone(), &shoal_tests::fast_topology()).await?;
     Ok(())
 }
+
+/// A queue of an older shoal: its consumer took the queue's one subject, where the jobs queued
+/// then wait, their records written before their tokens. After an upgrade the consumer takes
+/// both forms, and those jobs run beside the ones queued since.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_queued_by_an_older_shoal_run_after_an_upgrade() -> Result<()> {
+    use shoal_protocol::api::{JobRef, RunRequest};
+    use shoal_protocol::job::{JobState, JobToken, Priority, RecordSnapshot};
+    let shoal = Shoal::start().await?;
+    let names = shoal.nats.names.clone();
+    let mut spec = rust_endpoint("older")?;
+    (spec.workers_min, spec.workers_max) = (0, 0);
+    shoal.api.create_endpoint(&spec).await?;
+    // the queue's consumer as an older shoal made it
+    let stream = shoal.nats.js.get_stream(names.jobs_stream()).await?;
+    let consumer_name = names.jobs_consumer("older", Priority::Normal);
+    let mut config = stream.consumer_info(&consumer_name).await?.config;
+    (config.filter_subject, config.filter_subjects) = (names.job_subject("older", Priority::Normal), vec![]);
+    stream.update_consumer(config).await?;
+    // a job queued as an older shoal queued it: its record, then a token on the queue's subject
+    let store = shoal_actors::jobs::JobStore::new(shoal.nats.clone());
+    let old = shoal.api.run(&RunRequest::new("older", json!({"queued": "before"}))).await?.id;
+    let (record, sequence) = store.queued_token("older", &old).await?.context("the new token")?;
+    stream.delete_message(sequence).await?;
+    let revision = store.create(&record).await?.context("a record")?;
+    let mut token = JobToken::new(old.clone(), "older");
+    token.snapshot = Some(RecordSnapshot { revision, record });
+    let bytes = shoal_protocol::codec::to_msgpack(&token)?;
+    shoal.nats.js.publish(names.job_subject("older", Priority::Normal), bytes.into()).await?.await?;
+    let new = shoal.api.run(&RunRequest::new("older", json!({"queued": "after"}))).await?.id;
+
+    (spec.workers_min, spec.workers_max) = (1, 1);
+    shoal.api.apply_endpoint(&spec).await?;
+    for (id, input) in [(&old, "before"), (&new, "after")] {
+        let done = shoal_tests::eventually(Duration::from_secs(30), "the job to complete", || async {
+            let job = JobRef { endpoint: Some("older".into()), id: id.clone(), wait_ms: 0 };
+            shoal.api.status(&job).await.ok().filter(|s| s.status == JobState::Completed)
+        })
+        .await?;
+        assert_eq!(done.output, Some(json!({"queued": input})));
+    }
+    let config = stream.consumer_info(&consumer_name).await?.config;
+    let mut filters = config.filter_subjects.clone();
+    filters.sort();
+    let mut expected = shoal_actors::jobs::queue_subjects(&names, "older", Priority::Normal);
+    expected.sort();
+    assert_eq!(filters, expected, "the consumer takes both forms");
+    shoal.stop().await;
+    Ok(())
+}

@@ -203,3 +203,135 @@ async fn the_owner_reads_its_records_again_after_a_reconnect() -> Result<()> {
     shoal.stop().await;
     Ok(())
 }
+
+/// Whether the jobs bucket holds a record of the job (not what `status` says: that also reads
+/// a queued job's token).
+async fn has_record(shoal: &Shoal, endpoint: &str, id: &str) -> Result<bool> {
+    let store = shoal_actors::jobs::JobStore::new(shoal.nats.clone());
+    Ok(store.get_record(endpoint, id).await?.is_some())
+}
+
+/// How many tokens of `endpoint` wait in the jobs stream.
+async fn tokens(shoal: &Shoal, endpoint: &str) -> Result<usize> {
+    let stream = shoal.nats.js.get_stream(shoal.nats.names.jobs_stream()).await?;
+    let mut subjects = stream.info_with_subjects(shoal.nats.names.job_tokens_of_endpoint(endpoint)).await?;
+    let mut n = 0;
+    while let Some(subject) = futures::StreamExt::next(&mut subjects).await {
+        n += subject?.1;
+    }
+    Ok(n)
+}
+
+/// A job is queued as its token alone: until something changes it, it has no record, and
+/// its status, the lookup by id alone, the job list, the owner's counts (also after another
+/// control replica takes the endpoint over) and a cancel all find it by its token. A cancel
+/// writes the record and removes the token, so nothing runs it once that record has expired.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queued_job_is_its_token_until_it_changes() -> Result<()> {
+    let mut shoal = Shoal::start().await?;
+    let mut spec = rust_endpoint("tokens")?;
+    (spec.workers_min, spec.workers_max) = (0, 0);
+    shoal.api.create_endpoint(&spec).await?;
+    let queued = shoal.api.run(&RunRequest::new("tokens", json!({"n": 1}))).await?.id;
+    let cancelled = shoal.api.run(&RunRequest::new("tokens", json!({"n": 2}))).await?.id;
+    assert!(!has_record(&shoal, "tokens", &queued).await?, "no record while queued");
+    assert_eq!(tokens(&shoal, "tokens").await?, 2);
+
+    let status = shoal.api.status(&job("tokens", &queued)).await?;
+    assert_eq!((status.status, status.id.as_str()), (JobState::InQueue, queued.as_str()));
+    let by_id = JobRef { endpoint: None, id: queued.clone(), wait_ms: 0 };
+    assert_eq!(shoal.api.status(&by_id).await?.status, JobState::InQueue, "found by its id alone");
+    let list =
+        shoal.api.jobs(&shoal_protocol::api::JobsRequest { endpoint: "tokens".into(), ..Default::default() }).await?;
+    let mut listed: Vec<(&str, JobState)> = list.jobs.iter().map(|j| (j.id.as_str(), j.state)).collect();
+    listed.sort_by_key(|(id, _)| *id);
+    let mut expected = vec![(queued.as_str(), JobState::InQueue), (cancelled.as_str(), JobState::InQueue)];
+    expected.sort_by_key(|(id, _)| *id);
+    assert_eq!(listed, expected);
+    eventually(Duration::from_secs(10), "the owner to count both queued jobs", || async {
+        counts(&shoal, "tokens").await.ok().filter(|c| *c == (2, 0))
+    })
+    .await?;
+
+    // a cancel writes the record, and the token goes
+    assert_eq!(shoal.api.cancel(&job("tokens", &cancelled)).await?.status, JobState::Cancelled);
+    assert!(has_record(&shoal, "tokens", &cancelled).await?);
+    assert_eq!(tokens(&shoal, "tokens").await?, 1, "the cancelled job's token is removed");
+    assert!(!has_record(&shoal, "tokens", &queued).await?, "the other job is untouched");
+
+    // another control replica takes the endpoint over and counts the queued job from its token
+    shoal.control.take().expect("a control plane").stop().await;
+    shoal.control = Some(shoal_tests::cluster::start_control(&shoal.nats, "replica-2").await?);
+    eventually(Duration::from_secs(30), "the new owner to count the queued job", || async {
+        counts(&shoal, "tokens").await.ok().filter(|c| *c == (1, 1))
+    })
+    .await?;
+
+    // the cancelled job's record expires (removed as a TTL would: nothing left of it); a
+    // worker then runs the queued job, and never the cancelled one
+    let store = shoal_actors::jobs::JobStore::new(shoal.nats.clone());
+    let key = format!("{}{}", shoal.nats.jobs.prefix, store.key("tokens", &cancelled));
+    shoal.nats.jobs.stream.purge().filter(key).await?;
+    assert!(!has_record(&shoal, "tokens", &cancelled).await?);
+    (spec.workers_min, spec.workers_max) = (1, 1);
+    shoal.api.apply_endpoint(&spec).await?;
+    let done = wait_state(&shoal, "tokens", &queued, JobState::Completed, Duration::from_secs(30)).await?;
+    assert_eq!(done.output, Some(json!({"n": 1})));
+    assert_eq!(tokens(&shoal, "tokens").await?, 0);
+    assert!(!has_record(&shoal, "tokens", &cancelled).await?, "the cancelled job never ran");
+    shoal.stop().await;
+    Ok(())
+}
+
+/// A token delivered again whose job has no record was either handed back before anyone took
+/// it (its job runs), or taken, ended and its record expired since: its end is in the stored
+/// job events, and it is removed without running again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_delivered_again_without_a_record_runs_only_if_its_job_never_ended() -> Result<()> {
+    use async_nats::jetstream::AckKind;
+    use futures::StreamExt;
+    let shoal = Shoal::start().await?;
+    let mut spec = rust_endpoint("again")?;
+    (spec.workers_min, spec.workers_max) = (0, 0);
+    shoal.api.create_endpoint(&spec).await?;
+    let ended = shoal.api.run(&RunRequest::new("again", json!({"n": 1}))).await?.id;
+    let fresh = shoal.api.run(&RunRequest::new("again", json!({"n": 2}))).await?.id;
+    // a taker that fails before it writes anything: both tokens are handed back
+    let priority = shoal_protocol::job::Priority::Normal;
+    let queue = shoal_actors::jobs::jobs_consumer(&shoal.nats, "again", priority, Duration::from_secs(30)).await?;
+    let mut batch = queue.fetch().max_messages(2).messages().await?;
+    let mut handed_back = 0;
+    while let Some(token) = batch.next().await {
+        token.map_err(|e| anyhow::anyhow!(e))?.ack_with(AckKind::Nak(None)).await.map_err(|e| anyhow::anyhow!(e))?;
+        handed_back += 1;
+    }
+    assert_eq!(handed_back, 2);
+    // the first job's end is in the events, as if it ran and its record expired since
+    let event = shoal_protocol::events::JobEvent {
+        job_id: ended.clone(),
+        endpoint: "again".into(),
+        state: JobState::Completed,
+        attempts: 1,
+        worker_id: None,
+        error: None,
+        at_ms: shoal_actors::clock::now_ms(),
+        status: None,
+        answered: None,
+        view: None,
+        removed: false,
+    };
+    let subject = shoal.nats.names.job_event_subject("again", &ended, JobState::Completed.event_token());
+    shoal.nats.js.publish(subject, shoal_protocol::codec::to_msgpack(&event)?.into()).await?.await?;
+
+    (spec.workers_min, spec.workers_max) = (1, 1);
+    shoal.api.apply_endpoint(&spec).await?;
+    let done = wait_state(&shoal, "again", &fresh, JobState::Completed, Duration::from_secs(30)).await?;
+    assert_eq!(done.output, Some(json!({"n": 2})), "a token handed back before its take runs");
+    eventually(Duration::from_secs(10), "both tokens to be gone", || async {
+        tokens(&shoal, "again").await.ok().filter(|n| *n == 0)
+    })
+    .await?;
+    assert!(!has_record(&shoal, "again", &ended).await?, "an ended job does not run again");
+    shoal.stop().await;
+    Ok(())
+}

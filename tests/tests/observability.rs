@@ -117,7 +117,7 @@ async fn a_jobs_traceparent_travels_from_http_to_the_job_queue() -> Result<()> {
     shoal.api.create_endpoint(&spec).await?;
     let gateway = shoal.start_gateway().await?;
     let key = shoal.api_key().await?;
-    let subject = shoal.nats.names.job_subject("obs-trace", Priority::Normal);
+    let subject = shoal.nats.names.job_tokens_of_queue("obs-trace", Priority::Normal);
     let mut tokens = shoal.nats.client.subscribe(subject).await?;
 
     let trace = "4bf92f3577b34da6a3ce929d0e0e4736";

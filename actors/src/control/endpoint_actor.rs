@@ -24,7 +24,7 @@ use shoal_protocol::job::{JobRecord, JobState, JobView};
 use shoal_protocol::lifecycle;
 use shoal_protocol::worker::WorkerRecord;
 
-use super::feeds::{Entry, read_job, spawn_history_read};
+use super::feeds::{Entry, queued_jobs, read_job, spawn_history_read};
 use super::hosts::HostDirectory;
 use super::job_book::{JobBook, Noted};
 use super::scaler::{ScalerActor, ScalerArgs, ScalerMsg};
@@ -246,6 +246,7 @@ impl EndpointState {
             self.nats.clone(),
             |n| &n.jobs,
             filter,
+            Some(queued_jobs(self.spec.id.clone())),
             self.limits.clone(),
             myself,
             move |e: Entry<JobRecord>| EndpointMsg::JobHistory(read, view_entry(e)),

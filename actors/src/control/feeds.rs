@@ -94,7 +94,9 @@ impl<T> Feed<T> {
     /// every change up to it is in the history. Returns the held changes to apply, in order.
     pub fn caught_up(&mut self, since: u64) -> Vec<Entry<T>> {
         let held = self.held.take().unwrap_or_default();
-        held.into_iter().filter(|e| e.revision > since).filter_map(|e| self.admit(e)).collect()
+        // revision 0: a job queued without a record, in no bucket's history (admitted unless
+        // a record of it was seen)
+        held.into_iter().filter(|e| e.revision > since || e.revision == 0).filter_map(|e| self.admit(e)).collect()
     }
 
     /// Forgets a key whose record is gone without a deletion being seen (a finished job's
@@ -185,10 +187,14 @@ pub async fn read_history<T: DeserializeOwned>(
 /// Reads the history of `filter` in the bucket `bucket` picks into `actor` (each value as
 /// `entry(e)`, then `done(since)`), within the replica's [`Limits`], retrying until it succeeds
 /// or the actor is gone. Abort the returned task to stop it.
+/// `more`, when given, reads what the bucket does not hold after it (the jobs queued without
+/// a record: [`queued_jobs`]).
+#[allow(clippy::too_many_arguments)]
 pub fn spawn_history_read<T: DeserializeOwned + Send + 'static, M: ractor::Message>(
     nats: Arc<Nats>,
     bucket: fn(&Nats) -> &kv::Store,
     filter: String,
+    more: Option<MoreHistory<T>>,
     limits: Arc<Limits>,
     actor: ractor::ActorRef<M>,
     entry: impl Fn(Entry<T>) -> M + Send + Sync + 'static,
@@ -197,7 +203,21 @@ pub fn spawn_history_read<T: DeserializeOwned + Send + 'static, M: ractor::Messa
     tokio::spawn(async move {
         loop {
             let Ok(permit) = limits.history_reads.acquire().await else { return };
-            match read_history(bucket(&nats), &filter, |e| actor.cast(entry(e)).is_ok()).await {
+            let read = match read_history(bucket(&nats), &filter, |e| actor.cast(entry(e)).is_ok()).await {
+                Ok(since) => match &more {
+                    Some(more) => more(nats.clone()).await.map(|entries| {
+                        for e in entries {
+                            if actor.cast(entry(e)).is_err() {
+                                break;
+                            }
+                        }
+                        since
+                    }),
+                    None => Ok(since),
+                },
+                Err(e) => Err(e.to_string()),
+            };
+            match read {
                 Ok(since) => {
                     let _ = actor.cast(done(since));
                     return;
@@ -209,6 +229,23 @@ pub fn spawn_history_read<T: DeserializeOwned + Send + 'static, M: ractor::Messa
                 }
             }
         }
+    })
+}
+
+/// A read that follows a history read: what it found, as entries.
+pub type MoreHistory<T> =
+    Box<dyn Fn(Arc<Nats>) -> futures::future::BoxFuture<'static, Result<Vec<Entry<T>>, String>> + Send + Sync>;
+
+/// The jobs of `endpoint` queued without a record yet, from their tokens, as entries at
+/// revision 0 (a record of the same job, at any revision, is newer).
+pub fn queued_jobs(endpoint: String) -> MoreHistory<shoal_protocol::job::JobRecord> {
+    Box::new(move |nats| {
+        let endpoint = endpoint.clone();
+        Box::pin(async move {
+            let store = crate::jobs::JobStore::new(Nats::clone(&nats));
+            let tokens = store.queued_tokens(&endpoint).await.map_err(|e| e.to_string())?;
+            Ok(tokens.into_iter().map(|(rec, _)| Entry { id: rec.id.clone(), revision: 0, value: Some(rec) }).collect())
+        })
     })
 }
 

@@ -48,6 +48,15 @@ pub(super) async fn list_jobs(ctx: &Ctx, r: JobsRequest) -> Result<JobList, ApiE
         }
     }
     drop(records);
+    // the jobs queued without a record yet, from their tokens (a record read above is newer)
+    let queued = ctx.store.queued_tokens(&r.endpoint).await.map_err(unavailable)?;
+    let listed: std::collections::HashSet<&str> = summaries.iter().map(|s| s.id.as_str()).collect();
+    let unlisted: Vec<JobSummary> = queued
+        .iter()
+        .filter(|(rec, _)| !listed.contains(rec.id.as_str()))
+        .map(|(rec, _)| JobSummary::from(rec))
+        .collect();
+    summaries.extend(unlisted);
     let mut list = select(summaries, &r.states, limit as usize);
     let queued = list.jobs.iter().any(|j| j.state == JobState::InQueue);
     if queued {

@@ -122,8 +122,25 @@ pub(super) async fn run(ctx: &Ctx, mut req: RunRequest, waiter: Option<Waiter>) 
         retention_s: Some(retention_s),
         webhook_delivery: None,
     };
-    let Some(revision) = ctx.store.create(&record).await.map_err(store_err)? else {
-        return Err(ApiError::conflict(format!("job id {id} exists")));
+    // The job is queued as its token alone, which carries its record: the record is written
+    // by whoever changes the job first (its taker, a cancel, a time-out: a compare-and-set
+    // against revision 0), and until then readers find the job by its token
+    // (`JobStore::get`). One stored write and one round trip per job fewer than writing the
+    // record here. A record too large to travel in a token is written here first.
+    let mut token = JobToken::new(record.id.clone(), record.endpoint.clone());
+    token.snapshot = Some(RecordSnapshot { revision: 0, record: record.clone() });
+    let created = match token_bytes(&token)?.len() > MAX_SNAPSHOT_TOKEN_BYTES {
+        true => {
+            token.snapshot = None;
+            let Some(revision) = ctx.store.create(&record).await.map_err(store_err)? else {
+                return Err(ApiError::conflict(format!("job id {id} exists")));
+            };
+            Some(revision)
+        }
+        false => {
+            ctx.store.publish_event(&record, 0).await;
+            None
+        }
     };
     // a waiter subscribes before the job can run (its token is not queued yet), and after its
     // queued event (on the same connection, so that one is not delivered to it); a change
@@ -133,20 +150,21 @@ pub(super) async fn run(ctx: &Ctx, mut req: RunRequest, waiter: Option<Waiter>) 
         _ => match subscribe(ctx, &spec.id, &id).await {
             Ok(events) => Some(events),
             Err(e) => {
-                let _ = ctx.store.delete(&record).await;
+                let _ = ctx.store.delete(&record, created.is_some()).await;
                 return Err(e);
             }
         },
     };
-    let reply = waiter.filter(|_| events.is_some()).map(|w| ReplyTo {
+    token.reply = waiter.filter(|_| events.is_some()).map(|w| ReplyTo {
         subject: w.subject,
         content_type: w.content_type,
         until_ms: now + wait_ms,
     });
-    if let Err(e) = enqueue(ctx, &record, Some(revision), reply.as_ref()).await {
-        let _ = ctx.store.delete(&record).await;
+    if let Err(e) = enqueue(ctx, &token, record.policy.priority).await {
+        let _ = ctx.store.delete(&record, created.is_some()).await;
         return Err(e);
     }
+    let reply = token.reply;
     match events {
         Some(events) => {
             let mine = reply.as_ref().map(|r| r.subject.as_str());
@@ -207,25 +225,19 @@ async fn check_queue_limit(ctx: &Ctx, spec: &shoal_protocol::endpoint::EndpointS
     Ok(())
 }
 
-/// The largest token that carries a snapshot of its record; a larger record is read by the
-/// taker instead of travelling twice.
+/// The largest token that carries its record; a larger record is written before the job is
+/// queued and read by the taker, instead of travelling twice.
 const MAX_SNAPSHOT_TOKEN_BYTES: usize = 16 * 1024;
 
-/// Publishes the job's delivery token, awaiting JetStream's ack (the job is durable after it).
-/// With the revision just written, the token carries the record as a snapshot (when small),
-/// so the taking worker skips reading it.
-async fn enqueue(ctx: &Ctx, rec: &JobRecord, revision: Option<u64>, reply: Option<&ReplyTo>) -> Result<(), ApiError> {
-    let mut token = JobToken::new(rec.id.clone(), rec.endpoint.clone());
-    token.reply = reply.cloned();
-    token.snapshot = revision.map(|revision| RecordSnapshot { revision, record: rec.clone() });
-    let encode = |t: &JobToken| to_msgpack(t).map_err(|e| ApiError::internal(e.to_string()));
-    let mut bytes = encode(&token)?;
-    if token.snapshot.is_some() && bytes.len() > MAX_SNAPSHOT_TOKEN_BYTES {
-        // too large to carry the record: the taker reads it
-        token.snapshot = None;
-        bytes = encode(&token)?;
-    }
-    let subject = ctx.nats.names.job_subject(&rec.endpoint, rec.policy.priority);
+fn token_bytes(token: &JobToken) -> Result<Vec<u8>, ApiError> {
+    to_msgpack(token).map_err(|e| ApiError::internal(e.to_string()))
+}
+
+/// Publishes the job's delivery token on its own subject, awaiting JetStream's ack (the job
+/// is durable after it).
+async fn enqueue(ctx: &Ctx, token: &JobToken, priority: Priority) -> Result<(), ApiError> {
+    let bytes = token_bytes(token)?;
+    let subject = ctx.nats.names.job_token_subject(&token.endpoint, priority, &token.id);
     let mut headers = async_nats::HeaderMap::new();
     crate::trace_context::inject(&mut headers);
     let ack = ctx
@@ -362,7 +374,12 @@ pub(super) async fn retry(ctx: &Ctx, job: JobRef) -> Result<JobStatus, ApiError>
     let rec = find(ctx, &job).await?;
     match ctx.store.transition(&rec.endpoint, &rec.id, |r| lifecycle::retry(r, now_ms())).await.map_err(store_err)? {
         Applied::Changed { record, previous, revision } => {
-            if let Err(e) = enqueue(ctx, &record, Some(revision), None).await {
+            let mut token = JobToken::new(record.id.clone(), record.endpoint.clone());
+            token.snapshot = Some(RecordSnapshot { revision, record: record.as_ref().clone() });
+            if token_bytes(&token)?.len() > MAX_SNAPSHOT_TOKEN_BYTES {
+                token.snapshot = None; // the taker reads the record
+            }
+            if let Err(e) = enqueue(ctx, &token, record.policy.priority).await {
                 // put it back as it was, so it stays retryable (and its owner sees it so)
                 let key = ctx.store.key(&record.endpoint, &record.id);
                 if let Ok(Some(rev)) = ctx.store.write(&key, previous.as_ref(), revision).await {

@@ -162,6 +162,7 @@ impl Actor for ScalerActor {
                     st.nats.clone(),
                     |n| &n.workers,
                     filter,
+                    None,
                     st.limits.clone(),
                     myself,
                     ScalerMsg::WorkerHistory,

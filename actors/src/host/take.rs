@@ -88,6 +88,7 @@ pub async fn fetch_and_take(
         // side by side (one write to the server for the batch, not a round trip each)
         let mut takes = Vec::with_capacity(msgs.len());
         for m in msgs {
+            let delivered = m.info().map_or(1, |info| info.delivered);
             let (message, acker) = m.split();
             let ack = AckGuard::new(acker);
             if queues.is_closed() {
@@ -105,7 +106,7 @@ pub async fn fetch_and_take(
             crate::trace_context::set_parent(&span, message.headers.as_ref());
             takes.push(tracing::Instrument::instrument(
                 async move {
-                    let taken_one = take_one(store, &token, worker, host, ack).await;
+                    let taken_one = take_one(store, &token, delivered, worker, host, ack).await;
                     tracing::debug!(taken = taken_one.is_some(), "job token delivered");
                     taken_one
                 },
@@ -117,24 +118,52 @@ pub async fn fetch_and_take(
     taken
 }
 
-async fn take_one(store: &JobStore, token: &JobToken, worker: &str, host: &str, ack: AckGuard) -> Option<TakenJob> {
+async fn take_one(
+    store: &JobStore,
+    token: &JobToken,
+    delivered: i64,
+    worker: &str,
+    host: &str,
+    ack: AckGuard,
+) -> Option<TakenJob> {
     // an input stored as a blob, read once before the take is written
     let mut blob_input: Option<Value> = None;
     // the token's snapshot of the record as queued: a compare-and-set against its revision
-    // needs no read first, and fails (then we read) if the record changed since
+    // needs no read first, and fails (then we read) if the record changed since. At revision
+    // 0 the job was queued without a record, and this take creates it
     let mut snapshot =
         token.snapshot.clone().filter(|s| s.record.id == token.id && s.record.endpoint == token.endpoint);
+    // A token delivered before, queued without a record, may be of a job taken and ended
+    // since whose record has expired: its record is read first, and without one the job's
+    // stored events say whether it ended
+    let mut unrecorded = match snapshot.as_ref().is_some_and(|s| s.revision == 0) && delivered > 1 {
+        true => snapshot.take(),
+        false => None,
+    };
     for _ in 0..16 {
         let found = match snapshot.take() {
             Some(s) => Ok(Some((s.record, s.revision))),
-            None => store.get(&token.endpoint, &token.id).await,
+            None => store.get_record(&token.endpoint, &token.id).await,
         };
         let (rec, rev) = match found {
             Ok(Some(found)) => found,
-            Ok(None) => {
-                ack.ack().await; // record expired or purged: nothing to run
-                return None;
-            }
+            Ok(None) => match unrecorded.take() {
+                Some(queued) => match store.has_ended(&token.endpoint, &token.id).await {
+                    Ok(false) => (queued.record, 0),
+                    Ok(true) => {
+                        ack.ack().await; // ended, and its record expired: nothing to run
+                        return None;
+                    }
+                    Err(e) => {
+                        tracing::warn!(job_id = %token.id, error = %e, "cannot read the job's events; redelivering");
+                        return None; // the guard naks
+                    }
+                },
+                None => {
+                    ack.ack().await; // record expired or purged: nothing to run
+                    return None;
+                }
+            },
             Err(e) => {
                 tracing::warn!(job_id = %token.id, error = %e, "cannot read job record; redelivering");
                 return None; // the guard naks
