@@ -171,22 +171,22 @@ impl JobStore {
         }
     }
 
-    /// Finds a job by id alone (the CLI may not know its endpoint): watches `*.<id>`.
+    /// Finds a job by id alone (the CLI may not know its endpoint): a queued job by its token
+    /// (which names the endpoint), any other by a watch of `*.<id>`.
     pub async fn find(&self, id: &str) -> Result<Option<(JobRecord, u64)>, StoreError> {
+        // a token lives from the submit until the job ends: without one, the job has ended (or
+        // is unknown), and its record is all there is
+        if let Some((rec, _)) = self.queued_token("*", id).await? {
+            // taken since its token was read: the record is newer
+            return Ok(Some(self.get_record(&rec.endpoint, id).await?.unwrap_or((rec, 0))));
+        }
         let pattern = self.nats.names.job_key_any_endpoint(id);
         let mut watch =
             self.nats.jobs.watch_with_history(&pattern).await.map_err(|e| StoreError::Unavailable(e.to_string()))?;
         match tokio::time::timeout(Duration::from_millis(500), watch.next()).await {
-            Ok(Some(Ok(e))) if e.operation == kv::Operation::Put => {
-                return Ok(Some((decode(&e.key, &e.value)?, e.revision)));
-            }
-            Ok(Some(Err(e))) => return Err(StoreError::Unavailable(e.to_string())),
-            _ => {}
-        }
-        // a queued job with no record yet; or, when a record was written since, that
-        match self.queued_token("*", id).await? {
-            Some((rec, _)) => Ok(Some(self.get_record(&rec.endpoint, id).await?.unwrap_or((rec, 0)))),
-            None => Ok(None),
+            Ok(Some(Ok(e))) if e.operation == kv::Operation::Put => Ok(Some((decode(&e.key, &e.value)?, e.revision))),
+            Ok(Some(Err(e))) => Err(StoreError::Unavailable(e.to_string())),
+            _ => Ok(None),
         }
     }
 
@@ -491,4 +491,36 @@ pub async fn jobs_consumer(
 /// on the queue's one subject.
 pub fn queue_subjects(names: &shoal_protocol::names::Names, endpoint: &str, priority: Priority) -> Vec<String> {
     vec![names.job_tokens_of_queue(endpoint, priority), names.job_subject(endpoint, priority)]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use shoal_protocol::job::RecordSnapshot;
+
+    fn record(id: &str) -> JobRecord {
+        let mut rec: JobRecord =
+            from_msgpack(include_bytes!("../../protocol/tests/samples/job_record.msgpack")).expect("decodes");
+        rec.id = id.into();
+        rec
+    }
+
+    fn token(id: &str, snapshot: Option<(u64, &str)>) -> Vec<u8> {
+        let mut token = JobToken::new(id, "ep");
+        token.snapshot = snapshot.map(|(revision, of)| RecordSnapshot { revision, record: record(of) });
+        to_msgpack(&token).expect("encodes")
+    }
+
+    #[test]
+    fn only_a_token_queued_without_a_record_stands_for_its_job() {
+        assert_eq!(queued_record(&token("j1", Some((0, "j1"))), "j1").map(|r| r.id), Some("j1".into()));
+        // a record written before the token (an older shoal, a large record, a retry): the
+        // bucket has the job
+        assert_eq!(queued_record(&token("j1", Some((7, "j1"))), "j1"), None);
+        assert_eq!(queued_record(&token("j1", None), "j1"), None);
+        // not this job's
+        assert_eq!(queued_record(&token("j1", Some((0, "j2"))), "j1"), None);
+        assert_eq!(queued_record(&token("j1", Some((0, "j1"))), "j2"), None);
+        assert_eq!(queued_record(b"not a token", "j1"), None);
+    }
 }

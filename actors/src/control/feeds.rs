@@ -456,6 +456,21 @@ mod tests {
     }
 
     #[test]
+    fn a_job_queued_without_a_record_during_the_read_is_applied_after_it_unless_its_record_was_seen() {
+        // revision 0: a job queued as its token alone (the record is written at its take)
+        let mut f = Feed::default();
+        assert_eq!(f.live(put("q", 0, 1)), None);
+        assert_eq!(f.live(put("taken", 0, 1)), None);
+        // the history saw the other job's record: it was taken in the meantime
+        assert_eq!(f.history(put("taken", 12, 2)), Some(put("taken", 12, 2)));
+        assert_eq!(f.caught_up(10), vec![put("q", 0, 1)], "a queued job is in no bucket's history");
+        // a token read after the records, and a late queued event: older than any record
+        assert_eq!(f.history(put("taken", 0, 1)), None);
+        assert_eq!(f.live(put("q", 0, 1)), None, "applied once");
+        assert_eq!(f.live(put("q", 3, 2)), Some(put("q", 3, 2)), "its take is newer");
+    }
+
+    #[test]
     fn a_deletion_held_during_the_read_is_applied_after_it() {
         let mut f = Feed::default();
         assert_eq!(f.live(del("a", 11)), None);

@@ -193,9 +193,9 @@ async fn check_input(ctx: &Ctx, req: &RunRequest) -> Result<(), ApiError> {
 
 /// Backpressure: refuses a job when the endpoint's queue holds `queue_limit` jobs or more.
 /// Read only when a limit is set: first the pending count of the endpoint's two queue
-/// consumers (tokens not yet delivered: cheap, but it also counts the tokens of jobs cancelled
-/// or purged while queued, until a worker skips them); at the limit, the owner's count of
-/// IN_QUEUE jobs decides.
+/// consumers (tokens not yet delivered: cheap; the token of a job cancelled, purged or timed
+/// out while queued is removed with it, unless that removal failed); at the limit, the owner's
+/// count of IN_QUEUE jobs decides.
 async fn check_queue_limit(ctx: &Ctx, spec: &shoal_protocol::endpoint::EndpointSpec) -> Result<(), ApiError> {
     let Some(limit) = spec.queue_limit else { return Ok(()) };
     let names = &ctx.nats.names;
