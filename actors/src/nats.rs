@@ -145,6 +145,7 @@ impl Nats {
                 max_messages: def.max_msgs,
                 num_replicas: topology.replicas,
                 max_consumers: MAX_CONSUMERS,
+                allow_direct: def.allow_direct,
                 ..Default::default()
             };
             let stream = js
@@ -156,6 +157,7 @@ impl Nats {
             if !same_subjects(&existing.subjects, &def.subjects)
                 || existing.max_age != max_age
                 || existing.max_messages != def.max_msgs
+                || existing.allow_direct != def.allow_direct
             {
                 // made by another version of shoal (SHOAL_EVENTS kept every job event before),
                 // or with other limits in its topology settings
@@ -171,6 +173,7 @@ impl Nats {
                         subjects: def.subjects.clone(),
                         max_age,
                         max_messages: def.max_msgs,
+                        allow_direct: def.allow_direct,
                         ..existing
                     })
                     .await

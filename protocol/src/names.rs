@@ -33,6 +33,8 @@ pub struct StreamDef {
     pub max_age_s: u64,
     /// -1 = unlimited.
     pub max_msgs: i64,
+    /// Messages may be read by direct gets (in batches), not only through the stream's leader.
+    pub allow_direct: bool,
     pub description: &'static str,
 }
 
@@ -351,6 +353,8 @@ impl Names {
                 retention: Retention::WorkQueue,
                 max_age_s: 0,
                 max_msgs: -1,
+                // a job's token is its record until the take: read by id, and in batches
+                allow_direct: true,
                 description: "queued jobs, one message per delivery token",
             },
             StreamDef {
@@ -359,6 +363,7 @@ impl Names {
                 retention: Retention::Limits,
                 max_age_s: events.max_age_s,
                 max_msgs: events.max_msgs,
+                allow_direct: false,
                 description: "every worker and host state change, every job's end, webhook calls",
             },
             StreamDef {
@@ -367,6 +372,7 @@ impl Names {
                 retention: Retention::WorkQueue,
                 max_age_s: retention_s.max(60),
                 max_msgs: -1,
+                allow_direct: false,
                 description: "partial outputs of generator jobs, consumed on read",
             },
         ]

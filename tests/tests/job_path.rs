@@ -387,3 +387,89 @@ async fn jobs_queued_by_an_older_shoal_run_after_an_upgrade() -> Result<()> {
     shoal.stop().await;
     Ok(())
 }
+
+/// The owner's history read and the job list read an endpoint's queued jobs from their tokens
+/// in batches (direct gets), in the order they were queued; a jobs stream made by an older
+/// shoal, without direct gets, takes them on connect.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queued_jobs_are_read_from_their_tokens_in_batches() -> Result<()> {
+    use shoal_protocol::api::{JobRef, RunRequest};
+    let shoal = Shoal::start().await?;
+    let mut spec = rust_endpoint("batched")?;
+    (spec.workers_min, spec.workers_max) = (0, 0);
+    shoal.api.create_endpoint(&spec).await?;
+    let mut queued = Vec::new();
+    for n in 0..5 {
+        queued.push(shoal.api.run(&RunRequest::new("batched", json!({ "n": n }))).await?.id);
+    }
+    // one ends in the queue: its token goes with it
+    let cancelled = queued.remove(2);
+    shoal.api.cancel(&JobRef { endpoint: Some("batched".into()), id: cancelled, wait_ms: 0 }).await?;
+    let store = shoal_actors::jobs::JobStore::new(shoal.nats.clone());
+    for batch in [1, 2, 4, 256] {
+        let read: Vec<String> =
+            store.queued_tokens_by("batched", batch).await?.into_iter().map(|(rec, _)| rec.id).collect();
+        assert_eq!(read, queued, "batches of {batch}");
+    }
+    assert!(store.queued_tokens("no-such-endpoint").await?.is_empty());
+
+    let mut stream = shoal.nats.js.get_stream(shoal.nats.names.jobs_stream()).await?;
+    let config = stream.info().await?.config.clone();
+    assert!(config.allow_direct);
+    shoal.nats.js.update_stream(async_nats::jetstream::stream::Config { allow_direct: false, ..config }).await?;
+    let names = shoal.nats.names.clone();
+    let again = shoal_actors::nats::Nats::connect(&shoal.server.url, names, &shoal_tests::fast_topology()).await?;
+    assert!(stream.info().await?.config.allow_direct, "changed on connect");
+    let read = shoal_actors::jobs::JobStore::new(again).queued_tokens("batched").await?;
+    assert_eq!(read.len(), queued.len());
+    shoal.stop().await;
+    Ok(())
+}
+
+/// How long reading a deep queue from its tokens takes, one token per request against a batch
+/// per request (BENCHMARKS.md series 15):
+/// `cargo test --release -p shoal-tests --test job_path -- --ignored --nocapture reading_a_deep_queue`
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a benchmark: prints numbers"]
+async fn reading_a_deep_queue_from_its_tokens() -> Result<()> {
+    use shoal_protocol::api::RunRequest;
+    const JOBS: usize = 20_000;
+    let shoal = Shoal::start().await?;
+    let mut spec = rust_endpoint("deep")?;
+    (spec.workers_min, spec.workers_max) = (0, 0);
+    shoal.api.create_endpoint(&spec).await?;
+    let mut ids = Vec::new();
+    for _ in 0..JOBS / 500 {
+        let requests: Vec<RunRequest> = (0..500).map(|n| RunRequest::new("deep", json!({ "n": n }))).collect();
+        for run in futures::future::join_all(requests.iter().map(|r| shoal.api.run(r))).await {
+            ids.push(run?.id);
+        }
+    }
+    let store = shoal_actors::jobs::JobStore::new(shoal.nats.clone());
+    // the owner is done with the queued events before anything is timed
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let started = std::time::Instant::now();
+    for id in ids.iter().step_by(JOBS / 200) {
+        ensure!(store.get_record("deep", id).await?.is_none());
+    }
+    println!("a job not in the bucket: {:?} on average", started.elapsed() / 200);
+    let started = std::time::Instant::now();
+    for id in ids.iter().step_by(JOBS / 200) {
+        ensure!(store.queued_token("deep", id).await?.is_some());
+    }
+    println!("a queued job's token: {:?} on average", started.elapsed() / 200);
+    // one queued job by its token (the bucket first, then the token): a status, a cancel
+    let started = std::time::Instant::now();
+    for id in ids.iter().step_by(JOBS / 200) {
+        ensure!(store.get("deep", id).await?.is_some_and(|(_, revision)| revision == 0));
+    }
+    println!("one queued job of {JOBS} found (both) in {:?} on average", started.elapsed() / 200);
+    for batch in [1, 256, 1] {
+        let started = std::time::Instant::now();
+        let read = store.queued_tokens_by("deep", batch).await?.len();
+        ensure!(read == JOBS, "read {read} of {JOBS}");
+        println!("{JOBS} queued jobs read {batch} per request in {:?}", started.elapsed());
+    }
+    shoal.stop().await;
+    Ok(())
+}
