@@ -41,6 +41,8 @@ async fn cancel_a_queued_job_and_ttl_expiry_without_workers() -> Result<()> {
     let timed_out = wait_state(&shoal, "idle", &expiring.id, JobState::TimedOut, Duration::from_secs(10)).await?;
     assert!(timed_out.error.unwrap_or_default().contains("ttl"), "reason names the ttl");
     assert_eq!(timed_out.attempts, 0, "it never ran");
+    // both ended in the queue (a cancel, the owner's ttl time-out): their tokens are gone
+    assert_eq!(tokens(&shoal, "idle").await?, 0);
 
     // retry re-queues the timed-out job under the same id; a worker then runs it
     let retried = shoal.api.retry(&job("idle", &expiring.id)).await?;
