@@ -91,9 +91,8 @@ impl JobStore {
     /// token), is not one: that job's record is in the bucket.
     pub async fn queued_token(&self, endpoint: &str, id: &str) -> Result<Option<(JobRecord, u64)>, StoreError> {
         use async_nats::jetstream::stream::LastRawMessageErrorKind;
-        // a subject with a wildcard is found by a scan of the stream (a millisecond and more
-        // in a queue of thousands), an exact one by the server's index of subjects: with the
-        // endpoint known, each priority's subject is asked for in turn
+        // with the endpoint known, each priority's exact subject in turn (normal first: most
+        // jobs); a wildcard only for the lookup by id alone
         let subjects = match endpoint {
             "*" => vec![self.nats.names.job_token_of(endpoint, id)],
             _ => [Priority::Normal, Priority::Low]

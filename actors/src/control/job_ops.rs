@@ -126,20 +126,24 @@ pub(super) async fn run(ctx: &Ctx, mut req: RunRequest, waiter: Option<Waiter>) 
     // by whoever changes the job first (its taker, a cancel, a time-out: a compare-and-set
     // against revision 0), and until then readers find the job by its token
     // (`JobStore::get`). One stored write and one round trip per job fewer than writing the
-    // record here. A record too large to travel in a token is written here first.
-    let mut token = JobToken::new(record.id.clone(), record.endpoint.clone());
-    token.snapshot = Some(RecordSnapshot { revision: 0, record: record.clone() });
-    let created = match token_bytes(&token)?.len() > MAX_SNAPSHOT_TOKEN_BYTES {
+    // record here. A record too large to travel in a token is written here first. A waiting
+    // submitter's reply subject travels in the token too (its subscription is made below, and
+    // the request fails if it cannot be).
+    let reply = match wait_ms {
+        0 => None,
+        _ => waiter.map(|w| ReplyTo { subject: w.subject, content_type: w.content_type, until_ms: now + wait_ms }),
+    };
+    let (token, carries_record) = encode_token(&record, 0, reply.clone())?;
+    let created = match carries_record {
         true => {
-            token.snapshot = None;
+            ctx.store.publish_event(&record, 0).await;
+            None
+        }
+        false => {
             let Some(revision) = ctx.store.create(&record).await.map_err(store_err)? else {
                 return Err(ApiError::conflict(format!("job id {id} exists")));
             };
             Some(revision)
-        }
-        false => {
-            ctx.store.publish_event(&record, 0).await;
-            None
         }
     };
     // a waiter subscribes before the job can run (its token is not queued yet), and after its
@@ -155,16 +159,10 @@ pub(super) async fn run(ctx: &Ctx, mut req: RunRequest, waiter: Option<Waiter>) 
             }
         },
     };
-    token.reply = waiter.filter(|_| events.is_some()).map(|w| ReplyTo {
-        subject: w.subject,
-        content_type: w.content_type,
-        until_ms: now + wait_ms,
-    });
-    if let Err(e) = enqueue(ctx, &token, record.policy.priority).await {
+    if let Err(e) = enqueue(ctx, &record, token).await {
         let _ = ctx.store.delete(&record, created.is_some()).await;
         return Err(e);
     }
-    let reply = token.reply;
     match events {
         Some(events) => {
             let mine = reply.as_ref().map(|r| r.subject.as_str());
@@ -229,21 +227,31 @@ async fn check_queue_limit(ctx: &Ctx, spec: &shoal_protocol::endpoint::EndpointS
 /// queued and read by the taker, instead of travelling twice.
 const MAX_SNAPSHOT_TOKEN_BYTES: usize = 16 * 1024;
 
-fn token_bytes(token: &JobToken) -> Result<Vec<u8>, ApiError> {
-    to_msgpack(token).map_err(|e| ApiError::internal(e.to_string()))
+/// A job's delivery token, encoded, carrying its record at `revision` when the whole fits in
+/// [`MAX_SNAPSHOT_TOKEN_BYTES`] (else the taker reads the record), and whether it does.
+fn encode_token(record: &JobRecord, revision: u64, reply: Option<ReplyTo>) -> Result<(Bytes, bool), ApiError> {
+    let encode = |t: &JobToken| to_msgpack(t).map(Bytes::from).map_err(|e| ApiError::internal(e.to_string()));
+    let mut token = JobToken::new(record.id.clone(), record.endpoint.clone());
+    token.reply = reply;
+    token.snapshot = Some(RecordSnapshot { revision, record: record.clone() });
+    let bytes = encode(&token)?;
+    if bytes.len() <= MAX_SNAPSHOT_TOKEN_BYTES {
+        return Ok((bytes, true));
+    }
+    token.snapshot = None;
+    Ok((encode(&token)?, false))
 }
 
-/// Publishes the job's delivery token on its own subject, awaiting JetStream's ack (the job
-/// is durable after it).
-async fn enqueue(ctx: &Ctx, token: &JobToken, priority: Priority) -> Result<(), ApiError> {
-    let bytes = token_bytes(token)?;
-    let subject = ctx.nats.names.job_token_subject(&token.endpoint, priority, &token.id);
+/// Publishes a job's encoded delivery token on its own subject, awaiting JetStream's ack (the
+/// job is durable after it).
+async fn enqueue(ctx: &Ctx, record: &JobRecord, token: Bytes) -> Result<(), ApiError> {
+    let subject = ctx.nats.names.job_token_subject(&record.endpoint, record.policy.priority, &record.id);
     let mut headers = async_nats::HeaderMap::new();
     crate::trace_context::inject(&mut headers);
     let ack = ctx
         .nats
         .js
-        .publish_with_headers(subject, headers, Bytes::from(bytes))
+        .publish_with_headers(subject, headers, token)
         .await
         .map_err(|e| ApiError::unavailable(format!("cannot queue the job: {e}")))?;
     ack.await.map_err(|e| ApiError::unavailable(format!("cannot queue the job: {e}")))?;
@@ -374,12 +382,8 @@ pub(super) async fn retry(ctx: &Ctx, job: JobRef) -> Result<JobStatus, ApiError>
     let rec = find(ctx, &job).await?;
     match ctx.store.transition(&rec.endpoint, &rec.id, |r| lifecycle::retry(r, now_ms())).await.map_err(store_err)? {
         Applied::Changed { record, previous, revision } => {
-            let mut token = JobToken::new(record.id.clone(), record.endpoint.clone());
-            token.snapshot = Some(RecordSnapshot { revision, record: record.as_ref().clone() });
-            if token_bytes(&token)?.len() > MAX_SNAPSHOT_TOKEN_BYTES {
-                token.snapshot = None; // the taker reads the record
-            }
-            if let Err(e) = enqueue(ctx, &token, record.policy.priority).await {
+            let (token, _) = encode_token(&record, revision, None)?;
+            if let Err(e) = enqueue(ctx, &record, token).await {
                 // put it back as it was, so it stays retryable (and its owner sees it so)
                 let key = ctx.store.key(&record.endpoint, &record.id);
                 if let Ok(Some(rev)) = ctx.store.write(&key, previous.as_ref(), revision).await {
