@@ -337,3 +337,52 @@ async fn a_token_delivered_again_without_a_record_runs_only_if_its_job_never_end
     shoal.stop().await;
     Ok(())
 }
+
+/// A worker that gives up its job-take while the host is taking a job for it never gets that
+/// job: the take is undone without using an attempt (its record back to IN_QUEUE, its token
+/// handed back at once), and the job runs on the worker's next take, counted as its first
+/// attempt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_taken_for_a_job_take_given_up_goes_back_without_using_an_attempt() -> Result<()> {
+    use futures::StreamExt;
+    let shoal = Shoal::start().await?;
+    let dir = tempfile::tempdir()?;
+    let gave_up = dir.path().join("gave-up");
+    let python = shoal_tests::python_bin()?;
+    let mut spec = shoal_protocol::endpoint::EndpointSpec::with_command(
+        "abandon",
+        &format!("exec {} tests/python/abandoning_worker.py", python.display()),
+    );
+    (spec.workers_min, spec.workers_max) = (1, 1);
+    spec.env.insert("GAVE_UP_FILE".into(), gave_up.display().to_string());
+    let mut events = shoal.nats.client.subscribe(shoal.nats.names.job_events_all()).await?;
+    shoal.api.create_endpoint(&spec).await?;
+    // the worker has asked for a job and gone; the host still holds its take for up to 2 s
+    eventually(Duration::from_secs(30), "the worker to give up its first job-take", || async {
+        gave_up.exists().then_some(())
+    })
+    .await?;
+    let id = shoal.api.run(&RunRequest::new("abandon", json!({"n": 7}))).await?.id;
+
+    let done = wait_state(&shoal, "abandon", &id, JobState::Completed, Duration::from_secs(30)).await?;
+    assert_eq!(done.output, Some(json!({"input": {"n": 7}})));
+    assert_eq!(done.attempts, 1, "the take nobody got is not an attempt");
+    let mut seen = Vec::new();
+    while let Ok(Some(m)) = tokio::time::timeout(Duration::from_secs(2), events.next()).await {
+        let e: shoal_protocol::events::JobEvent = shoal_protocol::codec::from_msgpack(&m.payload)?;
+        if e.job_id == id {
+            seen.push((e.state, e.attempts));
+            if e.state == JobState::Completed {
+                break;
+            }
+        }
+    }
+    let taken_then_released = [(JobState::InProgress, 1), (JobState::InQueue, 0), (JobState::InProgress, 1)];
+    assert!(
+        seen.windows(3).any(|w| w == taken_then_released),
+        "the job was taken for the given-up request, released, then taken again: {seen:?}"
+    );
+    assert_eq!(seen.last(), Some(&(JobState::Completed, 1)));
+    shoal.stop().await;
+    Ok(())
+}

@@ -60,10 +60,16 @@ pub enum WorkerMsg {
         hold: Duration,
         reply: RpcReplyPort<Vec<WorkerJob>>,
     },
-    /// The fetch task took these jobs for a waiting job-take.
+    /// The fetch task took these jobs for a waiting job-take and hands them to the worker
+    /// itself, right after this message (so the worker's job-done for one of them always
+    /// comes after it).
     Taken {
         jobs: Vec<TakenJob>,
-        reply: RpcReplyPort<Vec<WorkerJob>>,
+    },
+    /// The job-take these jobs were taken for was gone when they were handed over: the worker
+    /// never got them, so they go back to the queue.
+    Unhanded {
+        job_ids: Vec<String>,
     },
     /// job-done: a result or a progress update.
     Done {
@@ -238,7 +244,8 @@ impl Actor for WorkerActor {
     ) -> Result<(), ActorProcessingErr> {
         match msg {
             WorkerMsg::Take { max, hold, reply } => st.on_take(&myself, max, hold, reply).await,
-            WorkerMsg::Taken { jobs, reply } => st.on_taken(jobs, reply).await,
+            WorkerMsg::Taken { jobs } => st.on_taken(jobs).await,
+            WorkerMsg::Unhanded { job_ids } => st.on_unhanded(&myself, job_ids).await,
             WorkerMsg::Done { job_id, body, reply } => st.on_done(&myself, job_id, body, reply).await,
             WorkerMsg::Stream { job_id, chunk, reply } => st.on_stream(job_id, chunk, reply),
             WorkerMsg::Ping { job_ids, unhealthy } => st.on_ping(job_ids, unhealthy).await,
@@ -438,23 +445,28 @@ impl WorkerState_ {
         let me = myself.clone();
         tokio::spawn(async move {
             let jobs = fetch_and_take(&queues, &store, &worker, &host, max, hold).await;
-            if let Err(ractor::MessagingErr::SendErr(WorkerMsg::Taken { jobs, .. })) =
-                me.cast(WorkerMsg::Taken { jobs, reply })
-            {
+            if jobs.is_empty() {
+                let _ = reply.send(vec![]);
+                return;
+            }
+            // the jobs go to the actor first, then straight to the waiting job-take from here
+            // (not through the actor: one hand-off between tasks fewer before the worker has them)
+            let handed: Vec<WorkerJob> = jobs.iter().map(|t| t.job.clone()).collect();
+            let ids: Vec<String> = handed.iter().map(|j| j.id.clone()).collect();
+            if let Err(ractor::MessagingErr::SendErr(WorkerMsg::Taken { jobs })) = me.cast(WorkerMsg::Taken { jobs }) {
                 // the worker stopped meanwhile: give the jobs back without using an attempt
                 tracing::debug!(worker_id = %worker, jobs = jobs.len(), "worker stopped while taking jobs; releasing them");
                 release_taken(&store, &worker, jobs);
+                return;
+            }
+            if reply.send(handed).is_err() {
+                // the worker gave up its request: undo the takes, without counting them
+                let _ = me.cast(WorkerMsg::Unhanded { job_ids: ids });
             }
         });
     }
 
-    async fn on_taken(&mut self, jobs: Vec<TakenJob>, reply: RpcReplyPort<Vec<WorkerJob>>) {
-        let handed: Vec<WorkerJob> = jobs.iter().map(|t| t.job.clone()).collect();
-        if reply.send(handed).is_err() {
-            // the worker gave up its request: undo the takes, without counting them
-            release_taken(&self.store, &self.args.worker_id, jobs);
-            return;
-        }
+    async fn on_taken(&mut self, jobs: Vec<TakenJob>) {
         if !jobs.is_empty() && self.start.first_job_ms.is_none() {
             self.start.first_job_ms = Some(self.launched_at.elapsed().as_millis() as u64);
         }
@@ -464,6 +476,19 @@ impl WorkerState_ {
             let (ack, record, revision, reply) = (t.ack, t.record, t.revision, t.reply);
             let inflight = Inflight { ack, record, revision, last_progress: Instant::now(), reply, span };
             self.inflight.insert(t.job.id.clone(), inflight);
+        }
+        self.settle().await;
+    }
+
+    async fn on_unhanded(&mut self, myself: &ActorRef<WorkerMsg>, job_ids: Vec<String>) {
+        for id in job_ids {
+            if let Some(i) = self.inflight.remove(&id) {
+                release_one(&self.store, &self.args.worker_id, i.record, i.revision, i.ack);
+            }
+        }
+        if self.draining && self.inflight.is_empty() {
+            myself.stop(Some(STOP_REFRESH.into()));
+            return;
         }
         self.settle().await;
     }
@@ -687,14 +712,19 @@ impl WorkerState_ {
 /// attempts (from the record as the take wrote it), its token redelivered.
 fn release_taken(store: &JobStore, worker: &str, jobs: Vec<TakenJob>) {
     for t in jobs {
-        let (store, worker) = (store.clone(), worker.to_string());
-        tokio::spawn(async move {
-            let (endpoint, id) = (t.record.endpoint.clone(), t.record.id.clone());
-            let known = Some((t.record, t.revision));
-            let _ = store.transition_from(&endpoint, &id, known, |r| lifecycle::release(r, &worker)).await;
-            t.ack.nak().await;
-        });
+        release_one(store, worker, t.record, t.revision, t.ack);
     }
+}
+
+/// Undoes one take (see [`release_taken`]), in a task of its own.
+fn release_one(store: &JobStore, worker: &str, record: JobRecord, revision: u64, ack: AckGuard) {
+    let (store, worker) = (store.clone(), worker.to_string());
+    tokio::spawn(async move {
+        let (endpoint, id) = (record.endpoint.clone(), record.id.clone());
+        let _ =
+            store.transition_from(&endpoint, &id, Some((record, revision)), |r| lifecycle::release(r, &worker)).await;
+        ack.nak().await;
+    });
 }
 
 /// Sends a worker record to its bucket without waiting for the write's ack (a failure is
