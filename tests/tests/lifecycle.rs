@@ -338,6 +338,69 @@ async fn a_token_delivered_again_without_a_record_runs_only_if_its_job_never_end
     Ok(())
 }
 
+/// A job that ends in the queue has its token removed. Should that removal fail, the token
+/// outlives the job's record (a cancel's record lives its retention, 1 s here); delivered for
+/// the first time after the record expired, it is known by the job's stored end event and
+/// removed without running, while an old token of a job that never ended runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_outliving_the_record_of_a_job_that_ended_in_the_queue_never_runs() -> Result<()> {
+    use futures::StreamExt;
+    use shoal_protocol::job::Priority;
+    let config = shoal_actors::control::ControlConfig { tick_ms: 100, run_retention_s: 1, ..Default::default() };
+    let shoal = Shoal::start_with(config, |_| {}).await?;
+    let mut spec = rust_endpoint("old")?;
+    (spec.workers_min, spec.workers_max) = (0, 0);
+    shoal.api.create_endpoint(&spec).await?;
+    let cancelled = shoal.api.run(&RunRequest::new("old", json!({"n": 1}))).await?.id;
+    let fresh = shoal.api.run(&RunRequest::new("old", json!({"n": 2}))).await?.id;
+    // the first job's token as queued, kept to be put back as if its removal had failed
+    let subject = shoal.nats.names.job_token_subject("old", Priority::Normal, &cancelled);
+    let stream = shoal.nats.js.get_stream(shoal.nats.names.jobs_stream()).await?;
+    let token = stream.get_last_raw_message_by_subject(&subject).await?;
+    assert_eq!(shoal.api.cancel(&job("old", &cancelled)).await?.status, JobState::Cancelled);
+    eventually(Duration::from_secs(15), "the cancelled job's record to expire", || async {
+        (!has_record(&shoal, "old", &cancelled).await.ok()?).then_some(())
+    })
+    .await?;
+    shoal.nats.js.publish(subject, token.payload).await?.await?;
+    assert_eq!(tokens(&shoal, "old").await?, 2, "the old token is back beside the fresh job's");
+
+    let mut events = shoal.nats.client.subscribe(shoal.nats.names.job_events_of("old", "*")).await?;
+    (spec.workers_min, spec.workers_max) = (1, 1);
+    shoal.api.apply_endpoint(&spec).await?;
+    let mut seen = Vec::new();
+    let ended = tokio::time::timeout(Duration::from_secs(30), async {
+        while let Some(m) = events.next().await {
+            let e: shoal_protocol::events::JobEvent = shoal_protocol::codec::from_msgpack(&m.payload)?;
+            seen.push((e.job_id.clone(), e.state));
+            if e.job_id == fresh && e.state.is_terminal() {
+                return Ok::<_, anyhow::Error>(e);
+            }
+        }
+        anyhow::bail!("the job events ended")
+    })
+    .await??;
+    assert_eq!(ended.state, JobState::Completed);
+    assert_eq!(
+        ended.status.and_then(|s| s.output),
+        Some(json!({"n": 2})),
+        "an old token of a job that never ended runs"
+    );
+    eventually(Duration::from_secs(10), "both tokens to be gone", || async {
+        tokens(&shoal, "old").await.ok().filter(|n| *n == 0)
+    })
+    .await?;
+    // whatever took the old token had published its events by the time the token was gone
+    while let Ok(Some(m)) = tokio::time::timeout(Duration::from_millis(500), events.next()).await {
+        let e: shoal_protocol::events::JobEvent = shoal_protocol::codec::from_msgpack(&m.payload)?;
+        seen.push((e.job_id.clone(), e.state));
+    }
+    assert!(!seen.iter().any(|(id, _)| *id == cancelled), "the cancelled job never ran again: {seen:?}");
+    assert!(!has_record(&shoal, "old", &cancelled).await?, "nor was it recorded again");
+    shoal.stop().await;
+    Ok(())
+}
+
 /// A worker that gives up its job-take while the host is taking a job for it never gets that
 /// job: the take is undone without using an attempt (its record back to IN_QUEUE, its token
 /// handed back at once), and the job runs on the worker's next take, counted as its first

@@ -12,7 +12,7 @@ use async_nats::jetstream::consumer::PullConsumer;
 use futures::StreamExt;
 use serde_json::Value;
 use shoal_protocol::codec::from_msgpack;
-use shoal_protocol::job::{JobRecord, JobToken, Priority, ReplyTo, WorkerJob};
+use shoal_protocol::job::{JobRecord, JobToken, Priority, RecordSnapshot, ReplyTo, WorkerJob};
 use shoal_protocol::lifecycle::{self, Outcome, Take};
 
 use super::ack::AckGuard;
@@ -133,10 +133,11 @@ async fn take_one(
     // 0 the job was queued without a record, and this take creates it
     let mut snapshot =
         token.snapshot.clone().filter(|s| s.record.id == token.id && s.record.endpoint == token.endpoint);
-    // A token delivered before, queued without a record, may be of a job taken and ended
-    // since whose record has expired: its record is read first, and without one the job's
-    // stored events say whether it ended
-    let mut unrecorded = match snapshot.as_ref().is_some_and(|s| s.revision == 0) && delivered > 1 {
+    // A token queued without a record may be of a job that ended since and whose record has
+    // expired: one delivered before (taken and ended, its ack lost), or one queued longer ago
+    // than a record lives (its job ended in the queue and the token's removal failed). Its
+    // record is read first, and without one the job's stored events say whether it ended
+    let mut unrecorded = match snapshot.as_ref().is_some_and(|s| may_have_ended(s, delivered, now_ms())) {
         true => snapshot.take(),
         false => None,
     };
@@ -219,6 +220,17 @@ async fn take_one(
         }
     }
     None
+}
+
+/// Whether a token queued with its record at `snapshot` may stand for a job that ended since
+/// and whose record has expired (then the take reads before it writes): a token queued without
+/// a record (revision 0) that was delivered before, or that was queued at least a record's
+/// retention ago. Any other token's job either never ended or still has its record, which the
+/// take's compare-and-set runs into.
+fn may_have_ended(snapshot: &RecordSnapshot, delivered: i64, now_ms: u64) -> bool {
+    let record = &snapshot.record;
+    snapshot.revision == 0
+        && (delivered > 1 || now_ms.saturating_sub(record.queued_at_ms) >= record.retention_s().saturating_mul(1000))
 }
 
 /// How long after `now` a worker that last looked at the low-priority queue at `last` (never:
@@ -379,6 +391,25 @@ async fn drain(batch: Option<async_nats::jetstream::consumer::pull::Batch>) -> V
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_take_reads_first_only_when_the_job_may_have_ended_and_its_record_expired() {
+        let record: JobRecord = serde_json::from_value(serde_json::json!({
+            "id": "j1", "endpoint": "ep", "state": "IN_QUEUE", "input": {}, "max_attempts": 3,
+            "policy": {"execution_timeout_ms": 600_000, "ttl_ms": 86_400_000},
+            "submitted_at_ms": 1_000, "queued_at_ms": 1_000, "retention_s": 60,
+        }))
+        .expect("a queued record");
+        let at = |revision| RecordSnapshot { revision, record: record.clone() };
+        let young = 1_000 + 59_999;
+        let old = 1_000 + 60_000;
+        assert!(!may_have_ended(&at(0), 1, young), "first delivery, younger than a record lives: write at once");
+        assert!(may_have_ended(&at(0), 2, young), "delivered before: maybe taken, ended and expired");
+        assert!(may_have_ended(&at(0), 1, old), "as old as a record lives: maybe ended in the queue and expired");
+        assert!(!may_have_ended(&at(3), 2, old), "queued with a record: the compare-and-set meets it");
+        // a clock behind the queueing time is not "old"
+        assert!(!may_have_ended(&at(0), 1, 0));
+    }
 
     #[test]
     fn the_low_priority_queue_is_looked_at_first_then_at_most_every_recheck() {
