@@ -121,9 +121,13 @@ async fn a_compose_cluster_runs_every_job_through_replica_and_node_loss_and_leav
         let input = json!({"n": n, "via": "nats", "sleep_ms": 300});
         jobs.push((api.run(&RunRequest::new("echo", input.clone())).await?.id, input));
     }
-    let http = reqwest::Client::new();
+    // every step bounded: a step that hangs fails the test, saying which
+    let http = reqwest::Client::builder().timeout(Duration::from_secs(30)).build()?;
     if gateway {
-        let key = shoal_gateway::keys::create(&nats, "compose", &[]).await?.secret;
+        let key = tokio::time::timeout(Duration::from_secs(60), shoal_gateway::keys::create(&nats, "compose", &[]))
+            .await
+            .context("creating an API key did not end within 60 s")??
+            .secret;
         // the gateway may still be restarting after starting before the NATS cluster was up
         eventually(Duration::from_secs(90), "the gateway answers", || async {
             let resp = http

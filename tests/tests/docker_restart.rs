@@ -106,7 +106,9 @@ async fn a_restarted_host_adopts_or_removes_the_containers_it_left_and_never_run
         let running = host_containers(&host_id).ok()?.iter().filter(|c| c.running()).count();
         most_running.fetch_max(running, Ordering::Relaxed);
         let list = shoal.api.workers(Some("dk-keep")).await.ok()?;
-        list.workers.into_iter().find(|w| w.id != first.id && w.state == WorkerState::Idle)
+        // launched (a runtime reference), not only polling: an adopted container asks for jobs
+        // before its start is reported, and its worker is Idle for a moment without its phases
+        list.workers.into_iter().find(|w| w.id != first.id && w.state == WorkerState::Idle && w.runtime_ref.is_some())
     })
     .await?;
     assert!(most_running.load(Ordering::Relaxed) <= 1, "two containers ran at once");

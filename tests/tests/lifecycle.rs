@@ -449,3 +449,33 @@ async fn a_job_taken_for_a_job_take_given_up_goes_back_without_using_an_attempt(
     shoal.stop().await;
     Ok(())
 }
+
+/// A worker that posts a result and hangs up before the answer still has that result
+/// recorded, and the job is over on its worker: its token is acked and the worker is free for
+/// the next job.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_result_posted_by_a_worker_that_hangs_up_is_recorded_and_frees_the_worker() -> Result<()> {
+    let shoal = Shoal::start().await?;
+    let python = shoal_tests::python_bin()?;
+    let mut spec = shoal_protocol::endpoint::EndpointSpec::with_command(
+        "hasty",
+        &format!("exec {} tests/python/hasty_worker.py", python.display()),
+    );
+    (spec.workers_min, spec.workers_max) = (1, 1);
+    shoal.api.create_endpoint(&spec).await?;
+    let first = shoal.api.run(&RunRequest::new("hasty", json!({"n": 1}))).await?.id;
+    let done = wait_state(&shoal, "hasty", &first, JobState::Completed, Duration::from_secs(30)).await?;
+    assert_eq!(done.output, Some(json!({"input": {"n": 1}})));
+    let second = shoal.api.run(&RunRequest::new("hasty", json!({"n": 2}))).await?.id;
+    let done = wait_state(&shoal, "hasty", &second, JobState::Completed, Duration::from_secs(30)).await?;
+    assert_eq!(done.output, Some(json!({"input": {"n": 2}})));
+    assert_eq!(done.attempts, 1);
+    eventually(Duration::from_secs(10), "both tokens acked and the worker idle", || async {
+        let workers = shoal.api.workers(Some("hasty")).await.ok()?;
+        let idle = workers.workers.iter().all(|w| w.current_jobs.is_empty());
+        (idle && tokens(&shoal, "hasty").await.ok()? == 0).then_some(())
+    })
+    .await?;
+    shoal.stop().await;
+    Ok(())
+}
