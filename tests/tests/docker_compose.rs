@@ -124,10 +124,14 @@ async fn a_compose_cluster_runs_every_job_through_replica_and_node_loss_and_leav
     // every step bounded: a step that hangs fails the test, saying which
     let http = reqwest::Client::builder().timeout(Duration::from_secs(30)).build()?;
     if gateway {
-        let key = tokio::time::timeout(Duration::from_secs(60), shoal_gateway::keys::create(&nats, "compose", &[]))
-            .await
-            .context("creating an API key did not end within 60 s")??
-            .secret;
+        // as a client would: a request that gets no answer (once, right after the cluster
+        // formed, one waited here for ever) is given up after 10 s and made again
+        let key = eventually(Duration::from_secs(90), "an API key created", || async {
+            let created = shoal_gateway::keys::create(&nats, "compose", &[]);
+            tokio::time::timeout(Duration::from_secs(10), created).await.ok()?.ok()
+        })
+        .await?
+        .secret;
         // the gateway may still be restarting after starting before the NATS cluster was up
         eventually(Duration::from_secs(90), "the gateway answers", || async {
             let resp = http
