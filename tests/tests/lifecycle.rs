@@ -338,6 +338,21 @@ async fn a_token_delivered_again_without_a_record_runs_only_if_its_job_never_end
     Ok(())
 }
 
+/// A job event as received from its subject.
+fn job_event(m: &async_nats::Message) -> Result<shoal_protocol::events::JobEvent> {
+    Ok(shoal_protocol::codec::from_msgpack(&m.payload)?)
+}
+
+/// An endpoint of one worker running a Python script that speaks the worker protocol by hand
+/// (tests/python/), to act as a worker the runpod SDK would not.
+fn script_worker_endpoint(id: &str, script: &str) -> Result<shoal_protocol::endpoint::EndpointSpec> {
+    let python = shoal_tests::python_bin()?;
+    let mut spec =
+        shoal_protocol::endpoint::EndpointSpec::with_command(id, &format!("exec {} {script}", python.display()));
+    (spec.workers_min, spec.workers_max) = (1, 1);
+    Ok(spec)
+}
+
 /// A job that ends in the queue has its token removed. Should that removal fail, the token
 /// outlives the job's record (a cancel's record lives its retention, 1 s here); delivered for
 /// the first time after the record expired, it is known by the job's stored end event and
@@ -371,7 +386,7 @@ async fn a_token_outliving_the_record_of_a_job_that_ended_in_the_queue_never_run
     let mut seen = Vec::new();
     let ended = tokio::time::timeout(Duration::from_secs(30), async {
         while let Some(m) = events.next().await {
-            let e: shoal_protocol::events::JobEvent = shoal_protocol::codec::from_msgpack(&m.payload)?;
+            let e = job_event(&m)?;
             seen.push((e.job_id.clone(), e.state));
             if e.job_id == fresh && e.state.is_terminal() {
                 return Ok::<_, anyhow::Error>(e);
@@ -392,7 +407,7 @@ async fn a_token_outliving_the_record_of_a_job_that_ended_in_the_queue_never_run
     .await?;
     // whatever took the old token had published its events by the time the token was gone
     while let Ok(Some(m)) = tokio::time::timeout(Duration::from_millis(500), events.next()).await {
-        let e: shoal_protocol::events::JobEvent = shoal_protocol::codec::from_msgpack(&m.payload)?;
+        let e = job_event(&m)?;
         seen.push((e.job_id.clone(), e.state));
     }
     assert!(!seen.iter().any(|(id, _)| *id == cancelled), "the cancelled job never ran again: {seen:?}");
@@ -411,12 +426,7 @@ async fn a_job_taken_for_a_job_take_given_up_goes_back_without_using_an_attempt(
     let shoal = Shoal::start().await?;
     let dir = tempfile::tempdir()?;
     let gave_up = dir.path().join("gave-up");
-    let python = shoal_tests::python_bin()?;
-    let mut spec = shoal_protocol::endpoint::EndpointSpec::with_command(
-        "abandon",
-        &format!("exec {} tests/python/abandoning_worker.py", python.display()),
-    );
-    (spec.workers_min, spec.workers_max) = (1, 1);
+    let mut spec = script_worker_endpoint("abandon", "tests/python/abandoning_worker.py")?;
     spec.env.insert("GAVE_UP_FILE".into(), gave_up.display().to_string());
     let mut events = shoal.nats.client.subscribe(shoal.nats.names.job_events_all()).await?;
     shoal.api.create_endpoint(&spec).await?;
@@ -432,7 +442,7 @@ async fn a_job_taken_for_a_job_take_given_up_goes_back_without_using_an_attempt(
     assert_eq!(done.attempts, 1, "the take nobody got is not an attempt");
     let mut seen = Vec::new();
     while let Ok(Some(m)) = tokio::time::timeout(Duration::from_secs(2), events.next()).await {
-        let e: shoal_protocol::events::JobEvent = shoal_protocol::codec::from_msgpack(&m.payload)?;
+        let e = job_event(&m)?;
         if e.job_id == id {
             seen.push((e.state, e.attempts));
             if e.state == JobState::Completed {
@@ -456,12 +466,7 @@ async fn a_job_taken_for_a_job_take_given_up_goes_back_without_using_an_attempt(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_result_posted_by_a_worker_that_hangs_up_is_recorded_and_frees_the_worker() -> Result<()> {
     let shoal = Shoal::start().await?;
-    let python = shoal_tests::python_bin()?;
-    let mut spec = shoal_protocol::endpoint::EndpointSpec::with_command(
-        "hasty",
-        &format!("exec {} tests/python/hasty_worker.py", python.display()),
-    );
-    (spec.workers_min, spec.workers_max) = (1, 1);
+    let spec = script_worker_endpoint("hasty", "tests/python/hasty_worker.py")?;
     shoal.api.create_endpoint(&spec).await?;
     let first = shoal.api.run(&RunRequest::new("hasty", json!({"n": 1}))).await?.id;
     let done = wait_state(&shoal, "hasty", &first, JobState::Completed, Duration::from_secs(30)).await?;
@@ -472,7 +477,7 @@ async fn a_result_posted_by_a_worker_that_hangs_up_is_recorded_and_frees_the_wor
     assert_eq!(done.attempts, 1);
     eventually(Duration::from_secs(10), "both tokens acked and the worker idle", || async {
         let workers = shoal.api.workers(Some("hasty")).await.ok()?;
-        let idle = workers.workers.iter().all(|w| w.current_jobs.is_empty());
+        let idle = !workers.workers.is_empty() && workers.workers.iter().all(|w| w.current_jobs.is_empty());
         (idle && tokens(&shoal, "hasty").await.ok()? == 0).then_some(())
     })
     .await?;
