@@ -10,6 +10,7 @@
 //! - [`webhook`]: the webhook dispatcher (one delivery per terminal state, across replicas).
 //! - [`metrics`]: the process's Prometheus registry and its `/metrics` listener.
 //! - [`trace_context`]: the W3C `traceparent` carried across NATS on the job path.
+//! - [`random`]: random identifiers (job, trace and span ids) without a system call each.
 //! - [`client`]: a typed client of the NATS API, used by the CLI and the tests.
 //!
 //! Actors own their state and talk to other processes only through NATS. Decisions (the job
@@ -23,6 +24,7 @@ pub mod host;
 pub mod jobs;
 pub mod metrics;
 pub mod nats;
+pub mod random;
 pub mod runtime;
 pub mod spawn;
 pub mod trace_context;

@@ -40,12 +40,7 @@ pub fn enable_otel() {
 
 /// A new root: `00-<32 hex trace id>-<16 hex span id>-01`.
 pub fn new_traceparent() -> String {
-    let trace = uuid::Uuid::new_v4().simple().to_string();
-    format!("00-{trace}-{}-01", span_id())
-}
-
-fn span_id() -> String {
-    uuid::Uuid::new_v4().simple().to_string()[..16].to_string()
+    format!("00-{}-{}-01", crate::random::trace_id(), crate::random::span_id())
 }
 
 /// The trace id of a well-formed `traceparent`.
@@ -59,7 +54,7 @@ pub fn trace_id(traceparent: &str) -> Option<&str> {
 
 /// The same trace, a new span: what a hop sends on.
 pub fn child(traceparent: &str) -> Option<String> {
-    trace_id(traceparent).map(|trace| format!("00-{trace}-{}-01", span_id()))
+    trace_id(traceparent).map(|trace| format!("00-{trace}-{}-01", crate::random::span_id()))
 }
 
 /// The `traceparent` of the task being served, if any.

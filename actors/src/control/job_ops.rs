@@ -26,7 +26,7 @@ fn store_err(e: StoreError) -> ApiError {
 }
 
 fn new_job_id(sync: bool) -> String {
-    let id = uuid::Uuid::new_v4();
+    let id = crate::random::uuid_v4();
     if sync { format!("sync-{id}-u1") } else { format!("{id}-u1") }
 }
 
