@@ -73,22 +73,9 @@ impl BridgeServer {
     pub async fn bind(addr: SocketAddr, registry: Registry, hold: Duration) -> std::io::Result<BridgeServer> {
         let listener = tokio::net::TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
-        // small replies on a latency path (a job handed over, a job-done answered): no Nagle
-        let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
-            if let Err(e) = tcp.set_nodelay(true) {
-                tracing::debug!(error = %e, "cannot set TCP_NODELAY on a worker connection");
-            }
-        });
         let app = router(Bridge { registry, hold });
         let (tx, rx) = oneshot::channel::<()>();
-        let task = tokio::spawn(async move {
-            let served = axum::serve(listener, app).with_graceful_shutdown(async move {
-                let _ = rx.await;
-            });
-            if let Err(e) = served.await {
-                tracing::error!(error = %e, "worker bridge stopped");
-            }
-        });
+        let task = tokio::spawn(serve(listener, app, rx));
         Ok(BridgeServer { addr, shutdown: Some(tx), task })
     }
 
@@ -102,6 +89,69 @@ impl BridgeServer {
         }
         self.task.abort();
     }
+}
+
+/// Serves the bridge's connections until `shutdown`, then lets those open finish what they
+/// are doing. hyper serves each connection; the bridge's own part is [`dispatch`].
+async fn serve(listener: tokio::net::TcpListener, app: Router, mut shutdown: oneshot::Receiver<()>) {
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    loop {
+        let tcp = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((tcp, _)) => tcp,
+                Err(e) => {
+                    // out of file descriptors and the like: the listener itself is fine
+                    tracing::warn!(error = %e, "worker bridge cannot accept a connection");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = &mut shutdown => break,
+        };
+        // small replies on a latency path (a job handed over, a job-done answered): no Nagle
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "cannot set TCP_NODELAY on a worker connection");
+        }
+        let app = app.clone();
+        let service = hyper::service::service_fn(move |req| dispatch(&app, req));
+        let connection =
+            hyper::server::conn::http1::Builder::new().serve_connection(hyper_util::rt::TokioIo::new(tcp), service);
+        let connection = graceful.watch(connection);
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(error = %e, "worker bridge connection ended");
+            }
+        });
+    }
+    drop(listener);
+    graceful.shutdown().await;
+}
+
+/// One request, handed to the router. A post (job-done, job-stream: what a worker reports) is
+/// served in a task of its own, started the moment hyper has read the request, so what the
+/// worker posted reaches its actor even if the worker hangs up before the answer: hyper drops a
+/// request still being served when it reads the end of its connection, and may do so before
+/// the request was first polled. Everything else is served as part of the connection, so a
+/// job-take whose worker hung up is given up (its jobs go back to the queue).
+fn dispatch(
+    app: &Router,
+    req: axum::http::Request<hyper::body::Incoming>,
+) -> futures::future::BoxFuture<'static, Result<Response, std::convert::Infallible>> {
+    use futures::FutureExt;
+    use tower::ServiceExt;
+    let posted = req.method() == axum::http::Method::POST;
+    let served = app.clone().oneshot(req.map(axum::body::Body::new));
+    if !posted {
+        return served.boxed();
+    }
+    let task = tokio::spawn(served);
+    async move {
+        task.await.unwrap_or_else(|e| {
+            tracing::error!(error = %e, "worker bridge request failed");
+            Ok(StatusCode::INTERNAL_SERVER_ERROR.into_response())
+        })
+    }
+    .boxed()
 }
 
 /// The largest job-done or job-stream body accepted.
@@ -306,4 +356,86 @@ async fn ping(
         .then(|| format!("fitness check {} failed: {}", q.check.unwrap_or_default(), q.reason.unwrap_or_default()));
     let _ = reg.actor.cast(WorkerMsg::Ping { job_ids, unhealthy });
     axum::Json(json!({})).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+    use std::io::Write;
+
+    use ractor::{Actor, ActorProcessingErr};
+    use tokio::sync::mpsc;
+
+    use super::*;
+
+    /// Stands in for a worker actor: says which jobs' results reached it, and answers them.
+    struct Results;
+
+    impl Actor for Results {
+        type Msg = WorkerMsg;
+        type State = mpsc::UnboundedSender<String>;
+        type Arguments = mpsc::UnboundedSender<String>;
+
+        async fn pre_start(
+            &self,
+            _: ActorRef<WorkerMsg>,
+            tx: Self::Arguments,
+        ) -> Result<Self::State, ActorProcessingErr> {
+            Ok(tx)
+        }
+
+        async fn handle(
+            &self,
+            _: ActorRef<WorkerMsg>,
+            msg: WorkerMsg,
+            tx: &mut Self::State,
+        ) -> Result<(), ActorProcessingErr> {
+            if let WorkerMsg::Done { job_id, reply, .. } = msg {
+                let _ = tx.send(job_id);
+                let _ = reply.send(Ok(()));
+            }
+            Ok(())
+        }
+    }
+
+    /// Workers that post a result and hang up at once, before the bridge has read a byte of
+    /// it (they connect, post and close before it accepts them): hyper reads each request and
+    /// the end of its connection together, and every result still reaches its worker actor.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_result_posted_by_a_worker_that_hung_up_before_it_was_read_reaches_the_worker() {
+        const POSTS: usize = 64;
+        let (tx, mut results) = mpsc::unbounded_channel();
+        let (actor, _) = Actor::spawn(None, Results, tx).await.expect("actor");
+        let registry = Registry::default();
+        registry.register("w1", Registered { endpoint: "ep".into(), token: "secret".into(), actor: actor.clone() });
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        for i in 0..POSTS {
+            let body = r#"{"output": {"n": 1}}"#;
+            let mut worker = std::net::TcpStream::connect(addr).expect("connect");
+            write!(
+                worker,
+                "POST /v2/ep/job-done/w1/job-{i}?gpu=none HTTP/1.1\r\nHost: bridge\r\nAuthorization: secret\r\n\
+                 Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            )
+            .expect("post");
+            // dropped: the worker hangs up
+        }
+        listener.set_nonblocking(true).expect("nonblocking");
+        let listener = tokio::net::TcpListener::from_std(listener).expect("listener");
+        let (stop, stopped) = oneshot::channel();
+        let server = tokio::spawn(serve(listener, router(Bridge { registry, hold: Duration::from_secs(1) }), stopped));
+        let mut reached = BTreeSet::new();
+        while reached.len() < POSTS {
+            match tokio::time::timeout(Duration::from_secs(10), results.recv()).await {
+                Ok(Some(job)) => reached.insert(job),
+                _ => break,
+            };
+        }
+        assert_eq!(reached.len(), POSTS, "the results that reached the worker: {reached:?}");
+        let _ = stop.send(());
+        tokio::time::timeout(Duration::from_secs(10), server).await.expect("the bridge stops").expect("joined");
+        actor.stop(None);
+    }
 }
