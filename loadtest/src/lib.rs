@@ -115,6 +115,13 @@ pub async fn run_until(test: &LoadTest, cancel: &Cancel) -> Result<Report> {
     }
 }
 
+/// Whether the target's hosts may run images: an embedded Docker runtime, or an installation
+/// the tester does not know (an endpoint with an image and no command runs on its Docker
+/// hosts; a process host refuses it with a clear reason).
+fn runs_images(target: &Target) -> bool {
+    matches!(target, Target::Embedded { runtime: RuntimeKind::Docker, .. } | Target::External { .. })
+}
+
 /// The worker command of the handler (process runtime), and its working directory.
 fn worker_command(test: &LoadTest) -> Result<(String, Option<String>)> {
     if let Some(cmd) = &test.endpoint.command {
@@ -123,7 +130,7 @@ fn worker_command(test: &LoadTest) -> Result<(String, Option<String>)> {
     if let Target::Embedded { runtime: RuntimeKind::Fake, .. } = test.target {
         return Ok(("fake worker (no process)".into(), None));
     }
-    if let (Target::Embedded { runtime: RuntimeKind::Docker, .. }, Some(image)) = (&test.target, &test.endpoint.image) {
+    if let (Some(image), true) = (&test.endpoint.image, runs_images(&test.target)) {
         return Ok((format!("the image's entrypoint ({image})"), None));
     }
     match test.handler {
@@ -144,7 +151,7 @@ fn endpoint_spec(test: &LoadTest, id: &str) -> Result<EndpointSpec> {
     let mut spec = EndpointSpec::with_command(id, &command);
     spec.workdir = workdir;
     spec.image = s.image.clone();
-    if let Target::Embedded { runtime: RuntimeKind::Docker, .. } = test.target {
+    if s.image.is_some() && runs_images(&test.target) {
         spec.command = None; // the container runs its image's entrypoint
     }
     spec.workers_min = s.workers_min;
@@ -428,4 +435,27 @@ pub fn write_outputs(report: &Report, dir: &Path, name: &str) -> Result<(PathBuf
     std::fs::write(&json, serde_json::to_vec_pretty(report)?).with_context(|| format!("write {}", json.display()))?;
     std::fs::write(&html, html::render(report)).with_context(|| format!("write {}", html.display()))?;
     Ok((json, html))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_image_runs_its_own_entrypoint_on_a_cluster_and_on_embedded_docker() {
+        let mut test = LoadTest::burst(1);
+        test.endpoint.image = Some("shoal/example-worker:local".into());
+        test.target =
+            Target::External { nats_url: "nats://127.0.0.1:4222".into(), prefix: "shoal".into(), monitor_url: None };
+        // no local worker binary is needed: the hosts run the image
+        let spec = endpoint_spec(&test, "lt-1").expect("spec");
+        assert_eq!((spec.command, spec.image.as_deref()), (None, Some("shoal/example-worker:local")));
+        test.target = Target::Embedded {
+            runtime: RuntimeKind::Docker,
+            control_tick_ms: None,
+            lease_ttl_s: None,
+            fake_start_ms: None,
+        };
+        assert_eq!(endpoint_spec(&test, "lt-1").expect("spec").command, None);
+    }
 }
