@@ -452,16 +452,15 @@ impl WorkerState_ {
             // the jobs go to the actor first, then straight to the waiting job-take from here
             // (not through the actor: one hand-off between tasks fewer before the worker has them)
             let handed: Vec<WorkerJob> = jobs.iter().map(|t| t.job.clone()).collect();
-            let ids: Vec<String> = handed.iter().map(|j| j.id.clone()).collect();
             if let Err(ractor::MessagingErr::SendErr(WorkerMsg::Taken { jobs })) = me.cast(WorkerMsg::Taken { jobs }) {
                 // the worker stopped meanwhile: give the jobs back without using an attempt
                 tracing::debug!(worker_id = %worker, jobs = jobs.len(), "worker stopped while taking jobs; releasing them");
                 release_taken(&store, &worker, jobs);
                 return;
             }
-            if reply.send(handed).is_err() {
+            if let Err(ractor::MessagingErr::SendErr(handed)) = reply.send(handed) {
                 // the worker gave up its request: undo the takes, without counting them
-                let _ = me.cast(WorkerMsg::Unhanded { job_ids: ids });
+                let _ = me.cast(WorkerMsg::Unhanded { job_ids: handed.into_iter().map(|j| j.id).collect() });
             }
         });
     }
