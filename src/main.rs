@@ -1,6 +1,6 @@
 //! `shoal`: the one binary of shoal. It runs the process roles (`control`, `host`, `gateway`,
 //! or all of them with a child nats-server in `dev`) and is the command-line client of the NATS
-//! API (`job`, `workers`, `endpoint`) and of the gateway's API keys (`keys`).
+//! API (`job`, `workers`, `hosts`, `endpoint`) and of the gateway's API keys (`keys`).
 //!
 //! This crate is wiring only: configuration, the CLI and process lifetimes. Behaviour lives in
 //! `shoal-actors`, wire types in `shoal-protocol`.
@@ -72,7 +72,9 @@ enum Command {
     /// List workers: state, host, restarts, current jobs and how they started; `workers logs
     /// WORKER [--follow]` prints a worker's log.
     Workers(cli::WorkersArgs),
-    /// Create, update, read and delete endpoints.
+    /// List the live hosts: runtime, GPUs free by type, workers, last heartbeat, worker bridge.
+    Hosts,
+    /// Create, update, read and delete endpoints; their health; purge their queues.
     #[command(subcommand)]
     Endpoint(EndpointCommand),
 }
@@ -166,6 +168,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Keys(cmd) => cli::keys_command(&load_settings(&cli, vec![])?, cmd).await,
         Command::Job(cmd) => cli::job(&load_settings(&cli, vec![])?, cmd).await,
         Command::Workers(args) => cli::workers_command(&load_settings(&cli, vec![])?, args).await,
+        Command::Hosts => cli::hosts(&load_settings(&cli, vec![])?).await,
         Command::Endpoint(cmd) => cli::endpoint(&load_settings(&cli, vec![])?, cmd).await,
     }
 }

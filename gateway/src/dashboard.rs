@@ -219,13 +219,7 @@ fn parse_states(list: &str) -> Result<Vec<JobState>, HttpError> {
     list.split(',')
         .map(str::trim)
         .filter(|s| !s.is_empty())
-        .map(|name| {
-            serde_json::from_value(serde_json::Value::String(name.to_ascii_uppercase())).map_err(|_| {
-                HttpError::bad_request(format!(
-                    "unknown job state {name:?} (one of IN_QUEUE, IN_PROGRESS, COMPLETED, FAILED, CANCELLED, TIMED_OUT)"
-                ))
-            })
-        })
+        .map(|name| name.parse::<JobState>().map_err(HttpError::bad_request))
         .collect()
 }
 

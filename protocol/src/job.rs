@@ -29,6 +29,16 @@ impl JobState {
             JobState::TimedOut => "TIMED_OUT",
         }
     }
+    /// Every state, in the order a job goes through them.
+    pub const ALL: [JobState; 6] = [
+        JobState::InQueue,
+        JobState::InProgress,
+        JobState::Completed,
+        JobState::Failed,
+        JobState::Cancelled,
+        JobState::TimedOut,
+    ];
+
     /// The event subject token of this state.
     pub fn event_token(self) -> &'static str {
         match self {
@@ -39,6 +49,18 @@ impl JobState {
             JobState::Cancelled => "cancelled",
             JobState::TimedOut => "timed_out",
         }
+    }
+}
+
+/// A state by its wire name in any case (`FAILED`, `timed_out`); the error names the valid ones.
+impl std::str::FromStr for JobState {
+    type Err = String;
+
+    fn from_str(name: &str) -> Result<Self, Self::Err> {
+        let upper = name.trim().to_ascii_uppercase();
+        JobState::ALL.into_iter().find(|s| s.as_str() == upper).ok_or_else(|| {
+            format!("unknown job state {name:?} (one of {})", JobState::ALL.map(JobState::as_str).join(", "))
+        })
     }
 }
 
@@ -316,4 +338,20 @@ pub struct WorkerJob {
     pub input: Value,
     #[serde(rename = "s3Config", skip_serializing_if = "Option::is_none", default)]
     pub s3_config: Option<Value>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::JobState;
+
+    #[test]
+    fn states_parse_by_their_wire_names_in_any_case() {
+        for state in JobState::ALL {
+            assert_eq!(state.as_str().parse::<JobState>(), Ok(state));
+            assert_eq!(state.as_str().to_lowercase().parse::<JobState>(), Ok(state));
+        }
+        assert_eq!(" timed_out ".parse::<JobState>(), Ok(JobState::TimedOut));
+        let err = "DONE".parse::<JobState>().expect_err("not a state");
+        assert!(err.contains("\"DONE\"") && err.contains("IN_QUEUE") && err.contains("TIMED_OUT"), "{err}");
+    }
 }

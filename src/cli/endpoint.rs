@@ -1,13 +1,17 @@
-//! `shoal endpoint apply|list|get|delete` and `shoal workers`.
+//! `shoal endpoint apply|list|get|health|purge|delete`, `shoal workers` and `shoal hosts`.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{Context, Result};
+use shoal_actors::clock::now_ms;
+use shoal_protocol::api::HealthReply;
 use shoal_protocol::endpoint::EndpointSpec;
+use shoal_protocol::host::HostRecord;
 use shoal_protocol::worker::WorkerRecord;
 
-use super::table::{first_line, render};
+use super::table::{ago, first_line, render};
 use super::{api, read_endpoints};
 use crate::output::line;
 use crate::settings::Settings;
@@ -24,6 +28,20 @@ pub enum EndpointCommand {
     List,
     /// Print an endpoint's spec as JSON.
     Get {
+        /// The endpoint id.
+        id: String,
+    },
+    /// Print an endpoint's job and worker counts (RunPod's `/health`), its rollout and the
+    /// control replica that owns it.
+    Health {
+        /// The endpoint id.
+        id: String,
+        /// Print the counts as JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Cancel every queued job of an endpoint (running jobs continue).
+    Purge {
         /// The endpoint id.
         id: String,
     },
@@ -56,6 +74,17 @@ pub async fn endpoint(settings: &Settings, cmd: &EndpointCommand) -> Result<Exit
             let spec = api(settings).await?.get_endpoint(id).await?;
             line(serde_json::to_string_pretty(&spec).context("encode the spec")?)?;
         }
+        EndpointCommand::Health { id, json } => {
+            let health = api(settings).await?.health(id).await?;
+            match json {
+                true => line(serde_json::to_string_pretty(&health).context("encode the health")?)?,
+                false => line(health_text(id, &health))?,
+            }
+        }
+        EndpointCommand::Purge { id } => {
+            let purged = api(settings).await?.purge(id).await?;
+            line(format!("endpoint {id}: {} queued jobs cancelled; running jobs continue", purged.removed))?;
+        }
         EndpointCommand::Delete { id } => {
             let deleted = api(settings).await?.delete_endpoint(id).await?;
             if deleted.deleted {
@@ -73,6 +102,67 @@ pub async fn workers(settings: &Settings, endpoint: Option<&str>) -> Result<Exit
     workers.sort_by(|a, b| (&a.endpoint, &a.host, &a.id).cmp(&(&b.endpoint, &b.host, &b.id)));
     line(workers_table(&workers).trim_end())?;
     Ok(ExitCode::SUCCESS)
+}
+
+fn health_text(id: &str, h: &HealthReply) -> String {
+    let (j, w, r) = (&h.jobs, &h.workers, &h.rollout);
+    let owner = h.owner.as_deref().map_or("no owner yet".to_string(), |o| format!("owned by {o}"));
+    [
+        format!("endpoint {id} ({owner})"),
+        format!(
+            "jobs     in queue {}, in progress {}, completed {}, failed {}, cancelled {}, timed out {}, retried {}",
+            j.in_queue, j.in_progress, j.completed, j.failed, j.cancelled, j.timed_out, j.retried
+        ),
+        format!(
+            "workers  idle {}, running {}, initializing {}, ready {}, throttled {}, unhealthy {}, outdated {}",
+            w.idle, w.running, w.initializing, w.ready, w.throttled, w.unhealthy, w.outdated
+        ),
+        format!("rollout  version {}: {} of {} workers on it", r.version, r.workers_on_latest, r.workers_total),
+    ]
+    .join("\n")
+}
+
+pub async fn hosts(settings: &Settings) -> Result<ExitCode> {
+    let mut hosts = api(settings).await?.hosts().await?.hosts;
+    hosts.sort_by(|a, b| a.id.cmp(&b.id));
+    line(hosts_table(&hosts, now_ms()).trim_end())?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// One row per live host: its GPUs by type (free of all, and unhealthy ones), workers, heartbeat.
+fn hosts_table(hosts: &[HostRecord], now_ms: u64) -> String {
+    let rows: Vec<Vec<String>> = hosts
+        .iter()
+        .map(|h| {
+            let mut by_type: BTreeMap<&str, (usize, usize, usize)> = BTreeMap::new();
+            for g in &h.gpus {
+                let (free, all, sick) = by_type.entry(g.name.as_str()).or_default();
+                *all += 1;
+                *free += usize::from(g.healthy && g.worker_id.is_none());
+                *sick += usize::from(!g.healthy);
+            }
+            let gpus: Vec<String> = by_type
+                .iter()
+                .map(|(name, (free, all, sick))| match sick {
+                    0 => format!("{name}: {free} of {all} free"),
+                    _ => format!("{name}: {free} of {all} free, {sick} unhealthy"),
+                })
+                .collect();
+            let workers = match h.max_workers {
+                0 => h.workers.to_string(),
+                max => format!("{} of {max}", h.workers),
+            };
+            vec![
+                h.id.clone(),
+                h.runtime.clone(),
+                gpus.join("; "),
+                workers,
+                ago(now_ms, h.heartbeat_at_ms),
+                h.bridge_url.clone(),
+            ]
+        })
+        .collect();
+    render(&["HOST", "RUNTIME", "GPUS", "WORKERS", "HEARTBEAT", "BRIDGE"], &rows)
 }
 
 fn endpoints_table(endpoints: &[EndpointSpec]) -> String {
@@ -113,6 +203,68 @@ fn workers_table(workers: &[WorkerRecord]) -> String {
 mod tests {
     use super::*;
     use shoal_protocol::worker::{StartPhases, WorkerState};
+
+    #[test]
+    fn health_reads_as_counts_with_the_owner() {
+        let mut h = HealthReply::default();
+        h.jobs.in_queue = 3;
+        h.workers.throttled = 2;
+        h.rollout = shoal_protocol::api::Rollout { version: 4, workers_on_latest: 1, workers_total: 2 };
+        let t = health_text("ep", &h);
+        assert!(t.starts_with("endpoint ep (no owner yet)"), "{t}");
+        assert!(t.contains("in queue 3") && t.contains("throttled 2") && t.contains("version 4: 1 of 2"), "{t}");
+        h.owner = Some("r1".into());
+        assert!(health_text("ep", &h).starts_with("endpoint ep (owned by r1)"));
+    }
+
+    #[test]
+    fn the_hosts_table_counts_free_gpus_by_type() {
+        let gpu = |name: &str, healthy: bool, worker: Option<&str>| shoal_protocol::host::Gpu {
+            name: name.into(),
+            uuid: format!("GPU-{name}-{healthy}-{worker:?}"),
+            memory_mb: 80_000,
+            healthy,
+            worker_id: worker.map(String::from),
+            utilization_pct: None,
+            error: None,
+        };
+        let gpu_host = HostRecord {
+            id: "h-gpu".into(),
+            runtime: "docker".into(),
+            labels: Default::default(),
+            gpus: vec![
+                gpu("H100", true, None),
+                gpu("H100", true, Some("w1")),
+                gpu("H100", false, None),
+                gpu("A10", true, None),
+            ],
+            bridge_url: "http://10.0.0.2:7000".into(),
+            workers: 1,
+            max_workers: 0,
+            warm: vec![],
+            started_at_ms: 0,
+            heartbeat_at_ms: 58_000,
+        };
+        let cpu_host = HostRecord {
+            id: "h-cpu".into(),
+            runtime: "process".into(),
+            gpus: vec![],
+            max_workers: 8,
+            workers: 3,
+            ..gpu_host.clone()
+        };
+        let t = hosts_table(&[gpu_host, cpu_host], 60_000);
+        let lines: Vec<&str> = t.lines().collect();
+        assert_eq!(lines.len(), 3, "{t}");
+        for cell in
+            ["h-gpu", "docker", "A10: 1 of 1 free; H100: 1 of 3 free, 1 unhealthy", "2.0s ago", "http://10.0.0.2:7000"]
+        {
+            assert!(lines[1].contains(cell), "{cell} missing: {t}");
+        }
+        for cell in ["h-cpu", "process", "  -  ", "3 of 8"] {
+            assert!(lines[2].contains(cell), "{cell} missing: {t}");
+        }
+    }
 
     #[test]
     fn the_workers_table_has_one_row_per_worker() {

@@ -1,4 +1,4 @@
-//! `shoal job run|status|cancel|retry|stream`.
+//! `shoal job run|status|cancel|retry|stream|list`.
 
 use std::path::Path;
 use std::process::ExitCode;
@@ -7,9 +7,11 @@ use std::time::Duration;
 use anyhow::{Context, Result, anyhow};
 use serde_json::Value;
 use shoal_actors::client::ApiClient;
-use shoal_protocol::api::{JobRef, JobStatus, RunRequest};
+use shoal_actors::clock::now_ms;
+use shoal_protocol::api::{JobRef, JobStatus, JobSummary, JobsRequest, RunRequest};
 use shoal_protocol::job::{JobState, PolicyRequest};
 
+use super::table::{ago, duration, first_line, render};
 use super::{api, read_text};
 use crate::output::line;
 use crate::settings::Settings;
@@ -30,6 +32,25 @@ pub enum JobCommand {
     Retry(JobArgs),
     /// Print a generator job's chunks as JSON lines, as they come, until the job ends.
     Stream(JobArgs),
+    /// List an endpoint's jobs, newest first: state, timings, worker, and why a queued job
+    /// waits or a failed one failed.
+    List(ListArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ListArgs {
+    /// The endpoint whose jobs to list.
+    pub endpoint: String,
+    /// Only jobs in these states (IN_QUEUE, IN_PROGRESS, COMPLETED, FAILED, CANCELLED,
+    /// TIMED_OUT; any case), comma-separated or repeated.
+    #[arg(long = "state", value_delimiter = ',', value_name = "STATE")]
+    pub states: Vec<JobState>,
+    /// At most this many jobs (1..=500).
+    #[arg(long, default_value_t = JobsRequest::DEFAULT_LIMIT, value_parser = clap::value_parser!(u32).range(1..=JobsRequest::MAX_LIMIT as i64))]
+    pub limit: u32,
+    /// Print the list as JSON (`{jobs, matched}`) instead of a table.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, clap::Args)]
@@ -98,7 +119,51 @@ pub async fn job(settings: &Settings, cmd: &JobCommand) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         JobCommand::Stream(args) => stream(&api(settings).await?, args).await,
+        JobCommand::List(args) => {
+            let req = JobsRequest { endpoint: args.endpoint.clone(), states: args.states.clone(), limit: args.limit };
+            let list = api(settings).await?.jobs(&req).await?;
+            if args.json {
+                line(serde_json::to_string_pretty(&list).context("encode the list")?)?;
+            } else {
+                line(jobs_table(&list.jobs, now_ms()).trim_end())?;
+                if list.matched > list.jobs.len() as u64 {
+                    eprintln!(
+                        "{} of {} matching jobs (newest first; --limit up to {})",
+                        list.jobs.len(),
+                        list.matched,
+                        JobsRequest::MAX_LIMIT
+                    );
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
     }
+}
+
+/// One row per job: what it is doing or did, and the one line that says why.
+fn jobs_table(jobs: &[JobSummary], now_ms: u64) -> String {
+    let rows: Vec<Vec<String>> = jobs
+        .iter()
+        .map(|j| {
+            let note = match (&j.error, &j.waiting_reason) {
+                (Some(error), _) => first_line(error, 80),
+                (None, Some(reason)) => first_line(reason, 80),
+                (None, None) => String::new(),
+            };
+            vec![
+                j.id.clone(),
+                j.state.as_str().to_string(),
+                j.priority.as_str().to_string(),
+                ago(now_ms, j.submitted_at_ms),
+                j.delay_time_ms.map(duration).unwrap_or_default(),
+                j.execution_time_ms.map(duration).unwrap_or_default(),
+                j.attempts.to_string(),
+                j.worker_id.clone().unwrap_or_default(),
+                note,
+            ]
+        })
+        .collect();
+    render(&["JOB", "STATE", "PRIORITY", "SUBMITTED", "DELAY", "EXECUTION", "ATTEMPTS", "WORKER", "NOTE"], &rows)
 }
 
 /// Parses the input argument; the error says what was wrong and how to quote it.
@@ -226,6 +291,49 @@ mod tests {
             req.policy,
             Some(PolicyRequest { execution_timeout_ms: None, ttl_ms: Some(5000), low_priority: true })
         );
+    }
+
+    #[test]
+    fn the_job_list_says_why_a_job_waits_or_failed() {
+        let job = |id: &str, state| JobSummary {
+            id: id.into(),
+            endpoint: "ep".into(),
+            state,
+            priority: Default::default(),
+            submitted_at_ms: 100_000,
+            started_at_ms: None,
+            finished_at_ms: None,
+            delay_time_ms: None,
+            execution_time_ms: None,
+            attempts: 0,
+            retries: 0,
+            worker_id: None,
+            host_id: None,
+            error: None,
+            waiting_reason: None,
+        };
+        let queued = JobSummary {
+            waiting_reason: Some("no worker yet: 1 starting".into()),
+            ..job("j-queued", JobState::InQueue)
+        };
+        let failed = JobSummary {
+            delay_time_ms: Some(12),
+            execution_time_ms: Some(1_500),
+            attempts: 1,
+            worker_id: Some("w1".into()),
+            error: Some("boom\nTraceback".into()),
+            ..job("j-failed", JobState::Failed)
+        };
+        let t = jobs_table(&[queued, failed], 160_000);
+        let lines: Vec<&str> = t.lines().collect();
+        assert_eq!(lines.len(), 3, "{t}");
+        assert!(lines[0].starts_with("JOB") && lines[0].ends_with("NOTE"), "{t}");
+        for cell in ["j-queued", "IN_QUEUE", "normal", "1m 00s ago", "no worker yet: 1 starting"] {
+            assert!(lines[1].contains(cell), "{cell} missing: {t}");
+        }
+        for cell in ["j-failed", "FAILED", "12ms", "1.5s", "w1", "boom …"] {
+            assert!(lines[2].contains(cell), "{cell} missing: {t}");
+        }
     }
 
     #[test]

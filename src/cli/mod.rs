@@ -1,4 +1,5 @@
-//! The client commands: `shoal job ...`, `shoal workers`, `shoal endpoint ...`, `shoal keys ...`.
+//! The client commands: `shoal job ...`, `shoal workers`, `shoal hosts`, `shoal endpoint ...`,
+//! `shoal keys ...`.
 //! Each speaks the NATS API through [`ApiClient`] (keys: the `shoal-keys` bucket) and prints a
 //! result a person (or `jq`) can read.
 
@@ -15,7 +16,7 @@ use anyhow::{Context, Result, bail};
 use shoal_actors::client::ApiClient;
 use shoal_protocol::endpoint::{EndpointSpec, EndpointsFile};
 
-pub use endpoint::{EndpointCommand, endpoint};
+pub use endpoint::{EndpointCommand, endpoint, hosts};
 pub use job::{JobCommand, job};
 pub use keys::{KeysCommand, keys_command};
 pub use workers::{WorkersArgs, workers_command};

@@ -44,9 +44,43 @@ pub fn first_line(text: &str, max: usize) -> String {
     }
 }
 
+/// A duration for a person: `850ms`, `12.3s`, `5m 04s`, `3h 20m`, `2d 4h`.
+pub fn duration(ms: u64) -> String {
+    let s = ms / 1000;
+    match ms {
+        0..1_000 => format!("{ms}ms"),
+        1_000..60_000 => format!("{:.1}s", ms as f64 / 1000.0),
+        60_000..3_600_000 => format!("{}m {:02}s", s / 60, s % 60),
+        3_600_000..86_400_000 => format!("{}h {:02}m", s / 3600, s / 60 % 60),
+        _ => format!("{}d {}h", s / 86_400, s / 3600 % 24),
+    }
+}
+
+/// How long before `now_ms` a moment `at_ms` was; under a second (or a clock ahead of ours)
+/// reads as now.
+pub fn ago(now_ms: u64, at_ms: u64) -> String {
+    match now_ms.saturating_sub(at_ms) {
+        0..1_000 => "just now".to_string(),
+        ms => format!("{} ago", duration(ms)),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn durations_read_at_a_glance() {
+        assert_eq!(duration(0), "0ms");
+        assert_eq!(duration(999), "999ms");
+        assert_eq!(duration(12_345), "12.3s");
+        assert_eq!(duration(304_000), "5m 04s");
+        assert_eq!(duration(3 * 3_600_000 + 20 * 60_000 + 5_000), "3h 20m");
+        assert_eq!(duration(2 * 86_400_000 + 4 * 3_600_000), "2d 4h");
+        assert_eq!(ago(10_000, 7_500), "2.5s ago");
+        assert_eq!(ago(10_000, 9_500), "just now");
+        assert_eq!(ago(10_000, 12_000), "just now", "a clock ahead of ours");
+    }
 
     #[test]
     fn columns_align_and_empty_cells_show_a_dash() {
