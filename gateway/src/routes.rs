@@ -17,7 +17,7 @@ use shoal_actors::nats::Nats;
 use shoal_protocol::ApiError;
 use shoal_protocol::api::{JobRef, JobStatus, RunRequest};
 use shoal_protocol::ids::validate_id;
-use shoal_protocol::job::PolicyRequest;
+use shoal_protocol::job::{MAX_TTL_MS, MIN_TTL_MS, PolicyRequest};
 use shoal_protocol::runpod::{Accepted, Envelope, ErrorBody, Health, RunBody};
 
 use crate::{Gateway, GatewayConfig, keys};
@@ -208,6 +208,11 @@ async fn run_request(
     };
     let mut policy: Option<PolicyRequest> = body.policy.map(PolicyRequest::from);
     if let Some(ttl) = query.ttl {
+        if !(MIN_TTL_MS..=MAX_TTL_MS).contains(&ttl) {
+            return Err(HttpError::bad_request(format!(
+                "the ttl query parameter {ttl} is outside {MIN_TTL_MS}..={MAX_TTL_MS} (milliseconds)"
+            )));
+        }
         let p = policy.get_or_insert_with(PolicyRequest::default);
         p.ttl_ms = p.ttl_ms.or(Some(ttl));
     }

@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::api::{HealthReply, JobStatus};
-use crate::job::{JobState, PolicyRequest};
+use crate::job::{JobState, MAX_EXECUTION_TIMEOUT_MS, MAX_TTL_MS, MIN_EXECUTION_TIMEOUT_MS, MIN_TTL_MS, PolicyRequest};
 
 /// The body of `/run` and `/runsync`. Unknown fields are ignored, as RunPod does.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -36,8 +36,11 @@ impl RunBody {
         let input = field("input");
         let webhook =
             field("webhook").map(|v| serde_json::from_value(v).map_err(|e| format!("webhook: {e}"))).transpose()?;
-        let policy =
+        let policy: Option<RunPolicy> =
             field("policy").map(|v| serde_json::from_value(v).map_err(|e| format!("policy: {e}"))).transpose()?;
+        if let Some(p) = &policy {
+            p.check()?;
+        }
         let s3_config = field("s3Config");
         if s3_config.as_ref().is_some_and(|v| !v.is_object()) {
             return Err("s3Config: must be an object (accessId, accessSecret, bucketName, endpointUrl)".into());
@@ -56,6 +59,22 @@ pub struct RunPolicy {
     pub ttl: Option<u64>,
     #[serde(default)]
     pub low_priority: Option<bool>,
+}
+
+impl RunPolicy {
+    /// The bounds the NATS API enforces too, said in the names the client sent.
+    fn check(&self) -> Result<(), String> {
+        let bounds = [
+            ("executionTimeout", self.execution_timeout, MIN_EXECUTION_TIMEOUT_MS, MAX_EXECUTION_TIMEOUT_MS),
+            ("ttl", self.ttl, MIN_TTL_MS, MAX_TTL_MS),
+        ];
+        for (name, value, min, max) in bounds {
+            if let Some(v) = value.filter(|v| !(min..=max).contains(v)) {
+                return Err(format!("policy.{name} {v} is outside {min}..={max} (milliseconds)"));
+            }
+        }
+        Ok(())
+    }
 }
 
 impl From<RunPolicy> for PolicyRequest {
@@ -213,6 +232,12 @@ mod tests {
         let e = RunBody::from_json(json!({"input": 1, "policy": {"ttl": "soon"}})).expect_err("ttl");
         assert!(e.starts_with("policy:"), "{e}");
         assert!(RunBody::from_json(json!({"input": 1, "s3Config": "x"})).expect_err("s3").starts_with("s3Config"));
+        let e = RunBody::from_json(json!({"input": 1, "policy": {"executionTimeout": 5}})).expect_err("too short");
+        assert_eq!(e, "policy.executionTimeout 5 is outside 1000..=604800000 (milliseconds)");
+        let e = RunBody::from_json(json!({"input": 1, "policy": {"ttl": 604800001}})).expect_err("too long");
+        assert!(e.starts_with("policy.ttl 604800001 is outside"), "{e}");
+        let edges = json!({"input": 1, "policy": {"executionTimeout": 1000, "ttl": 604800000}});
+        assert!(RunBody::from_json(edges).is_ok(), "the bounds themselves are allowed");
     }
 
     #[test]

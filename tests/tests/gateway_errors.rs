@@ -92,7 +92,18 @@ async fn every_error_case_has_its_status_and_a_json_body() -> Result<()> {
     assert_error(&http.post("/echo/run", &json!({"input": 1, "webhook": "ftp://x"})).await?, 400, "webhook");
     assert_error(&http.post("/echo/run", &json!({"input": 1, "webhook": 5})).await?, 400, "webhook");
     assert_error(&http.post("/echo/run", &json!([{"input": 1}])).await?, 400, "JSON object");
-    assert_error(&http.post("/echo/run", &json!({"input": 1, "policy": {"ttl": 1}})).await?, 400, "ttl");
+    assert_error(
+        &http.post("/echo/run", &json!({"input": 1, "policy": {"ttl": 1}})).await?,
+        400,
+        "policy.ttl 1 is outside",
+    );
+    let short = json!({"input": 1, "policy": {"executionTimeout": 10}});
+    assert_error(&http.post("/echo/runsync", &short).await?, 400, "policy.executionTimeout 10 is outside 1000..=");
+    assert_error(
+        &http.post("/echo/run?ttl=5", &json!({"input": 1})).await?,
+        400,
+        "the ttl query parameter 5 is outside",
+    );
     assert_error(&http.post("/echo/run?wait=soon", &json!({"input": 1})).await?, 400, "invalid query");
     assert_error(&http.get("/echo/status/a.b").await?, 400, "job id");
     assert_error(&http.get("/echo/status/a*").await?, 400, "job id");
