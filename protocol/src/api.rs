@@ -265,6 +265,27 @@ pub struct JobSummary {
 impl JobSummary {
     pub const MAX_ERROR_CHARS: usize = 500;
 
+    /// A job in `state`, submitted at `submitted_at_ms`, with nothing else known yet.
+    pub fn new(id: impl Into<String>, endpoint: impl Into<String>, state: JobState, submitted_at_ms: u64) -> Self {
+        JobSummary {
+            id: id.into(),
+            endpoint: endpoint.into(),
+            state,
+            priority: Priority::Normal,
+            submitted_at_ms,
+            started_at_ms: None,
+            finished_at_ms: None,
+            delay_time_ms: None,
+            execution_time_ms: None,
+            attempts: 0,
+            retries: 0,
+            worker_id: None,
+            host_id: None,
+            error: None,
+            waiting_reason: None,
+        }
+    }
+
     /// When it last changed state: ended, else started, else submitted.
     pub fn last_change_ms(&self) -> u64 {
         self.finished_at_ms.or(self.started_at_ms).unwrap_or(self.submitted_at_ms)

@@ -470,14 +470,7 @@ mod tests {
     #[test]
     fn the_events_stream_keeps_a_jobs_end_and_every_worker_host_and_webhook_event() {
         let n = Names::default();
-        for state in [
-            JobState::InQueue,
-            JobState::InProgress,
-            JobState::Completed,
-            JobState::Failed,
-            JobState::Cancelled,
-            JobState::TimedOut,
-        ] {
+        for state in JobState::ALL {
             let subject = n.job_event_subject("ep", "j1", state.event_token());
             assert_eq!(stored(&n, &subject), state.is_terminal(), "{subject}");
         }

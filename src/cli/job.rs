@@ -295,23 +295,7 @@ mod tests {
 
     #[test]
     fn the_job_list_says_why_a_job_waits_or_failed() {
-        let job = |id: &str, state| JobSummary {
-            id: id.into(),
-            endpoint: "ep".into(),
-            state,
-            priority: Default::default(),
-            submitted_at_ms: 100_000,
-            started_at_ms: None,
-            finished_at_ms: None,
-            delay_time_ms: None,
-            execution_time_ms: None,
-            attempts: 0,
-            retries: 0,
-            worker_id: None,
-            host_id: None,
-            error: None,
-            waiting_reason: None,
-        };
+        let job = |id: &str, state| JobSummary::new(id, "ep", state, 100_000);
         let queued = JobSummary {
             waiting_reason: Some("no worker yet: 1 starting".into()),
             ..job("j-queued", JobState::InQueue)

@@ -144,23 +144,7 @@ mod tests {
     use super::*;
 
     fn job(id: &str, state: JobState, submitted_at_ms: u64) -> JobSummary {
-        JobSummary {
-            id: id.into(),
-            endpoint: "e".into(),
-            state,
-            priority: Priority::Normal,
-            submitted_at_ms,
-            started_at_ms: None,
-            finished_at_ms: None,
-            delay_time_ms: None,
-            execution_time_ms: None,
-            attempts: 0,
-            retries: 0,
-            worker_id: None,
-            host_id: None,
-            error: None,
-            waiting_reason: None,
-        }
+        JobSummary::new(id, "e", state, submitted_at_ms)
     }
 
     #[test]
