@@ -3,6 +3,7 @@
 use std::process::ExitCode;
 
 use anyhow::{Context, Result};
+use shoal_actors::clock::now_ms;
 use shoal_actors::nats::Nats;
 use shoal_gateway::keys;
 
@@ -57,10 +58,10 @@ pub async fn keys_command(settings: &Settings, cmd: &KeysCommand) -> Result<Exit
                 .into_iter()
                 .map(|k| {
                     let scope = if k.endpoints.is_empty() { "all".to_string() } else { k.endpoints.join(",") };
-                    vec![k.id, k.name, scope, k.created_at_ms.to_string()]
+                    vec![k.id, k.name, scope, table::ago(now_ms(), k.created_at_ms)]
                 })
                 .collect();
-            line(table::render(&["ID", "NAME", "ENDPOINTS", "CREATED_MS"], &rows).trim_end())?;
+            line(table::render(&["ID", "NAME", "ENDPOINTS", "CREATED"], &rows).trim_end())?;
             ExitCode::SUCCESS
         }
         KeysCommand::Revoke { id } => {

@@ -173,6 +173,18 @@ async fn an_operator_runs_and_follows_jobs_from_the_command_line() -> Result<()>
     std::fs::write(&broken, "[[endpoint]]\nid = \"x\"\ncommand = \"true\"\nworkers = 3\n")?;
     refused(&shoal, &["endpoint", "apply", "-f", &broken.to_string_lossy()], 1, "broken.toml").await?;
 
+    // the gateway's API keys: shown once, listed by id and name, revoked
+    let created = ok(&shoal, &["keys", "create", "--name", "ci", "--endpoint", "cli-rs"]).await?;
+    let secret = created.stdout.trim();
+    assert!(secret.starts_with("shoal_") && created.stderr.contains("for cli-rs"), "{created:?}");
+    let keys = ok(&shoal, &["keys", "list"]).await?.stdout;
+    let row = keys.lines().find(|l| l.contains(" ci ")).with_context(|| format!("no key named ci: {keys}"))?;
+    assert!(keys.starts_with("ID") && row.contains("cli-rs") && !keys.contains(secret), "{keys}");
+    let key_id = row.split_whitespace().next().context("key id")?;
+    assert!(ok(&shoal, &["keys", "revoke", key_id]).await?.stdout.contains("revoked"));
+    refused(&shoal, &["keys", "revoke", key_id], 1, "no key").await?;
+    refused(&shoal, &["keys", "create", "--endpoint", "a.b"], 1, "endpoint id").await?;
+
     // delete: the endpoint is gone for jobs too
     assert!(ok(&shoal, &["endpoint", "delete", "cli-rs"]).await?.stdout.contains("endpoint cli-rs deleted"));
     refused(&shoal, &["job", "run", "cli-rs", "{}"], 1, "not_found").await?;
