@@ -220,3 +220,36 @@ async fn a_replica_holds_the_same_watches_whatever_it_owns() -> Result<()> {
     shoal.stop().await;
     Ok(())
 }
+
+/// A replica that starts takes its share of the endpoints once it has read the leases, not a
+/// lease tick later: on an empty bucket at once, and after a replica that stopped (its released
+/// leases and presence left in the bucket as history). The leases here last 60 s, so a tick is
+/// 20 s: an endpoint owned within 10 s was not waiting for one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_starting_replica_takes_its_endpoints_once_it_has_read_the_leases() -> Result<()> {
+    let server = shoal_tests::NatsServer::start()?;
+    let names = shoal_protocol::names::Names::new(&shoal_tests::test_prefix())?;
+    let topology = shoal_actors::nats::Topology { lease_ttl_s: 60, ..shoal_tests::fast_topology() };
+    let nats = shoal_actors::nats::Nats::connect(&server.url, names.clone(), &topology).await?;
+    let api = shoal_actors::client::ApiClient::new(nats.client.clone(), names);
+    let owner = |endpoint: &'static str| {
+        let api = api.clone();
+        async move { api.health(endpoint).await.ok().and_then(|h| h.owner) }
+    };
+    let mut spec = rust_endpoint("first")?;
+    spec.workers_min = 0;
+
+    // an empty leases bucket: nothing to wait for
+    let first = start_control(&nats, "replica-a").await?;
+    api.create_endpoint(&spec).await?;
+    let owned = eventually(Duration::from_secs(10), "the endpoint owned on an empty bucket", || owner("first")).await?;
+    assert_eq!(owned, "replica-a");
+    first.stop().await;
+
+    // the bucket now holds the first replica's history: the next one reads it, then takes over
+    let second = start_control(&nats, "replica-b").await?;
+    let owned = eventually(Duration::from_secs(10), "the endpoint owned after the history", || owner("first")).await?;
+    assert_eq!(owned, "replica-b");
+    second.stop().await;
+    Ok(())
+}

@@ -166,9 +166,17 @@ impl Actor for LeaseManager {
             }
         });
         let mut leases = args.nats.leases.watch_with_history(">").await?;
+        // The first tick waits for what the leases say (who owns what, which replicas live),
+        // not for a tick period: at once on an empty bucket, else after the last entry of the
+        // history (none pending after it), whose keys reach the mailbox before the tick.
+        let mut history_read = args.nats.leases.stream.clone().info().await.is_ok_and(|i| i.state.messages == 0);
+        if history_read {
+            myself.cast(LeaseMsg::Tick)?;
+        }
         let me = myself.clone();
         let t2 = tokio::spawn(async move {
             while let Some(Ok(entry)) = leases.next().await {
+                let pending = entry.delta;
                 let owner = match entry.operation {
                     kv::Operation::Put => from_msgpack::<LeaseRecord>(&entry.value)
                         .map(|l| l.owner)
@@ -178,6 +186,12 @@ impl Actor for LeaseManager {
                 };
                 if me.cast(LeaseMsg::KeySeen(entry.key.clone(), owner)).is_err() {
                     break;
+                }
+                if !history_read && pending == 0 {
+                    history_read = true;
+                    if me.cast(LeaseMsg::Tick).is_err() {
+                        break;
+                    }
                 }
             }
         });
