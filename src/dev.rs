@@ -256,8 +256,9 @@ impl Banner<'_> {
             "  curl -s -X POST {}/{example}/runsync -H 'Authorization: Bearer {}' -H 'Content-Type: application/json' -d '{{\"input\":{{\"hello\":\"world\"}}}}'",
             self.gateway_url, self.api_key
         ));
-        line("Watch the workers:".into());
+        line("Watch the workers, and an endpoint's jobs (why a queued one waits):".into());
         line(format!("  {shoal} workers"));
+        line(format!("  {shoal} job list {example}"));
         line(String::new());
         line("Ctrl-C stops everything.".into());
         out
@@ -317,6 +318,7 @@ mod tests {
             ),
             "{banner}"
         );
+        assert!(banner.contains("job list echo-py"), "{banner}");
         assert!(banner.contains("http://127.0.0.1:9"), "{banner}");
         assert!(banner.contains("http://127.0.0.1:8080/dashboard"), "{banner}");
         assert!(
