@@ -49,7 +49,7 @@ pub fn duration(ms: u64) -> String {
     let s = ms / 1000;
     match ms {
         0..1_000 => format!("{ms}ms"),
-        1_000..60_000 => format!("{:.1}s", ms as f64 / 1000.0),
+        1_000..60_000 => format!("{s}.{}s", ms % 1000 / 100),
         60_000..3_600_000 => format!("{}m {:02}s", s / 60, s % 60),
         3_600_000..86_400_000 => format!("{}h {:02}m", s / 3600, s / 60 % 60),
         _ => format!("{}d {}h", s / 86_400, s / 3600 % 24),
@@ -74,6 +74,7 @@ mod tests {
         assert_eq!(duration(0), "0ms");
         assert_eq!(duration(999), "999ms");
         assert_eq!(duration(12_345), "12.3s");
+        assert_eq!(duration(59_999), "59.9s", "cut, not rounded up to a minute");
         assert_eq!(duration(304_000), "5m 04s");
         assert_eq!(duration(3 * 3_600_000 + 20 * 60_000 + 5_000), "3h 20m");
         assert_eq!(duration(2 * 86_400_000 + 4 * 3_600_000), "2d 4h");
