@@ -97,14 +97,10 @@ impl StartPhases {
             ("job", self.first_job_ms),
         ];
         let parts: Vec<String> =
-            phases.iter().filter_map(|(name, ms)| ms.map(|ms| format!("{name} {}", human_ms(ms)))).collect();
+            phases.iter().filter_map(|(name, ms)| ms.map(|ms| format!("{name} {}", crate::human_ms(ms)))).collect();
         let kind = if self.warm { "warm" } else { "cold" };
         if parts.is_empty() { kind.to_string() } else { format!("{kind}: {}", parts.join(", ")) }
     }
-}
-
-fn human_ms(ms: u64) -> String {
-    if ms < 1000 { format!("{ms}ms") } else { format!("{:.1}s", ms as f64 / 1000.0) }
 }
 
 #[cfg(test)]

@@ -9,9 +9,10 @@ use serde_json::Value;
 use shoal_actors::client::ApiClient;
 use shoal_actors::clock::now_ms;
 use shoal_protocol::api::{JobRef, JobStatus, JobSummary, JobsRequest, RunRequest};
+use shoal_protocol::human_ms;
 use shoal_protocol::job::{JobState, PolicyRequest};
 
-use super::table::{ago, duration, first_line, render};
+use super::table::{ago, first_line, render};
 use super::{api, read_text};
 use crate::output::line;
 use crate::settings::Settings;
@@ -155,8 +156,8 @@ fn jobs_table(jobs: &[JobSummary], now_ms: u64) -> String {
                 j.state.as_str().to_string(),
                 j.priority.as_str().to_string(),
                 ago(now_ms, j.submitted_at_ms),
-                j.delay_time_ms.map(duration).unwrap_or_default(),
-                j.execution_time_ms.map(duration).unwrap_or_default(),
+                j.delay_time_ms.map(human_ms).unwrap_or_default(),
+                j.execution_time_ms.map(human_ms).unwrap_or_default(),
                 j.attempts.to_string(),
                 j.worker_id.clone().unwrap_or_default(),
                 note,

@@ -1,5 +1,7 @@
 //! Plain text tables for the terminal.
 
+use shoal_protocol::human_ms;
+
 /// Left-aligned columns separated by two spaces; `-` stands for an empty cell.
 pub fn render(headers: &[&str], rows: &[Vec<String>]) -> String {
     let cell = |s: &str| if s.is_empty() { "-".to_string() } else { s.to_string() };
@@ -44,24 +46,12 @@ pub fn first_line(text: &str, max: usize) -> String {
     }
 }
 
-/// A duration for a person: `850ms`, `12.3s`, `5m 04s`, `3h 20m`, `2d 4h`.
-pub fn duration(ms: u64) -> String {
-    let s = ms / 1000;
-    match ms {
-        0..1_000 => format!("{ms}ms"),
-        1_000..60_000 => format!("{s}.{}s", ms % 1000 / 100),
-        60_000..3_600_000 => format!("{}m {:02}s", s / 60, s % 60),
-        3_600_000..86_400_000 => format!("{}h {:02}m", s / 3600, s / 60 % 60),
-        _ => format!("{}d {}h", s / 86_400, s / 3600 % 24),
-    }
-}
-
 /// How long before `now_ms` a moment `at_ms` was; under a second (or a clock ahead of ours)
 /// reads as now.
 pub fn ago(now_ms: u64, at_ms: u64) -> String {
     match now_ms.saturating_sub(at_ms) {
         0..1_000 => "just now".to_string(),
-        ms => format!("{} ago", duration(ms)),
+        ms => format!("{} ago", human_ms(ms)),
     }
 }
 
@@ -70,15 +60,9 @@ mod tests {
     use super::*;
 
     #[test]
-    fn durations_read_at_a_glance() {
-        assert_eq!(duration(0), "0ms");
-        assert_eq!(duration(999), "999ms");
-        assert_eq!(duration(12_345), "12.3s");
-        assert_eq!(duration(59_999), "59.9s", "cut, not rounded up to a minute");
-        assert_eq!(duration(304_000), "5m 04s");
-        assert_eq!(duration(3 * 3_600_000 + 20 * 60_000 + 5_000), "3h 20m");
-        assert_eq!(duration(2 * 86_400_000 + 4 * 3_600_000), "2d 4h");
+    fn moments_read_as_how_long_ago() {
         assert_eq!(ago(10_000, 7_500), "2.5s ago");
+        assert_eq!(ago(400_000, 96_000), "5m 04s ago");
         assert_eq!(ago(10_000, 9_500), "just now");
         assert_eq!(ago(10_000, 12_000), "just now", "a clock ahead of ours");
     }
