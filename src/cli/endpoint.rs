@@ -134,18 +134,21 @@ fn hosts_table(hosts: &[HostRecord], now_ms: u64) -> String {
     let rows: Vec<Vec<String>> = hosts
         .iter()
         .map(|h| {
-            let mut by_type: BTreeMap<&str, (usize, usize, usize)> = BTreeMap::new();
+            // per type: how many, how many unhealthy; free as placement counts them
+            let mut by_type: BTreeMap<&str, (usize, usize)> = BTreeMap::new();
             for g in &h.gpus {
-                let (free, all, sick) = by_type.entry(g.name.as_str()).or_default();
+                let (all, sick) = by_type.entry(g.name.as_str()).or_default();
                 *all += 1;
-                *free += usize::from(g.healthy && g.worker_id.is_none());
                 *sick += usize::from(!g.healthy);
             }
             let gpus: Vec<String> = by_type
                 .iter()
-                .map(|(name, (free, all, sick))| match sick {
-                    0 => format!("{name}: {free} of {all} free"),
-                    _ => format!("{name}: {free} of {all} free, {sick} unhealthy"),
+                .map(|(name, (all, sick))| {
+                    let free = h.free_gpus(name);
+                    match sick {
+                        0 => format!("{name}: {free} of {all} free"),
+                        _ => format!("{name}: {free} of {all} free, {sick} unhealthy"),
+                    }
                 })
                 .collect();
             let workers = match h.max_workers {
