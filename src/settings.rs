@@ -204,6 +204,34 @@ mod tests {
     }
 
     #[test]
+    fn rate_limits_are_set_per_operation_from_the_file_and_env() {
+        use shoal_gateway::limits::{Op, OpLimit};
+        let f = toml_file(
+            "[gateway.rate_limits]\nrun = { requests_per_10s = 5 }\n[gateway.rate_limits.cancel]\nconcurrent = 0\n",
+        );
+        let s = Settings::load(Layers {
+            file: Some(f.path()),
+            env: env(&[("SHOAL_GATEWAY__RATE_LIMITS__RUNSYNC__CONCURRENT", "7")]),
+            ..Layers::default()
+        })
+        .expect("valid");
+        let limits = &s.gateway.rate_limits;
+        assert!(limits.enabled);
+        assert_eq!(limits.of(Op::Run), OpLimit::new(5, 200), "a value left out is RunPod's");
+        assert_eq!(limits.of(Op::Runsync), OpLimit::new(2_000, 7));
+        assert_eq!(limits.of(Op::Cancel), OpLimit::new(100, 0), "0 is none");
+        assert_eq!(limits.of(Op::PurgeQueue), OpLimit::runpod(Op::PurgeQueue));
+        let off = Settings::load(Layers {
+            env: env(&[("SHOAL_GATEWAY__RATE_LIMITS__ENABLED", "false")]),
+            ..Layers::default()
+        })
+        .expect("valid");
+        assert!(!off.gateway.rate_limits.enabled);
+        let e = refused(Layers { env: env(&[("SHOAL_GATEWAY__RATE_LIMITS__RUN__PER_S", "5")]), ..Layers::default() });
+        assert!(e.contains("per_s"), "{e}");
+    }
+
+    #[test]
     fn unrelated_shoal_variables_are_ignored() {
         let s = Settings::load(Layers {
             env: env(&[

@@ -8,7 +8,8 @@
 //! - control (scaler): `shoal_workers`, `shoal_scaler_decisions_total`;
 //! - control (lease manager): `shoal_lease_owned`, `shoal_lease_acquisitions_total`;
 //! - control (webhook dispatcher): `shoal_webhook_calls_total`;
-//! - host (worker bridge): `shoal_bridge_requests_total`.
+//! - host (worker bridge): `shoal_bridge_requests_total`;
+//! - gateway: `shoal_gateway_rate_limited_total`.
 //!
 //! Gauges of an endpoint are removed when this process stops owning it, so only the owner
 //! reports them (sum over replicas gives the truth).
@@ -62,6 +63,13 @@ struct OutcomeLabels {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct LimitLabels {
+    endpoint: String,
+    operation: String,
+    limit: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RouteLabels {
     route: String,
     status: String,
@@ -88,6 +96,7 @@ struct Metrics {
     lease_acquisitions: Family<EndpointLabels, Counter>,
     webhooks: Family<OutcomeLabels, Counter>,
     bridge: Family<RouteLabels, Counter>,
+    rate_limited: Family<LimitLabels, Counter>,
 }
 
 static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
@@ -107,6 +116,7 @@ impl Metrics {
             lease_acquisitions: Family::default(),
             webhooks: Family::default(),
             bridge: Family::default(),
+            rate_limited: Family::default(),
         };
         let mut r = m.registry;
         r.register("shoal_jobs", "Jobs that reached a terminal state, by state", m.jobs.clone());
@@ -128,6 +138,11 @@ impl Metrics {
         );
         r.register("shoal_webhook_calls", "Webhook calls by outcome (delivered, failed)", m.webhooks.clone());
         r.register("shoal_bridge_requests", "Worker bridge requests by route and status", m.bridge.clone());
+        r.register(
+            "shoal_gateway_rate_limited",
+            "Requests this gateway refused with 429 for an endpoint's rate limits, by operation and limit (rate, concurrent)",
+            m.rate_limited.clone(),
+        );
         Metrics { registry: r, ..m }
     }
 }
@@ -194,6 +209,14 @@ pub fn lease_released(endpoint_id: &str) {
 pub fn webhook_outcome(endpoint_id: &str, outcome: &str) {
     let labels = OutcomeLabels { endpoint: endpoint_id.to_string(), outcome: outcome.to_string() };
     METRICS.webhooks.get_or_create(&labels).inc();
+}
+
+/// A gateway refused a request over `endpoint`'s `operation` limit (`limit`: `rate` or
+/// `concurrent`).
+pub fn gateway_rate_limited(endpoint_id: &str, operation: &str, limit: &str) {
+    let labels =
+        LimitLabels { endpoint: endpoint_id.to_string(), operation: operation.to_string(), limit: limit.to_string() };
+    METRICS.rate_limited.get_or_create(&labels).inc();
 }
 
 pub fn bridge_request(route: &str, status: u16) {

@@ -9,6 +9,8 @@
 //!   the `shoal-keys` bucket before the body is read; a key may be scoped to endpoints.
 //! - **RunPod's shapes** ([`shoal_protocol::runpod`]): camelCase bodies, milliseconds,
 //!   `{"error": "..."}` for every error, the status codes of shared/reference/runpod.md.
+//! - **Rate limits** ([`limits`]): RunPod's requests per 10 s and requests at once, per
+//!   endpoint and operation, counted by each gateway; over them, 429 with `Retry-After`.
 //! - **A dashboard** (`dashboard`) at `/dashboard`: workers, queue and latency charts, recent
 //!   jobs and dead letters, read with the same API keys.
 //! - **Large payloads**: an input above the inline limit is stored in the `shoal-blobs` object
@@ -20,6 +22,7 @@
 
 mod dashboard;
 pub mod keys;
+pub mod limits;
 mod routes;
 
 use std::net::SocketAddr;
@@ -46,6 +49,8 @@ pub struct GatewayConfig {
     pub max_runsync_bytes: usize,
     /// Longest wait for the control plane's answer (on top of a `/runsync` wait).
     pub request_timeout_ms: u64,
+    /// Requests per 10 s and at once, per endpoint and operation, on this gateway.
+    pub rate_limits: limits::RateLimits,
 }
 
 impl Default for GatewayConfig {
@@ -56,6 +61,7 @@ impl Default for GatewayConfig {
             max_run_bytes: 10_000_000,
             max_runsync_bytes: 20_000_000,
             request_timeout_ms: 10_000,
+            rate_limits: limits::RateLimits::default(),
         }
     }
 }
@@ -90,6 +96,7 @@ pub(crate) struct Gateway {
     pub nats: Nats,
     pub api: ApiClient,
     pub config: GatewayConfig,
+    pub limiter: std::sync::Arc<limits::Limiter>,
 }
 
 /// A running gateway; [`GatewayHandle::stop`] stops it.

@@ -15,11 +15,12 @@ use serde::{Deserialize, Serialize};
 use shoal_actors::client::ApiClient;
 use shoal_actors::nats::Nats;
 use shoal_protocol::ApiError;
-use shoal_protocol::api::{JobRef, JobStatus, RunRequest};
+use shoal_protocol::api::{JobRef, JobStatus, JobsRequest, RunRequest};
 use shoal_protocol::ids::validate_id;
 use shoal_protocol::job::{MAX_TTL_MS, MIN_TTL_MS, PolicyRequest};
 use shoal_protocol::runpod::{Accepted, Envelope, ErrorBody, Health, RunBody};
 
+use crate::limits::{Limiter, Op, Refusal};
 use crate::{Gateway, GatewayConfig, keys};
 
 /// `/runsync`'s `?wait=`: default and bounds, in ms (RunPod's).
@@ -32,7 +33,8 @@ pub fn router(nats: Nats, config: GatewayConfig) -> Router {
     let api = ApiClient::new(nats.client.clone(), nats.names.clone())
         .with_timeout(Duration::from_millis(config.request_timeout_ms));
     let (max_run, max_runsync) = (config.max_run_bytes, config.max_runsync_bytes);
-    let gw = Gateway { nats, api, config };
+    let limiter = Limiter::new(config.rate_limits.clone());
+    let gw = Gateway { nats, api, config, limiter };
     Router::new()
         .route("/v2/{endpoint}/run", post(run).layer(DefaultBodyLimit::max(max_run)))
         .route("/v2/{endpoint}/runsync", post(runsync).layer(DefaultBodyLimit::max(max_runsync)))
@@ -42,11 +44,13 @@ pub fn router(nats: Nats, config: GatewayConfig) -> Router {
         .route("/v2/{endpoint}/retry/{id}", post(retry))
         .route("/v2/{endpoint}/purge-queue", post(purge))
         .route("/v2/{endpoint}/health", get(health))
+        .route("/v2/{endpoint}/requests", get(requests))
         .route("/healthz", get(liveness))
         .route("/metrics", get(shoal_actors::metrics::serve_metrics))
         .merge(crate::dashboard::routes())
         .fallback(no_route)
         .method_not_allowed_fallback(wrong_method)
+        .layer(middleware::from_fn_with_state(gw.clone(), limit))
         .layer(middleware::from_fn_with_state(gw.clone(), authorize))
         .layer(middleware::from_fn(traced))
         .with_state(gw)
@@ -159,6 +163,52 @@ async fn authorize(State(gw): State<Gateway>, req: Request, next: Next) -> Respo
         Ok(_) => next.run(req).await,
         Err(e) => e.into_response(),
     }
+}
+
+/// Counts the request against its endpoint's limits for its operation (after the key check, so
+/// that requests without a valid key use nobody's budget); over a limit, 429 with `Retry-After`
+/// (whole seconds, rounded up) and what to change.
+async fn limit(State(gw): State<Gateway>, req: Request, next: Next) -> Response {
+    let Some((endpoint, op)) = Op::of_request(req.method(), req.uri().path()) else { return next.run(req).await };
+    if validate_id("endpoint id", endpoint).is_err() {
+        return next.run(req).await; // the route answers 400 without counting it
+    }
+    match gw.limiter.acquire(endpoint, op) {
+        Ok(permit) => {
+            let response = next.run(req).await;
+            drop(permit);
+            response
+        }
+        Err(refusal) => rate_limited(endpoint, op, refusal),
+    }
+}
+
+fn rate_limited(endpoint: &str, op: Op, refusal: Refusal) -> Response {
+    let (kind, retry_after_s, message) = match refusal {
+        Refusal::Rate { limit, retry_after_ms } => {
+            let s = retry_after_ms.div_ceil(1000);
+            let message = format!(
+                "rate limited: endpoint {endpoint} takes {limit} {} requests per 10 s on this gateway \
+                 (gateway.rate_limits.{}.requests_per_10s); retry in {s} s",
+                op.path(),
+                op.key()
+            );
+            ("rate", s, message)
+        }
+        Refusal::Concurrent { limit } => {
+            let message = format!(
+                "rate limited: endpoint {endpoint} takes {limit} {} requests at once on this gateway \
+                 (gateway.rate_limits.{}.concurrent); retry when one has been answered",
+                op.path(),
+                op.key()
+            );
+            ("concurrent", 1, message)
+        }
+    };
+    shoal_actors::metrics::gateway_rate_limited(endpoint, op.key(), kind);
+    let mut response = HttpError::new(StatusCode::TOO_MANY_REQUESTS, message).into_response();
+    response.headers_mut().insert(header::RETRY_AFTER, header::HeaderValue::from(retry_after_s));
+    response
 }
 
 /// The record of the request's API key: `None` when the gateway requires no key; an error when
@@ -361,6 +411,40 @@ async fn health(State(gw): State<Gateway>, path: Result<Path<String>, PathReject
     Ok(json(&Health::from(&gw.api.health(&endpoint).await?)))
 }
 
+#[derive(Debug, Default, Deserialize)]
+struct RequestsQuery {
+    /// At most this many (default 50, at most 500).
+    limit: Option<u32>,
+}
+
+/// One of `/requests`' entries.
+#[derive(Serialize)]
+struct RequestEntry {
+    id: String,
+    status: &'static str,
+}
+
+/// `/requests`: the endpoint's retained jobs, newest first, as `[{"id", "status"}]`.
+async fn requests(
+    State(gw): State<Gateway>,
+    path: Result<Path<String>, PathRejection>,
+    query: Result<Query<RequestsQuery>, QueryRejection>,
+) -> Result<Response, HttpError> {
+    let (Path(endpoint), Query(query)) = (path?, query?);
+    validate_id("endpoint id", &endpoint)?;
+    let limit = query.limit.unwrap_or(JobsRequest::DEFAULT_LIMIT);
+    if !(1..=JobsRequest::MAX_LIMIT).contains(&limit) {
+        return Err(HttpError::bad_request(format!(
+            "the limit query parameter {limit} is outside 1..={}",
+            JobsRequest::MAX_LIMIT
+        )));
+    }
+    let list = gw.api.jobs(&JobsRequest { endpoint, states: Vec::new(), limit }).await?;
+    let entries: Vec<RequestEntry> =
+        list.jobs.into_iter().map(|job| RequestEntry { id: job.id, status: job.state.as_str() }).collect();
+    Ok(json(&entries))
+}
+
 /// For load balancers: 200 while the gateway's NATS connection is up.
 async fn liveness(State(gw): State<Gateway>) -> Response {
     match gw.nats.client.connection_state() {
@@ -373,7 +457,7 @@ async fn no_route(method: Method, uri: Uri) -> HttpError {
     HttpError::new(
         StatusCode::NOT_FOUND,
         format!(
-            "no such operation: {method} {} (the API is /v2/{{endpoint}}/run, runsync, status/{{id}}, stream/{{id}}, cancel/{{id}}, retry/{{id}}, purge-queue, health)",
+            "no such operation: {method} {} (the API is /v2/{{endpoint}}/run, runsync, status/{{id}}, stream/{{id}}, cancel/{{id}}, retry/{{id}}, purge-queue, health, requests)",
             uri.path()
         ),
     )

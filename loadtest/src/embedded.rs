@@ -255,6 +255,9 @@ impl Embedded {
             let config = shoal_gateway::GatewayConfig {
                 listen: std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
                 require_api_key: false,
+                // it measures shoal's job path; RunPod's per-endpoint rates (1,000 /run and
+                // 2,000 /runsync per 10 s) would cap every HTTP scenario
+                rate_limits: shoal_gateway::limits::RateLimits::off(),
                 ..shoal_gateway::GatewayConfig::default()
             };
             Some(shoal_gateway::start(gw_nats, config).await.context("start the gateway")?)

@@ -342,6 +342,17 @@ impl Http {
 
     /// `method` on `<base><path>` (path starts with `/`), with a raw body.
     pub async fn send(&self, method: reqwest::Method, path: &str, body: Option<Vec<u8>>) -> Result<(u16, Value)> {
+        let (status, value, _) = self.send_with_headers(method, path, body).await?;
+        Ok((status, value))
+    }
+
+    /// [`Http::send`], with the reply's headers.
+    pub async fn send_with_headers(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> Result<(u16, Value, reqwest::header::HeaderMap)> {
         let mut req = self.client.request(method, format!("{}{path}", self.base)).timeout(Duration::from_secs(120));
         if let Some(auth) = &self.auth {
             req = req.header("Authorization", auth);
@@ -351,10 +362,11 @@ impl Http {
         }
         let resp = req.send().await.with_context(|| format!("request {path}"))?;
         let status = resp.status().as_u16();
+        let headers = resp.headers().clone();
         let bytes = resp.bytes().await?;
         let value = serde_json::from_slice(&bytes)
             .with_context(|| format!("{path}: reply {status} is not JSON: {}", String::from_utf8_lossy(&bytes)))?;
-        Ok((status, value))
+        Ok((status, value, headers))
     }
 
     pub async fn post(&self, path: &str, body: &Value) -> Result<(u16, Value)> {
