@@ -8,6 +8,14 @@ use crate::error::ApiError;
 use crate::ids::validate_id;
 use crate::job::{MAX_EXECUTION_TIMEOUT_MS, MIN_EXECUTION_TIMEOUT_MS};
 
+/// The variable of an endpoint's `env` that sets how long its workers may take to start, in
+/// seconds: from the container's (or process's) start to the worker's first job-take. RunPod's.
+pub const INIT_TIMEOUT_ENV: &str = "RUNPOD_INIT_TIMEOUT";
+/// Without it: RunPod's 7 minutes.
+pub const DEFAULT_INIT_TIMEOUT_S: u64 = 420;
+/// The longest start an endpoint may allow: 7 days, like a job's ttl.
+pub const MAX_INIT_TIMEOUT_S: u64 = 604_800;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum ScalerKind {
@@ -143,6 +151,21 @@ impl EndpointSpec {
         }
     }
 
+    /// How long a worker may take from its start to its first job-take before it is stopped and
+    /// reported Unhealthy: [`INIT_TIMEOUT_ENV`] in `env` (seconds), else 7 minutes. A value
+    /// [`EndpointSpec::validate`] refuses counts as the default.
+    pub fn init_timeout_ms(&self) -> u64 {
+        self.init_timeout_s().ok().flatten().unwrap_or(DEFAULT_INIT_TIMEOUT_S) * 1000
+    }
+
+    fn init_timeout_s(&self) -> Result<Option<u64>, String> {
+        let Some(value) = self.env.get(INIT_TIMEOUT_ENV) else { return Ok(None) };
+        match value.trim().parse::<u64>() {
+            Ok(s) if (1..=MAX_INIT_TIMEOUT_S).contains(&s) => Ok(Some(s)),
+            _ => Err(format!("{value:?} must be whole seconds in 1..={MAX_INIT_TIMEOUT_S}")),
+        }
+    }
+
     /// Checks every field; the error names the field and the reason.
     pub fn validate(&self) -> Result<(), ApiError> {
         let bad = |field: &str, reason: String| {
@@ -192,6 +215,9 @@ impl EndpointSpec {
             if key.is_empty() || key.contains('=') || key.contains('\0') {
                 return bad("env", format!("{key:?} is not a valid variable name"));
             }
+        }
+        if let Err(reason) = self.init_timeout_s() {
+            return bad(&format!("env.{INIT_TIMEOUT_ENV}"), reason);
         }
         for v in &self.volumes {
             if !v.contains(':') {
@@ -256,5 +282,24 @@ mod tests {
         assert!(s.validate().expect_err("colon").message.contains("network_volume"));
         s.network_volume = Some("models".into());
         s.validate().expect("limits and a network volume are valid");
+    }
+
+    #[test]
+    fn the_init_timeout_is_runpods_unless_the_env_sets_it() {
+        let mut s = EndpointSpec::with_command("ep", "true");
+        assert_eq!(s.init_timeout_ms(), 420_000);
+        s.env.insert(INIT_TIMEOUT_ENV.into(), "900".into());
+        s.validate().expect("valid");
+        assert_eq!(s.init_timeout_ms(), 900_000);
+        for bad in ["0", "-5", "ten", "1.5", "604801", ""] {
+            s.env.insert(INIT_TIMEOUT_ENV.into(), bad.into());
+            let e = s.validate().expect_err(bad);
+            assert!(
+                e.message.contains("env.RUNPOD_INIT_TIMEOUT") && e.message.contains("whole seconds"),
+                "{}",
+                e.message
+            );
+            assert_eq!(s.init_timeout_ms(), 420_000, "{bad}: a refused value counts as the default");
+        }
     }
 }

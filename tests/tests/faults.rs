@@ -1,5 +1,6 @@
-//! Faults: a worker process killed mid-job (redelivery, exactly one result), and a handler
-//! that crashes at start (restarts under backoff, Unhealthy, recovery).
+//! Faults: a worker process killed mid-job (redelivery, exactly one result), a handler that
+//! crashes at start (restarts under backoff, Unhealthy, recovery), and a worker that never
+//! asks for a job (stopped at its init timeout, Unhealthy, recovery).
 
 use std::time::Duration;
 
@@ -8,6 +9,7 @@ use futures::StreamExt;
 use serde_json::json;
 use shoal_protocol::api::{JobRef, RunRequest};
 use shoal_protocol::codec::from_msgpack;
+use shoal_protocol::endpoint::{EndpointSpec, INIT_TIMEOUT_ENV};
 use shoal_protocol::events::{JobEvent, WorkerEvent};
 use shoal_protocol::job::JobState;
 use shoal_protocol::worker::WorkerState;
@@ -99,7 +101,7 @@ async fn a_handler_crashing_at_start_backs_off_turns_unhealthy_and_recovers() ->
             .status(&JobRef { endpoint: Some("crashy".into()), id: queued.id.clone(), wait_ms: 0 })
             .await
             .ok()?;
-        s.waiting_reason.filter(|r| r.contains("crash-looping"))
+        s.waiting_reason.filter(|r| r.contains("workers are unhealthy") && r.contains("crash loop"))
     })
     .await?;
     assert!(why.contains("crashing at start"), "{why}");
@@ -114,6 +116,68 @@ async fn a_handler_crashing_at_start_backs_off_turns_unhealthy_and_recovers() ->
         w.workers.iter().any(|w| w.state == WorkerState::Idle).then_some(())
     })
     .await?;
+    shoal.stop().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_that_never_asks_for_a_job_is_stopped_at_its_init_timeout_and_reported_unhealthy() -> Result<()> {
+    let shoal = Shoal::start().await?;
+    let marker = shoal.state_dir.path().join("still-loading");
+    std::fs::write(&marker, "")?;
+    // a worker that "loads its model" while the marker exists, then serves
+    let worker = shoal_tests::example_worker_bin()?;
+    let command = format!(
+        "echo loading the model; while [ -e '{}' ]; do sleep 0.1; done; exec {}",
+        marker.display(),
+        worker.display()
+    );
+    let mut spec = EndpointSpec::with_command("slowstart", &command);
+    spec.workers_min = 1;
+    spec.workers_max = 1;
+    // a value that is not whole seconds is refused, naming the variable
+    spec.env.insert(INIT_TIMEOUT_ENV.into(), "7m".into());
+    let refused = shoal.api.create_endpoint(&spec).await.err().context("7m refused")?;
+    ensure!(refused.message.contains("env.RUNPOD_INIT_TIMEOUT"), "{}", refused.message);
+    spec.env.insert(INIT_TIMEOUT_ENV.into(), "1".into());
+    let mut events = shoal.nats.client.subscribe(shoal.nats.names.events_of_kind("worker")).await?;
+    shoal.api.create_endpoint(&spec).await?;
+    let queued = shoal.api.run(&RunRequest::new("slowstart", json!({"waited": true}))).await?;
+
+    // while it starts, its reason says how long it has
+    let mut starting = None;
+    let mut unhealthy = None;
+    while unhealthy.is_none() {
+        let msg = tokio::time::timeout(Duration::from_secs(30), events.next()).await?.context("events")?;
+        let ev: WorkerEvent = from_msgpack(&msg.payload)?;
+        match ev.state {
+            WorkerState::Initializing if ev.reason.as_deref().is_some_and(|r| r.contains("init timeout")) => {
+                starting = ev.reason;
+            }
+            WorkerState::Unhealthy => unhealthy = ev.reason,
+            _ => {}
+        }
+    }
+    let starting = starting.context("an Initializing reason with the init timeout")?;
+    ensure!(starting.contains("waiting for its first request (init timeout 1.0s)"), "{starting}");
+    let reason = unhealthy.context("an Unhealthy reason")?;
+    for needle in ["initialization timed out", "within 1.0s of its start", "RUNPOD_INIT_TIMEOUT", "loading the model"] {
+        ensure!(reason.contains(needle), "{needle:?} not in {reason:?}");
+    }
+    // the waiting job says why, and is untouched
+    let jref = JobRef { endpoint: Some("slowstart".into()), id: queued.id.clone(), wait_ms: 0 };
+    eventually(Duration::from_secs(10), "the waiting reason names the init timeout", || async {
+        let s = shoal.api.status(&jref).await.ok()?;
+        s.waiting_reason.filter(|r| r.contains("workers are unhealthy") && r.contains("initialization timed out"))
+    })
+    .await?;
+    ensure!(shoal.api.status(&jref).await?.attempts == 0, "no attempt was used");
+
+    // the model loads faster now: a restart serves, and the job runs
+    std::fs::remove_file(&marker)?;
+    let status = shoal.api.status(&JobRef { wait_ms: 60_000, ..jref }).await?;
+    ensure!(status.status == JobState::Completed, "{status:?}");
+    ensure!(status.output == Some(json!({"waited": true})), "{status:?}");
     shoal.stop().await;
     Ok(())
 }

@@ -30,7 +30,9 @@ async fn the_status_of_a_job_queued_behind_a_crash_loop_says_so_over_http() -> R
 
     let body = eventually(Duration::from_secs(30), "waitingReason names the crash loop", || async {
         let (code, body) = http.get(&format!("/crashy/status/{id}")).await.ok()?;
-        let crash_looping = body["waitingReason"].as_str().is_some_and(|r| r.contains("crash-looping"));
+        let crash_looping = body["waitingReason"]
+            .as_str()
+            .is_some_and(|r| r.contains("workers are unhealthy") && r.contains("crash loop"));
         (code == 200 && crash_looping).then_some(body)
     })
     .await?;

@@ -23,7 +23,7 @@ pub fn waiting_reason(spec: &EndpointSpec, fleet: &Fleet, low_priority: bool) ->
     let up = fleet.idle + fleet.running;
     if fleet.unhealthy > 0 && up == 0 {
         return format!(
-            "workers are crash-looping ({} unhealthy, retried with backoff): {}",
+            "workers are unhealthy ({} of them, retried with backoff): {}",
             fleet.unhealthy,
             fleet.unhealthy_reason.as_deref().unwrap_or("no reason recorded")
         );
@@ -76,7 +76,7 @@ mod tests {
             ..Fleet::default()
         };
         let r = waiting_reason(&spec(), &crash, false);
-        assert!(r.contains("crash-looping") && r.contains("ImportError"), "{r}");
+        assert!(r.contains("workers are unhealthy") && r.contains("ImportError"), "{r}");
         let full =
             Fleet { throttled: 1, throttled_reason: Some("no capacity: 0 free H200".into()), ..Fleet::default() };
         assert!(waiting_reason(&spec(), &full, false).contains("no capacity"));

@@ -12,7 +12,7 @@ use bytes::Bytes;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use serde_json::Value;
 use shoal_protocol::codec::to_msgpack;
-use shoal_protocol::endpoint::EndpointSpec;
+use shoal_protocol::endpoint::{EndpointSpec, INIT_TIMEOUT_ENV};
 use shoal_protocol::events::WorkerEvent;
 use shoal_protocol::job::{JobRecord, Priority, ReplyTo, WorkerJob};
 use shoal_protocol::lifecycle::{self, Outcome};
@@ -35,6 +35,9 @@ const PROGRESS_EVERY: Duration = Duration::from_secs(1);
 /// as events) once, with the latest state, when this much has passed since the last write:
 /// a busy worker writes its record a few times a second, not twice per job.
 const FLIP_COALESCE: Duration = Duration::from_millis(50);
+/// How long a worker killed for its init timeout is given to exit (and so to tell its last
+/// output) before the actor fails without it.
+const INIT_EXIT_WAIT: Duration = Duration::from_secs(5);
 
 pub struct WorkerActor;
 
@@ -142,6 +145,11 @@ pub struct WorkerState_ {
     last_ping: Option<(Instant, HashSet<String>)>,
     started_at_ms: u64,
     jobs_done: u64,
+    /// When the worker must have asked for its first job (set once it runs; the endpoint's init
+    /// timeout).
+    init_deadline: Option<Instant>,
+    /// It did not ask in time and was killed: why, and when (its exit fails the actor).
+    init_timed_out: Option<(String, Instant)>,
     /// The worker asked to be replaced (`stopPod`), or was killed to stop a job: take nothing more.
     draining: bool,
     killed_for_stop: bool,
@@ -224,6 +232,8 @@ impl Actor for WorkerActor {
             last_ping: None,
             started_at_ms: now_ms(),
             jobs_done: 0,
+            init_deadline: None,
+            init_timed_out: None,
             draining: false,
             killed_for_stop: false,
             reported_jobs: 0,
@@ -252,7 +262,10 @@ impl Actor for WorkerActor {
             WorkerMsg::GetStops(reply) => st.on_get_stops(reply),
             WorkerMsg::StopJob { job_id, reason } => st.on_stop_job(job_id, reason).await,
             WorkerMsg::Drain { reason } => st.on_drain(&myself, reason).await,
-            WorkerMsg::Tick => st.on_tick().await,
+            WorkerMsg::Tick => {
+                st.on_tick().await;
+                st.check_init()?;
+            }
             WorkerMsg::Launched(Ok(handle)) => st.on_launched(&myself, handle).await,
             WorkerMsg::Launched(Err(e)) => return Err(Box::new(e)),
             WorkerMsg::Progress(line) => st.on_progress(line).await,
@@ -677,7 +690,12 @@ impl WorkerState_ {
         );
         self.handle = Some(handle);
         if self.state == WorkerState::Initializing {
-            self.reason = Some("started, waiting for its first request".into());
+            let timeout = self.args.spec.init_timeout_ms();
+            self.init_deadline = Some(Instant::now() + Duration::from_millis(timeout));
+            self.reason = Some(format!(
+                "started, waiting for its first request (init timeout {})",
+                shoal_protocol::human_ms(timeout)
+            ));
         }
         self.report(None).await;
     }
@@ -693,7 +711,41 @@ impl WorkerState_ {
         self.set_state(WorkerState::Initializing, Some(line)).await;
     }
 
+    /// A worker still Initializing at its init deadline is killed; its exit (or, should none
+    /// come, a few seconds) fails the actor as an init timeout, which makes it Unhealthy.
+    fn check_init(&mut self) -> Result<(), ActorProcessingErr> {
+        if let Some((reason, killed_at)) = &self.init_timed_out {
+            if killed_at.elapsed() >= INIT_EXIT_WAIT {
+                return Err(Box::new(StartWorkerError::InitTimeout(reason.clone())));
+            }
+            return Ok(());
+        }
+        let due = self.init_deadline.is_some_and(|d| Instant::now() >= d);
+        if !due || self.state != WorkerState::Initializing || self.draining {
+            return Ok(());
+        }
+        let timeout = self.args.spec.init_timeout_ms();
+        let reason = format!(
+            "initialization timed out: the worker did not ask for a job within {} of its start \
+             (a longer start needs {INIT_TIMEOUT_ENV}, in seconds, in the endpoint's env)",
+            shoal_protocol::human_ms(timeout)
+        );
+        tracing::warn!(worker_id = %self.args.worker_id, endpoint_id = %self.args.spec.id, timeout_ms = timeout, "worker initialization timed out; killing it");
+        if let Some(handle) = self.handle.as_mut() {
+            handle.kill();
+        }
+        self.init_timed_out = Some((reason, Instant::now()));
+        Ok(())
+    }
+
     fn on_exited(&mut self, myself: &ActorRef<WorkerMsg>, exit: Exit) -> Result<(), ActorProcessingErr> {
+        if let Some((mut reason, _)) = self.init_timed_out.take() {
+            if !exit.log_tail.is_empty() {
+                reason.push_str("; its last output: ");
+                reason.push_str(&exit.log_tail);
+            }
+            return Err(Box::new(StartWorkerError::InitTimeout(reason)));
+        }
         if self.killed_for_stop || (self.draining && exit.code == Some(0)) {
             myself.stop(Some(STOP_REFRESH.into()));
             return Ok(());

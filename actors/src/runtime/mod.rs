@@ -94,13 +94,20 @@ pub enum StartWorkerError {
     /// The container engine failed (unreachable, out of resources...).
     #[error("{0}")]
     Engine(String),
+    /// The worker ran but never asked for a job within the endpoint's init timeout.
+    #[error("{0}")]
+    InitTimeout(String),
 }
 
 impl StartWorkerError {
-    /// A start that cannot succeed without a change (of the spec, the image, the registry):
+    /// A start that cannot succeed without a change (of the spec, the image, the registry), or
+    /// took longer than the endpoint allows (RunPod: a cold start over 7 minutes is unhealthy):
     /// the worker is reported Unhealthy at once, and retried on the backoff schedule.
     pub fn is_permanent(&self) -> bool {
-        matches!(self, StartWorkerError::NothingToRun(_) | StartWorkerError::Image(_))
+        matches!(
+            self,
+            StartWorkerError::NothingToRun(_) | StartWorkerError::Image(_) | StartWorkerError::InitTimeout(_)
+        )
     }
 }
 
