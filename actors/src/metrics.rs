@@ -9,6 +9,7 @@
 //! - control (lease manager): `shoal_lease_owned`, `shoal_lease_acquisitions_total`;
 //! - control (webhook dispatcher): `shoal_webhook_calls_total`;
 //! - host (worker bridge): `shoal_bridge_requests_total`;
+//! - host (worker actors): `shoal_worker_starts_total`, `shoal_worker_start_seconds`;
 //! - gateway: `shoal_gateway_rate_limited_total`.
 //!
 //! Gauges of an endpoint are removed when this process stops owning it, so only the owner
@@ -63,6 +64,13 @@ struct OutcomeLabels {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StartLabels {
+    endpoint: String,
+    /// `cold` or `warm` (a kept container started again).
+    kind: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct LimitLabels {
     endpoint: String,
     operation: String,
@@ -83,6 +91,11 @@ fn seconds_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.005, 2.0, 16))
 }
 
+/// Worker starts: 10 ms to about 11 minutes (past RunPod's 7-minute init timeout), doubling.
+fn start_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.01, 2.0, 17))
+}
+
 struct Metrics {
     registry: Registry,
     jobs: Family<StateLabels, Counter>,
@@ -97,6 +110,8 @@ struct Metrics {
     webhooks: Family<OutcomeLabels, Counter>,
     bridge: Family<RouteLabels, Counter>,
     rate_limited: Family<LimitLabels, Counter>,
+    starts: Family<StartLabels, Counter>,
+    start_seconds: Family<StartLabels, Histogram, fn() -> Histogram>,
 }
 
 static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
@@ -117,6 +132,8 @@ impl Metrics {
             webhooks: Family::default(),
             bridge: Family::default(),
             rate_limited: Family::default(),
+            starts: Family::default(),
+            start_seconds: Family::new_with_constructor(start_histogram),
         };
         let mut r = m.registry;
         r.register("shoal_jobs", "Jobs that reached a terminal state, by state", m.jobs.clone());
@@ -138,6 +155,16 @@ impl Metrics {
         );
         r.register("shoal_webhook_calls", "Webhook calls by outcome (delivered, failed)", m.webhooks.clone());
         r.register("shoal_bridge_requests", "Worker bridge requests by route and status", m.bridge.clone());
+        r.register(
+            "shoal_worker_starts",
+            "Workers that became ready (made their first job-take), by kind (cold, warm)",
+            m.starts.clone(),
+        );
+        r.register(
+            "shoal_worker_start_seconds",
+            "Time from a worker's launch (image pull included) to its first job-take, by kind (cold, warm)",
+            m.start_seconds.clone(),
+        );
         r.register(
             "shoal_gateway_rate_limited",
             "Requests this gateway refused with 429 for an endpoint's rate limits, by operation and limit (rate, concurrent)",
@@ -209,6 +236,14 @@ pub fn lease_released(endpoint_id: &str) {
 pub fn webhook_outcome(endpoint_id: &str, outcome: &str) {
     let labels = OutcomeLabels { endpoint: endpoint_id.to_string(), outcome: outcome.to_string() };
     METRICS.webhooks.get_or_create(&labels).inc();
+}
+
+/// A worker of `endpoint_id` made its first job-take `seconds` after its launch began.
+pub fn worker_ready(endpoint_id: &str, warm: bool, seconds: f64) {
+    let labels =
+        StartLabels { endpoint: endpoint_id.to_string(), kind: if warm { "warm" } else { "cold" }.to_string() };
+    METRICS.starts.get_or_create(&labels).inc();
+    METRICS.start_seconds.get_or_create(&labels).observe(seconds);
 }
 
 /// A gateway refused a request over `endpoint`'s `operation` limit (`limit`: `rate` or

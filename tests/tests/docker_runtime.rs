@@ -117,6 +117,12 @@ async fn a_docker_host_runs_jobs_in_a_container_scales_to_zero_and_starts_warm_a
     assert_eq!(again.runtime_ref.as_deref(), Some(container.as_str()), "the same container, started again");
     println!("warm start: {}", warm.summary());
     assert_eq!(host_containers(&host_id)?.len(), 1, "no second container");
+    // the start metrics tell the cold start from the warm one
+    let metrics = shoal_actors::metrics::render();
+    for kind in ["cold", "warm"] {
+        let series = format!(r#"shoal_worker_starts_total{{endpoint="dk-echo",kind="{kind}"}} 1"#);
+        assert!(metrics.lines().any(|l| l.starts_with(&series)), "{series} not in:\n{metrics}");
+    }
 
     // a new version: the old version's container is not kept, the new version starts cold
     let mut v2 = docker_endpoint("dk-echo", &image);

@@ -100,6 +100,12 @@ async fn metrics_count_jobs_and_workers_on_control_and_gateway() -> Result<()> {
     assert_eq!(sample(&text, r#"shoal_scaler_decisions_total{endpoint="obs-metrics",decision="started"}"#), Some(1.0));
     assert_eq!(sample(&text, r#"shoal_lease_owned{endpoint="obs-metrics"}"#), Some(1.0), "{text}");
     assert!(sample(&text, r#"shoal_bridge_requests_total{route="job-done",status="200"}"#) >= Some(3.0), "{text}");
+    // the worker's start: one, cold (a process), timed from its launch to its first job-take
+    assert_eq!(sample(&text, r#"shoal_worker_starts_total{endpoint="obs-metrics",kind="cold"}"#), Some(1.0), "{text}");
+    let started = r#"shoal_worker_start_seconds_count{endpoint="obs-metrics",kind="cold"}"#;
+    assert_eq!(sample(&text, started), Some(1.0), "{text}");
+    let took = sample(&text, r#"shoal_worker_start_seconds_sum{endpoint="obs-metrics",kind="cold"}"#);
+    assert!(took.is_some_and(|s| s > 0.0 && s < 60.0), "{took:?}");
 
     // the gateway serves the same registry, without an API key
     let gateway = shoal.start_gateway().await?;

@@ -150,6 +150,8 @@ pub struct WorkerState_ {
     init_deadline: Option<Instant>,
     /// It did not ask in time and was killed: why, and when (its exit fails the actor).
     init_timed_out: Option<(String, Instant)>,
+    /// It made its first job-take (counted in the start metrics).
+    ready: bool,
     /// The worker asked to be replaced (`stopPod`), or was killed to stop a job: take nothing more.
     draining: bool,
     killed_for_stop: bool,
@@ -234,6 +236,7 @@ impl Actor for WorkerActor {
             jobs_done: 0,
             init_deadline: None,
             init_timed_out: None,
+            ready: false,
             draining: false,
             killed_for_stop: false,
             reported_jobs: 0,
@@ -442,6 +445,11 @@ impl WorkerState_ {
         reply: RpcReplyPort<Vec<WorkerJob>>,
     ) {
         if self.state == WorkerState::Initializing {
+            if self.handle.is_some() && !self.ready {
+                self.ready = true;
+                let warm = self.start.warm;
+                crate::metrics::worker_ready(&self.args.spec.id, warm, self.launched_at.elapsed().as_secs_f64());
+            }
             self.settle().await;
         }
         if self.draining {
