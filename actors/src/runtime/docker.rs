@@ -385,9 +385,11 @@ impl Inner {
                 }
                 None => {
                     tracing::debug!(container = %id, "stopping container");
+                    // what it printed last, for a worker killed for a reason (an init timeout)
+                    let log_tail = inner.tail(&id, EXIT_LOG_LINES).await;
                     inner.stop(&id).await;
                     inner.keep_or_remove(id, made).await;
-                    let _ = exit_tx.send(Exit { code: None, description: "stopped".into(), log_tail: String::new() });
+                    let _ = exit_tx.send(Exit { code: None, description: "stopped".into(), log_tail });
                 }
             }
         });
