@@ -72,8 +72,10 @@ enum Command {
     /// List workers: state, host, restarts, current jobs and how they started; `workers logs
     /// WORKER [--follow]` prints a worker's log.
     Workers(cli::WorkersArgs),
-    /// List the live hosts: runtime, GPUs free by type, workers, last heartbeat, worker bridge.
-    Hosts,
+    /// List the live hosts: state, runtime, GPUs free by type, workers, last heartbeat, worker
+    /// bridge; `hosts drain HOST [--wait]` takes one out of service without killing its jobs,
+    /// `hosts resume HOST` puts it back.
+    Hosts(cli::HostsArgs),
     /// Create, update, read and delete endpoints; their health; purge their queues.
     #[command(subcommand)]
     Endpoint(EndpointCommand),
@@ -168,7 +170,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Keys(cmd) => cli::keys_command(&load_settings(&cli, vec![])?, cmd).await,
         Command::Job(cmd) => cli::job(&load_settings(&cli, vec![])?, cmd).await,
         Command::Workers(args) => cli::workers_command(&load_settings(&cli, vec![])?, args).await,
-        Command::Hosts => cli::hosts(&load_settings(&cli, vec![])?).await,
+        Command::Hosts(args) => cli::hosts_command(&load_settings(&cli, vec![])?, args).await,
         Command::Endpoint(cmd) => cli::endpoint(&load_settings(&cli, vec![])?, cmd).await,
     }
 }

@@ -45,6 +45,10 @@ pub struct HostRecord {
     pub warm: Vec<String>,
     pub started_at_ms: u64,
     pub heartbeat_at_ms: u64,
+    /// Drained by an operator (`shoal hosts drain`): its workers finish their jobs and stop, and
+    /// no new worker is placed on it until it is resumed.
+    #[serde(default)]
+    pub draining: bool,
 }
 
 impl HostRecord {
@@ -74,6 +78,14 @@ pub struct StopWorker {
     pub drain: bool,
     pub epoch: u64,
     pub reason: String,
+}
+
+/// Drain a host (`draining`: its workers finish their current jobs and stop, and it takes no
+/// new worker) or resume it, request/reply on [`crate::names::Names::host_drain_subject`]; the
+/// reply is a [`CommandReply`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DrainHost {
+    pub draining: bool,
 }
 
 /// A host's answer to a command.

@@ -311,6 +311,10 @@ impl Names {
     pub fn host_stop_worker_subject(&self, host: &str) -> String {
         format!("{}.{API_VERSION}.host.{host}.worker.stop", self.prefix)
     }
+    /// Command to a host: drain it or resume it (request/reply, see [`crate::host::DrainHost`]).
+    pub fn host_drain_subject(&self, host: &str) -> String {
+        format!("{}.{API_VERSION}.host.{host}.drain", self.prefix)
+    }
     /// Query to a host: a worker's log lines (request/reply, see [`crate::host::GetWorkerLogs`]).
     pub fn host_worker_logs_subject(&self, host: &str) -> String {
         format!("{}.{API_VERSION}.host.{host}.worker.logs", self.prefix)

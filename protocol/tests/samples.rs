@@ -12,7 +12,7 @@ use shoal_protocol::api::*;
 use shoal_protocol::codec::{from_msgpack, to_msgpack};
 use shoal_protocol::endpoint::EndpointSpec;
 use shoal_protocol::events::{HostEvent, JobEvent, WebhookEvent, WorkerEvent};
-use shoal_protocol::host::{GetWorkerLogs, Gpu, HostRecord, StopJob, WorkerLogs};
+use shoal_protocol::host::{DrainHost, GetWorkerLogs, Gpu, HostRecord, StopJob, WorkerLogs};
 use shoal_protocol::job::*;
 use shoal_protocol::keys::ApiKeyRecord;
 use shoal_protocol::worker::{StartPhases, WorkerRecord, WorkerState};
@@ -198,8 +198,26 @@ fn every_message_sample_still_decodes() {
             warm: vec![],
             started_at_ms: 1,
             heartbeat_at_ms: 2,
+            draining: false,
         },
     );
+    check(
+        "host_record_draining",
+        HostRecord {
+            id: "h-2".into(),
+            runtime: "docker".into(),
+            labels: BTreeMap::new(),
+            gpus: vec![],
+            bridge_url: "http://127.0.0.1:2".into(),
+            workers: 3,
+            max_workers: 8,
+            warm: vec!["echo@2".into()],
+            started_at_ms: 1,
+            heartbeat_at_ms: 2,
+            draining: true,
+        },
+    );
+    check("drain_host", DrainHost { draining: true });
     check(
         "stop_job",
         StopJob { endpoint: "e".into(), job_id: "j".into(), worker_id: "w".into(), reason: "cancelled".into() },
@@ -445,6 +463,7 @@ fn dashboard_samples_still_decode() {
                 warm: vec!["echo@3".into()],
                 started_at_ms: 1,
                 heartbeat_at_ms: 2,
+                draining: false,
             }],
         },
     );

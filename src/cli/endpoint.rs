@@ -1,17 +1,14 @@
-//! `shoal endpoint apply|list|get|health|purge|delete`, `shoal workers` and `shoal hosts`.
+//! `shoal endpoint apply|list|get|health|purge|delete` and `shoal workers`.
 
-use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{Context, Result};
-use shoal_actors::clock::now_ms;
 use shoal_protocol::api::HealthReply;
 use shoal_protocol::endpoint::EndpointSpec;
-use shoal_protocol::host::HostRecord;
 use shoal_protocol::worker::WorkerRecord;
 
-use super::table::{ago, first_line, render};
+use super::table::{first_line, render};
 use super::{api, read_endpoints};
 use crate::output::line;
 use crate::settings::Settings;
@@ -122,52 +119,6 @@ fn health_text(id: &str, h: &HealthReply) -> String {
     .join("\n")
 }
 
-pub async fn hosts(settings: &Settings) -> Result<ExitCode> {
-    let mut hosts = api(settings).await?.hosts().await?.hosts;
-    hosts.sort_by(|a, b| a.id.cmp(&b.id));
-    line(hosts_table(&hosts, now_ms()).trim_end())?;
-    Ok(ExitCode::SUCCESS)
-}
-
-/// One row per live host: its GPUs by type (free of all, and unhealthy ones), workers, heartbeat.
-fn hosts_table(hosts: &[HostRecord], now_ms: u64) -> String {
-    let rows: Vec<Vec<String>> = hosts
-        .iter()
-        .map(|h| {
-            // per type: how many, how many unhealthy; free as placement counts them
-            let mut by_type: BTreeMap<&str, (usize, usize)> = BTreeMap::new();
-            for g in &h.gpus {
-                let (all, sick) = by_type.entry(g.name.as_str()).or_default();
-                *all += 1;
-                *sick += usize::from(!g.healthy);
-            }
-            let gpus: Vec<String> = by_type
-                .iter()
-                .map(|(name, (all, sick))| {
-                    let free = h.free_gpus(name);
-                    match sick {
-                        0 => format!("{name}: {free} of {all} free"),
-                        _ => format!("{name}: {free} of {all} free, {sick} unhealthy"),
-                    }
-                })
-                .collect();
-            let workers = match h.max_workers {
-                0 => h.workers.to_string(),
-                max => format!("{} of {max}", h.workers),
-            };
-            vec![
-                h.id.clone(),
-                h.runtime.clone(),
-                gpus.join("; "),
-                workers,
-                ago(now_ms, h.heartbeat_at_ms),
-                h.bridge_url.clone(),
-            ]
-        })
-        .collect();
-    render(&["HOST", "RUNTIME", "GPUS", "WORKERS", "HEARTBEAT", "BRIDGE"], &rows)
-}
-
 fn endpoints_table(endpoints: &[EndpointSpec]) -> String {
     let rows: Vec<Vec<String>> = endpoints
         .iter()
@@ -218,55 +169,6 @@ mod tests {
         assert!(t.contains("in queue 3") && t.contains("throttled 2") && t.contains("version 4: 1 of 2"), "{t}");
         h.owner = Some("r1".into());
         assert!(health_text("ep", &h).starts_with("endpoint ep (owned by r1)"));
-    }
-
-    #[test]
-    fn the_hosts_table_counts_free_gpus_by_type() {
-        let gpu = |name: &str, healthy: bool, worker: Option<&str>| shoal_protocol::host::Gpu {
-            name: name.into(),
-            uuid: format!("GPU-{name}-{healthy}-{worker:?}"),
-            memory_mb: 80_000,
-            healthy,
-            worker_id: worker.map(String::from),
-            utilization_pct: None,
-            error: None,
-        };
-        let gpu_host = HostRecord {
-            id: "h-gpu".into(),
-            runtime: "docker".into(),
-            labels: Default::default(),
-            gpus: vec![
-                gpu("H100", true, None),
-                gpu("H100", true, Some("w1")),
-                gpu("H100", false, None),
-                gpu("A10", true, None),
-            ],
-            bridge_url: "http://10.0.0.2:7000".into(),
-            workers: 1,
-            max_workers: 0,
-            warm: vec![],
-            started_at_ms: 0,
-            heartbeat_at_ms: 58_000,
-        };
-        let cpu_host = HostRecord {
-            id: "h-cpu".into(),
-            runtime: "process".into(),
-            gpus: vec![],
-            max_workers: 8,
-            workers: 3,
-            ..gpu_host.clone()
-        };
-        let t = hosts_table(&[gpu_host, cpu_host], 60_000);
-        let lines: Vec<&str> = t.lines().collect();
-        assert_eq!(lines.len(), 3, "{t}");
-        for cell in
-            ["h-gpu", "docker", "A10: 1 of 1 free; H100: 1 of 3 free, 1 unhealthy", "2.0s ago", "http://10.0.0.2:7000"]
-        {
-            assert!(lines[1].contains(cell), "{cell} missing: {t}");
-        }
-        for cell in ["h-cpu", "process", "  -  ", "3 of 8"] {
-            assert!(lines[2].contains(cell), "{cell} missing: {t}");
-        }
     }
 
     #[test]

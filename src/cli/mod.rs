@@ -4,6 +4,7 @@
 //! result a person (or `jq`) can read.
 
 mod endpoint;
+mod hosts;
 mod job;
 mod keys;
 mod table;
@@ -16,7 +17,8 @@ use anyhow::{Context, Result, bail};
 use shoal_actors::client::ApiClient;
 use shoal_protocol::endpoint::{EndpointSpec, EndpointsFile};
 
-pub use endpoint::{EndpointCommand, endpoint, hosts};
+pub use endpoint::{EndpointCommand, endpoint};
+pub use hosts::{HostsArgs, hosts_command};
 pub use job::{JobCommand, job};
 pub use keys::{KeysCommand, keys_command};
 pub use workers::{WorkersArgs, workers_command};

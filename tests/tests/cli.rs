@@ -158,6 +158,18 @@ async fn an_operator_runs_and_follows_jobs_from_the_command_line() -> Result<()>
     let ended = listed(&shoal, &["cli-rs", "--state", "cancelled"]).await?;
     assert_eq!(ended.len(), 2, "{ended:?}");
 
+    // the host out of service and back: drained once its workers have stopped
+    let drained = ok(&shoal, &["hosts", "drain", &host.id, "--wait"]).await?.stdout;
+    assert!(drained.contains(&format!("host {} is drained: no workers left", host.id)), "{drained}");
+    let hosts = ok(&shoal, &["hosts"]).await?.stdout;
+    assert!(hosts.lines().nth(1).is_some_and(|r| r.contains(" draining ")), "{hosts}");
+    let resumed = ok(&shoal, &["hosts", "resume", &host.id]).await?.stdout;
+    assert!(resumed.contains("is in service"), "{resumed}");
+    let hosts = ok(&shoal, &["hosts"]).await?.stdout;
+    assert!(hosts.lines().nth(1).is_some_and(|r| r.contains(" active ")), "{hosts}");
+    refused(&shoal, &["hosts", "drain", "no-such-host"], 1, "host no-such-host does not answer").await?;
+    refused(&shoal, &["hosts", "resume", "bad.id"], 1, "host id").await?;
+
     // bad input: a clear error and a non-zero exit, nothing sent
     refused(&shoal, &["job", "run", "cli-rs", "{not json"], 1, "not valid JSON").await?;
     refused(&shoal, &["job", "run", "no-such-ep", "{}"], 1, "not_found: endpoint no-such-ep does not exist").await?;

@@ -241,3 +241,75 @@ async fn a_rolling_update_replaces_workers_one_at_a_time_without_failing_a_job()
     shoal.stop().await;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drained_host_finishes_its_jobs_takes_no_new_worker_and_its_workers_start_elsewhere() -> Result<()> {
+    let shoal = Shoal::start().await?;
+    let mut spec = rust_endpoint("drained")?;
+    spec.workers_min = 1;
+    spec.workers_max = 1;
+    shoal.api.create_endpoint(&spec).await?;
+    let first = eventually(Duration::from_secs(30), "a worker idle", || async {
+        running_workers(&shoal, "drained").await.into_iter().find(|w| w.state == WorkerState::Idle)
+    })
+    .await?;
+    let old_host = first.host.clone();
+    // named to sort last: placement would pick the old host on a tie, were it not draining
+    let spare = start_host(&shoal.nats, shoal.state_dir.path(), "zz-spare", |_| {}).await?;
+
+    // a job runs on the host about to be drained
+    let long = shoal.api.run(&RunRequest::new("drained", json!({"sleep_ms": 2_000}))).await?;
+    let long = JobRef { endpoint: Some("drained".into()), id: long.id, wait_ms: 0 };
+    eventually(Duration::from_secs(30), "the job running", || async {
+        shoal.api.status(&long).await.ok().filter(|s| s.status == JobState::InProgress).map(|_| ())
+    })
+    .await?;
+    shoal_actors::host::set_draining(&shoal.nats.client, &shoal.nats.names, &old_host, true)
+        .await
+        .map_err(anyhow::Error::msg)?;
+    let listed = shoal.api.hosts().await?.hosts;
+    let record = listed.iter().find(|h| h.id == old_host).context("the drained host is listed")?;
+    anyhow::ensure!(record.draining, "{record:?}");
+
+    // the job finishes where it runs, on its first attempt: nothing was killed
+    let done = shoal.api.status(&JobRef { wait_ms: 30_000, ..long.clone() }).await?;
+    anyhow::ensure!(done.status == JobState::Completed && done.attempts == 1, "{done:?}");
+    anyhow::ensure!(done.worker_id.as_deref() == Some(first.id.as_str()), "{done:?}");
+    // then the worker stops and its replacement starts on the other host
+    let replacement = eventually(Duration::from_secs(30), "a replacement idle on the spare host", || async {
+        let workers = shoal.api.workers(Some("drained")).await.ok()?.workers;
+        // stopped: recorded so, or already forgotten
+        let old_gone = workers.iter().all(|w| w.id != first.id || w.state == WorkerState::Stopped);
+        let new = workers.into_iter().find(|w| w.state == WorkerState::Idle && w.host == "zz-spare");
+        new.filter(|_| old_gone)
+    })
+    .await?;
+    let on_old: Vec<_> = shoal
+        .api
+        .workers(Some("drained"))
+        .await?
+        .workers
+        .into_iter()
+        .filter(|w| w.host == old_host && w.id != first.id)
+        .collect();
+    anyhow::ensure!(on_old.is_empty(), "no new worker on the drained host: {on_old:?}");
+    let hosts = shoal.api.hosts().await?.hosts;
+    anyhow::ensure!(hosts.iter().any(|h| h.id == old_host && h.workers == 0), "{hosts:?}");
+    let next = shoal.api.run(&RunRequest { wait_ms: 30_000, ..RunRequest::new("drained", json!({"n": 2})) }).await?;
+    anyhow::ensure!(next.status == JobState::Completed, "{next:?}");
+    anyhow::ensure!(next.worker_id.as_deref() == Some(replacement.id.as_str()), "{next:?}");
+
+    // resumed, it is in service again; an unknown host is named in the error
+    shoal_actors::host::set_draining(&shoal.nats.client, &shoal.nats.names, &old_host, false)
+        .await
+        .map_err(anyhow::Error::msg)?;
+    let hosts = shoal.api.hosts().await?.hosts;
+    anyhow::ensure!(hosts.iter().any(|h| h.id == old_host && !h.draining), "{hosts:?}");
+    let err = shoal_actors::host::set_draining(&shoal.nats.client, &shoal.nats.names, "nope", true)
+        .await
+        .expect_err("no such host");
+    anyhow::ensure!(err.contains("host nope does not answer"), "{err}");
+    spare.stop().await;
+    shoal.stop().await;
+    Ok(())
+}

@@ -55,14 +55,14 @@ impl HostDirectory {
             .unwrap_or(false)
     }
 
-    /// Warm containers of `warm_key` (`<endpoint>@<version>`) on live hosts.
+    /// Warm containers of `warm_key` (`<endpoint>@<version>`) on live hosts that take workers.
     pub fn warm_slots(&self, warm_key: &str) -> u32 {
         let now = now_ms();
         self.hosts
             .read()
             .map(|m| {
                 m.values()
-                    .filter(|h| now.saturating_sub(h.heartbeat_at_ms) <= self.ttl_ms)
+                    .filter(|h| !h.draining && now.saturating_sub(h.heartbeat_at_ms) <= self.ttl_ms)
                     .map(|h| h.warm.iter().filter(|w| *w == warm_key).count() as u32)
                     .sum()
             })
@@ -95,6 +95,7 @@ mod tests {
             warm: warm.iter().map(|w| w.to_string()).collect(),
             started_at_ms: 0,
             heartbeat_at_ms,
+            draining: false,
         }
     }
 
@@ -112,5 +113,13 @@ mod tests {
         assert_eq!(dir.warm_slots("ep@2"), 2, "the silent host's warm container is not counted");
         assert_eq!(dir.warm_slots("ep@3"), 0);
         assert_eq!(dir.live().len(), 1);
+        // a draining host's warm containers will not be started: not counted either
+        if let Ok(mut m) = dir.hosts.write() {
+            let mut draining = host("draining", now, &["ep@2"]);
+            draining.draining = true;
+            m.insert("draining".into(), draining);
+        }
+        assert_eq!(dir.warm_slots("ep@2"), 2);
+        assert_eq!(dir.live().len(), 2, "still live: its workers finish their jobs");
     }
 }

@@ -5,7 +5,7 @@
 //! GPU types are tried in the endpoint's priority order; within a type, hosts that have this
 //! endpoint version warm come first (the FlashBoot effect), then the hosts running the fewest
 //! workers of this endpoint (spreading), then the most free GPUs. Endpoints without GPU types
-//! go to any host with room.
+//! go to any host with room. A draining host (`shoal hosts drain`) takes no new worker.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -26,6 +26,8 @@ pub struct HostView {
     pub endpoint_workers: u32,
     /// `<endpoint>@<version>` warm on this host.
     pub warm: BTreeSet<String>,
+    /// Drained by an operator: never placed on.
+    pub draining: bool,
 }
 
 impl HostView {
@@ -41,6 +43,7 @@ impl HostView {
             max_workers: rec.max_workers,
             endpoint_workers,
             warm: rec.warm.iter().cloned().collect(),
+            draining: rec.draining,
         }
     }
 }
@@ -57,12 +60,14 @@ pub fn place(spec: &EndpointSpec, hosts: &mut [HostView]) -> Result<Placement, S
     let rank = |h: &HostView, free: usize| {
         (!h.warm.contains(&warm_key), h.endpoint_workers, usize::MAX - free, h.workers, h.id.clone())
     };
+    let draining = hosts.iter().filter(|h| h.draining).count();
+    let and_draining = if draining > 0 { format!(" ({draining} draining)") } else { String::new() };
     if spec.gpu_types.is_empty() {
         let best = hosts
             .iter_mut()
-            .filter(|h| h.max_workers == 0 || h.workers < h.max_workers)
+            .filter(|h| !h.draining && (h.max_workers == 0 || h.workers < h.max_workers))
             .min_by_key(|h| rank(h, 0))
-            .ok_or_else(|| "no live host has room for another worker".to_string())?;
+            .ok_or_else(|| format!("no live host has room for another worker{and_draining}"))?;
         best.workers += 1;
         best.endpoint_workers += 1;
         return Ok(Placement { host: best.id.clone(), gpu_type: None });
@@ -71,7 +76,7 @@ pub fn place(spec: &EndpointSpec, hosts: &mut [HostView]) -> Result<Placement, S
     for gpu in &spec.gpu_types {
         let best = hosts
             .iter_mut()
-            .filter(|h| h.free_gpus.get(gpu).copied().unwrap_or(0) >= need)
+            .filter(|h| !h.draining && h.free_gpus.get(gpu).copied().unwrap_or(0) >= need)
             .min_by_key(|h| rank(h, h.free_gpus.get(gpu).copied().unwrap_or(0)));
         if let Some(h) = best {
             if let Some(free) = h.free_gpus.get_mut(gpu) {
@@ -82,7 +87,10 @@ pub fn place(spec: &EndpointSpec, hosts: &mut [HostView]) -> Result<Placement, S
             return Ok(Placement { host: h.id.clone(), gpu_type: Some(gpu.clone()) });
         }
     }
-    Err(format!("no capacity: no live host has {need} free GPU(s) of type {}", spec.gpu_types.join(" or ")))
+    Err(format!(
+        "no capacity: no live host has {need} free GPU(s) of type {}{and_draining}",
+        spec.gpu_types.join(" or ")
+    ))
 }
 
 #[cfg(test)]
@@ -98,7 +106,26 @@ mod tests {
             max_workers: 0,
             endpoint_workers: 0,
             warm: BTreeSet::new(),
+            draining: false,
         }
+    }
+
+    #[test]
+    fn a_draining_host_is_never_placed_on_and_the_refusal_says_so() {
+        let spec = gpu_spec(&["H200"]);
+        let mut hosts = vec![host("a", &[("H200", 4)]), host("b", &[("H200", 1)])];
+        hosts[0].draining = true;
+        hosts[0].warm.insert("ep@1".into()); // warm, emptier: still not chosen
+        assert_eq!(place(&spec, &mut hosts).map(|p| p.host), Ok("b".into()));
+        let err = place(&spec, &mut hosts).expect_err("only the draining host has room");
+        assert!(err.contains("no capacity") && err.contains("(1 draining)"), "{err}");
+        let cpu = gpu_spec(&[]);
+        let mut only = vec![host("a", &[])];
+        only[0].draining = true;
+        let err = place(&cpu, &mut only).expect_err("draining");
+        assert!(err.contains("no live host has room") && err.contains("(1 draining)"), "{err}");
+        only[0].draining = false;
+        assert_eq!(place(&cpu, &mut only).map(|p| p.host), Ok("a".into()));
     }
 
     fn gpu_spec(types: &[&str]) -> EndpointSpec {

@@ -16,7 +16,7 @@ use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef, RpcReplyPort, Super
 use shoal_protocol::codec::{from_msgpack, to_msgpack};
 use shoal_protocol::endpoint::EndpointSpec;
 use shoal_protocol::events::{HostEvent, WorkerEvent};
-use shoal_protocol::host::{CommandReply, Gpu, HostRecord, StartWorker, StopJob, StopWorker};
+use shoal_protocol::host::{CommandReply, DrainHost, Gpu, HostRecord, StartWorker, StopJob, StopWorker};
 use shoal_protocol::worker::{WorkerRecord, WorkerState};
 
 use super::HostConfig;
@@ -41,6 +41,8 @@ pub struct HostArgs {
 pub enum HostMsg {
     StartWorker(Box<StartWorker>, RpcReplyPort<CommandReply>),
     StopWorker(StopWorker, RpcReplyPort<CommandReply>),
+    /// An operator drains the host (or resumes it).
+    Drain(DrainHost, RpcReplyPort<CommandReply>),
     EndpointDeleted(String),
     /// An endpoint's spec is now at this version: warm workers of older ones are useless.
     EndpointVersion(String, u64),
@@ -80,6 +82,8 @@ pub struct HostState {
     epochs: HashMap<String, u64>,
     started_at_ms: u64,
     shutting_down: bool,
+    /// Drained: its workers finish their jobs and stop, and it starts no new worker.
+    draining: bool,
     /// A [`HostMsg::Publish`] is in the mailbox.
     publish_queued: bool,
     myself: ActorRef<HostMsg>,
@@ -141,6 +145,15 @@ impl Actor for HostActor {
             )
             .await?,
         );
+        tasks.push(
+            serve_commands(
+                &args.nats,
+                &args.nats.names.host_drain_subject(&args.id),
+                myself.clone(),
+                |bytes, reply| from_msgpack::<DrainHost>(bytes).map(|c| HostMsg::Drain(c, reply)),
+            )
+            .await?,
+        );
         // worker logs, asked by `shoal workers logs`
         tasks
             .push(super::logs::serve(&args.nats, &args.id, args.runtime.clone(), args.config.state_dir.clone()).await?);
@@ -160,6 +173,7 @@ impl Actor for HostActor {
             epochs: HashMap::new(),
             started_at_ms: now_ms(),
             shutting_down: false,
+            draining: false,
             publish_queued: false,
             myself: myself.clone(),
             tasks,
@@ -189,6 +203,10 @@ impl Actor for HostActor {
             HostMsg::StopWorker(cmd, reply) => {
                 let result = st.on_stop_worker(cmd).await;
                 let _ = reply.send(command_reply(result));
+            }
+            HostMsg::Drain(cmd, reply) => {
+                st.on_drain(cmd.draining).await;
+                let _ = reply.send(command_reply(Ok(())));
             }
             HostMsg::EndpointDeleted(id) => st.on_endpoint_deleted(&id).await,
             HostMsg::EndpointVersion(id, version) => st.runtime.discard_warm(&id, Some(version)).await,
@@ -261,6 +279,7 @@ impl HostState {
             warm,
             started_at_ms: self.started_at_ms,
             heartbeat_at_ms: now_ms(),
+            draining: self.draining,
         };
         if let Ok(bytes) = to_msgpack(&record)
             && let Err(e) = self.nats.hosts.put(&self.id, Bytes::from(bytes)).await
@@ -293,6 +312,9 @@ impl HostState {
     async fn on_start_worker(&mut self, myself: &ActorRef<HostMsg>, cmd: StartWorker) -> Result<(), String> {
         if self.shutting_down {
             return Err("host is shutting down".into());
+        }
+        if self.draining {
+            return Err(format!("host {} is draining (`shoal hosts resume {}` undoes it)", self.id, self.id));
         }
         self.check_epoch(&cmd.spec.id, cmd.epoch)?;
         shoal_protocol::ids::validate_id("worker id", &cmd.worker_id).map_err(|e| e.message)?;
@@ -375,6 +397,34 @@ impl HostState {
             None => self.remove_slot(&cmd.worker_id).await,
         }
         Ok(())
+    }
+
+    /// Drained: every worker finishes the jobs it holds, takes no more and stops (an idle one at
+    /// once; one waiting out a restart's backoff is forgotten), and no worker starts here until
+    /// resumed; the endpoints' scalers start their replacements elsewhere. Resumed: workers may
+    /// be placed here again (those drained are not brought back).
+    async fn on_drain(&mut self, draining: bool) {
+        if self.draining != draining {
+            tracing::info!(host_id = %self.id, draining, workers = self.slots.len(), "host {}", if draining { "draining" } else { "resumed" });
+        }
+        self.draining = draining;
+        if draining {
+            let reason = format!("host {} is draining", self.id);
+            let mut idle_slots = Vec::new();
+            for (id, slot) in self.slots.iter_mut() {
+                slot.wanted = false;
+                match &slot.actor {
+                    Some(actor) => {
+                        let _ = actor.cast(WorkerMsg::Drain { reason: reason.clone() });
+                    }
+                    None => idle_slots.push(id.clone()),
+                }
+            }
+            for id in idle_slots {
+                self.remove_slot(&id).await;
+            }
+        }
+        self.heartbeat().await;
     }
 
     async fn on_endpoint_deleted(&mut self, id: &str) {

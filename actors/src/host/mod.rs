@@ -230,6 +230,37 @@ fn worker_bridge_url(config: &HostConfig, runtime: &dyn Runtime, local_url: &str
         .to_string()
 }
 
+/// Drains the host `host` (its workers finish their jobs and stop; it takes no new worker) or
+/// resumes it, asking the host itself. An error says what went wrong: no such host answering,
+/// or the host's refusal.
+pub async fn set_draining(
+    client: &async_nats::Client,
+    names: &shoal_protocol::names::Names,
+    host: &str,
+    draining: bool,
+) -> Result<(), String> {
+    use shoal_protocol::codec::{from_msgpack, to_msgpack};
+    use shoal_protocol::host::{CommandReply, DrainHost};
+    shoal_protocol::ids::validate_id("host id", host).map_err(|e| e.message)?;
+    let bytes = to_msgpack(&DrainHost { draining }).map_err(|e| e.to_string())?;
+    let asked = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        client.request(names.host_drain_subject(host), bytes::Bytes::from(bytes)),
+    )
+    .await;
+    let msg = match asked {
+        Ok(Ok(msg)) => msg,
+        Ok(Err(_)) | Err(_) => {
+            return Err(format!("host {host} does not answer (is it running? `shoal hosts` lists them)"));
+        }
+    };
+    let reply: CommandReply = from_msgpack(&msg.payload).map_err(|e| format!("host {host} answered: {e}"))?;
+    match reply.error {
+        Some(e) if !reply.ok => Err(format!("host {host} refused: {e}")),
+        _ => Ok(()),
+    }
+}
+
 /// An id for a process: the hostname plus a random suffix (`<fallback>-<suffix>` without one).
 pub fn default_id(fallback: &str) -> String {
     let name = std::fs::read_to_string("/etc/hostname").unwrap_or_default();
