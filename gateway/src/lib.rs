@@ -1,5 +1,5 @@
 //! shoal-gateway: RunPod's HTTP API (`/v2/{endpoint}/run`, `/runsync`, `/status/{id}`,
-//! `/stream/{id}`, `/cancel/{id}`, `/retry/{id}`, `/purge-queue`, `/health`) over shoal's NATS
+//! `/stream/{id}`, `/cancel/{id}`, `/retry/{id}`, `/purge-queue`, `/health`, `/requests`) over shoal's NATS
 //! API, so the runpod SDK's `Endpoint` client, and anyone with curl, can use shoal unchanged.
 //!
 //! The gateway is stateless: every request becomes one request to the control plane (through
