@@ -118,12 +118,12 @@ pub struct JobRecord {
     pub state: JobState,
     #[serde(default)]
     pub input: Value,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub s3_config: Option<Value>,
     pub policy: Policy,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub webhook: Option<String>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub idempotency_key: Option<String>,
     /// How many times a worker took the job.
     #[serde(default)]
@@ -137,35 +137,35 @@ pub struct JobRecord {
     pub submitted_at_ms: u64,
     /// When the job last entered the queue; `delayTime` counts from here.
     pub queued_at_ms: u64,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub started_at_ms: Option<u64>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub finished_at_ms: Option<u64>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub worker_id: Option<String>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub host_id: Option<String>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub output: Option<Value>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
     /// The handler asked for its worker to be replaced after this job (`stopPod`).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub stop_pod: bool,
     /// The input lives in the `shoal-blobs` object store under this name (it was larger than
     /// a NATS message should carry); `input` is then null.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub input_ref: Option<String>,
     /// The output lives in the `shoal-blobs` object store under this name; `output` is then
     /// absent.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub output_ref: Option<String>,
     /// How long the record is kept once it is terminal (its terminal write carries this
     /// per-key TTL); none: [`DEFAULT_RETENTION_S`].
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retention_s: Option<u64>,
     /// What became of the webhook call for the current terminal state.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub webhook_delivery: Option<WebhookDelivery>,
 }
 
@@ -228,11 +228,11 @@ pub struct JobView {
     pub retries: u32,
     pub submitted_at_ms: u64,
     pub queued_at_ms: u64,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub started_at_ms: Option<u64>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub finished_at_ms: Option<u64>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retention_s: Option<u64>,
     /// The `shoal-jobs` revision of the record this view was taken from.
     pub revision: u64,
