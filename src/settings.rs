@@ -232,6 +232,20 @@ mod tests {
     }
 
     #[test]
+    fn host_labels_and_cuda_version_come_from_the_file_or_env() {
+        let f = toml_file("[host]\ncuda_version = \"12.4\"\n[host.labels]\ndatacenter = \"eu-1\"\n");
+        let s = Settings::load(Layers {
+            file: Some(f.path()),
+            env: env(&[("SHOAL_HOST__LABELS__NETWORK", "ib")]),
+            ..Layers::default()
+        })
+        .expect("valid");
+        assert_eq!(s.host.cuda_version.as_deref(), Some("12.4"));
+        assert_eq!(s.host.labels.get("datacenter").map(String::as_str), Some("eu-1"));
+        assert_eq!(s.host.labels.get("network").map(String::as_str), Some("ib"));
+    }
+
+    #[test]
     fn unrelated_shoal_variables_are_ignored() {
         let s = Settings::load(Layers {
             env: env(&[
@@ -290,6 +304,8 @@ mod tests {
             ("SHOAL_CONTROL__SYNC_RETENTION_S", "0", "control.sync_retention_s"),
             ("SHOAL_CONTROL__WEBHOOK__TIMEOUT_MS", "0", "control.webhook.timeout_ms"),
             ("SHOAL_HOST__HEARTBEAT_MS", "60000", "host.heartbeat_ms"),
+            ("SHOAL_HOST__CUDA_VERSION", "twelve", "host.cuda_version"),
+            ("SHOAL_HOST__LABELS__BAD KEY", "x", "host.labels"),
             ("SHOAL_CONTROL__REPLICA_ID", "replica.one", "control.replica_id"),
         ];
         for (key, value, named) in cases {

@@ -74,6 +74,15 @@ pub struct EndpointSpec {
     pub gpu_types: Vec<String>,
     #[serde(default = "d_gpu_count")]
     pub gpu_count: u32,
+    /// Labels a host must carry (all of them, `key = value`) for a worker of this endpoint:
+    /// a data center, a network, a machine class (hosts set theirs in `[host.labels]`).
+    /// Left out of the encoding when empty, so peers without the field read the spec.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub host_labels: BTreeMap<String, String>,
+    /// The oldest CUDA version (`major.minor`) a host's driver must support, e.g. `"12.4"`
+    /// (RunPod's `minCudaVersion`); none = any. Left out when none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_cuda_version: Option<String>,
     /// Always-on workers, never scaled down.
     #[serde(default)]
     pub workers_min: u32,
@@ -132,6 +141,8 @@ impl EndpointSpec {
             env: BTreeMap::new(),
             gpu_types: vec![],
             gpu_count: d_gpu_count(),
+            host_labels: BTreeMap::new(),
+            min_cuda_version: None,
             workers_min: 0,
             workers_max: d_workers_max(),
             idle_timeout_s: d_idle_timeout_s(),
@@ -216,6 +227,16 @@ impl EndpointSpec {
                 return bad("env", format!("{key:?} is not a valid variable name"));
             }
         }
+        for (key, value) in &self.host_labels {
+            if let Err(reason) = check_label(key, value) {
+                return bad("host_labels", reason);
+            }
+        }
+        if let Some(v) = &self.min_cuda_version
+            && parse_cuda_version(v).is_none()
+        {
+            return bad("min_cuda_version", format!("{v:?} is not a CUDA version like \"12.4\""));
+        }
         if let Err(reason) = self.init_timeout_s() {
             return bad(&format!("env.{INIT_TIMEOUT_ENV}"), reason);
         }
@@ -235,6 +256,32 @@ impl EndpointSpec {
         }
         Ok(())
     }
+}
+
+/// A label `key = value` as hosts and endpoints write them: a key of letters, digits, `-`, `_`,
+/// `.` or `/` (up to 63 characters), a value of at most 255 characters without control ones.
+pub fn check_label(key: &str, value: &str) -> Result<(), String> {
+    let key_ok = !key.is_empty()
+        && key.len() <= 63
+        && key.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '/'));
+    if !key_ok {
+        return Err(format!("{key:?} is not a label key (letters, digits, - _ . /, at most 63)"));
+    }
+    if value.len() > 255 || value.chars().any(char::is_control) {
+        return Err(format!("the value of {key} is longer than 255 characters or has control characters"));
+    }
+    Ok(())
+}
+
+/// `"12.4"` → `(12, 4)`; `"12"` → `(12, 0)`.
+pub fn parse_cuda_version(v: &str) -> Option<(u32, u32)> {
+    let mut parts = v.trim().split('.');
+    let major = parts.next()?.parse().ok()?;
+    let minor = match parts.next() {
+        Some(m) => m.parse().ok()?,
+        None => 0,
+    };
+    parts.next().is_none().then_some((major, minor))
 }
 
 /// The endpoints file `shoal dev --endpoints` and `shoal endpoint apply -f` read.
@@ -282,6 +329,34 @@ mod tests {
         assert!(s.validate().expect_err("colon").message.contains("network_volume"));
         s.network_volume = Some("models".into());
         s.validate().expect("limits and a network volume are valid");
+    }
+
+    #[test]
+    fn host_labels_and_the_cuda_version_are_checked() {
+        let mut s = EndpointSpec::with_command("ep", "true");
+        s.host_labels.insert("datacenter".into(), "eu-1".into());
+        s.min_cuda_version = Some("12.4".into());
+        s.validate().expect("valid");
+        for bad in ["12.x", "twelve", "12.4.1", ""] {
+            s.min_cuda_version = Some(bad.into());
+            assert!(s.validate().expect_err(bad).message.contains("min_cuda_version"));
+        }
+        s.min_cuda_version = None;
+        s.host_labels.insert("bad key".into(), "x".into());
+        assert!(s.validate().expect_err("a space").message.contains("host_labels"));
+        assert_eq!(parse_cuda_version("12"), Some((12, 0)));
+        assert_eq!(parse_cuda_version(" 11.8 "), Some((11, 8)));
+        assert!(parse_cuda_version("12.10") > parse_cuda_version("12.9"), "numeric, not textual");
+    }
+
+    #[test]
+    fn a_spec_without_constraints_encodes_as_before() {
+        // peers that know neither field refuse unknown fields: a spec that sets neither must not
+        // carry them
+        let s = EndpointSpec::with_command("ep", "true");
+        let bytes = crate::codec::to_msgpack(&s).expect("encode");
+        let v: serde_json::Value = crate::codec::from_msgpack(&bytes).expect("a map");
+        assert!(v.get("host_labels").is_none() && v.get("min_cuda_version").is_none(), "{v}");
     }
 
     #[test]

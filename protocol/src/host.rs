@@ -49,6 +49,11 @@ pub struct HostRecord {
     /// no new worker is placed on it until it is resumed.
     #[serde(default)]
     pub draining: bool,
+    /// The newest CUDA version its driver supports (`major.minor`, from NVML or
+    /// `host.cuda_version`); none: unknown (a CPU host), never chosen by an endpoint that asks
+    /// for a minimum.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cuda_version: Option<String>,
 }
 
 impl HostRecord {

@@ -156,6 +156,10 @@ fn every_message_sample_still_decodes() {
     spec.gpu_types = vec!["NVIDIA H200".into()];
     spec.version = 3;
     check("endpoint_spec", spec.clone());
+    let mut constrained = spec.clone();
+    constrained.host_labels = BTreeMap::from([("datacenter".to_string(), "eu-1".to_string())]);
+    constrained.min_cuda_version = Some("12.4".into());
+    check("endpoint_spec_with_constraints", constrained);
     check("endpoint_list", EndpointList { endpoints: vec![spec] });
     let worker = WorkerRecord {
         id: "w-1".into(),
@@ -199,6 +203,7 @@ fn every_message_sample_still_decodes() {
             started_at_ms: 1,
             heartbeat_at_ms: 2,
             draining: false,
+            cuda_version: None,
         },
     );
     check(
@@ -215,9 +220,27 @@ fn every_message_sample_still_decodes() {
             started_at_ms: 1,
             heartbeat_at_ms: 2,
             draining: true,
+            cuda_version: None,
         },
     );
     check("drain_host", DrainHost { draining: true });
+    check(
+        "host_record_with_cuda",
+        HostRecord {
+            id: "h-3".into(),
+            runtime: "docker".into(),
+            labels: BTreeMap::from([("datacenter".to_string(), "eu-1".to_string())]),
+            gpus: vec![],
+            bridge_url: "http://127.0.0.1:3".into(),
+            workers: 0,
+            max_workers: 0,
+            warm: vec![],
+            started_at_ms: 1,
+            heartbeat_at_ms: 2,
+            draining: false,
+            cuda_version: Some("12.8".into()),
+        },
+    );
     check(
         "stop_job",
         StopJob { endpoint: "e".into(), job_id: "j".into(), worker_id: "w".into(), reason: "cancelled".into() },
@@ -464,6 +487,7 @@ fn dashboard_samples_still_decode() {
                 started_at_ms: 1,
                 heartbeat_at_ms: 2,
                 draining: false,
+                cuda_version: None,
             }],
         },
     );

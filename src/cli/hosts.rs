@@ -97,8 +97,8 @@ async fn resume(settings: &Settings, host: &str) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// One row per live host: its state, GPUs by type (free of all, and unhealthy ones), workers,
-/// heartbeat.
+/// One row per live host: its state, labels, GPUs by type (free of all, and unhealthy ones) with
+/// the driver's CUDA version, workers, heartbeat.
 fn hosts_table(hosts: &[HostRecord], now_ms: u64) -> String {
     let rows: Vec<Vec<String>> = hosts
         .iter()
@@ -120,6 +120,11 @@ fn hosts_table(hosts: &[HostRecord], now_ms: u64) -> String {
                     }
                 })
                 .collect();
+            let mut gpus = gpus.join("; ");
+            if let Some(cuda) = &h.cuda_version {
+                gpus = if gpus.is_empty() { format!("CUDA {cuda}") } else { format!("{gpus} (CUDA {cuda})") };
+            }
+            let labels: Vec<String> = h.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
             let workers = match h.max_workers {
                 0 => h.workers.to_string(),
                 max => format!("{} of {max}", h.workers),
@@ -128,14 +133,15 @@ fn hosts_table(hosts: &[HostRecord], now_ms: u64) -> String {
                 h.id.clone(),
                 if h.draining { "draining" } else { "active" }.to_string(),
                 h.runtime.clone(),
-                gpus.join("; "),
+                labels.join(","),
+                gpus,
                 workers,
                 ago(now_ms, h.heartbeat_at_ms),
                 h.bridge_url.clone(),
             ]
         })
         .collect();
-    render(&["HOST", "STATE", "RUNTIME", "GPUS", "WORKERS", "HEARTBEAT", "BRIDGE"], &rows)
+    render(&["HOST", "STATE", "RUNTIME", "LABELS", "GPUS", "WORKERS", "HEARTBEAT", "BRIDGE"], &rows)
 }
 
 #[cfg(test)]
@@ -189,6 +195,7 @@ mod tests {
             started_at_ms: 0,
             heartbeat_at_ms: 58_000,
             draining: false,
+            cuda_version: Some("12.4".into()),
         };
         let cpu_host = HostRecord {
             id: "h-cpu".into(),
@@ -197,6 +204,8 @@ mod tests {
             max_workers: 8,
             workers: 3,
             draining: true,
+            cuda_version: None,
+            labels: [("zone".to_string(), "b".to_string())].into(),
             ..gpu_host.clone()
         };
         let t = hosts_table(&[gpu_host, cpu_host], 60_000);
@@ -206,13 +215,13 @@ mod tests {
             "h-gpu",
             "active",
             "docker",
-            "A10: 1 of 1 free; H100: 1 of 3 free, 1 unhealthy",
+            "A10: 1 of 1 free; H100: 1 of 3 free, 1 unhealthy (CUDA 12.4)",
             "2.0s ago",
             "http://10.0.0.2:7000",
         ] {
             assert!(lines[1].contains(cell), "{cell} missing: {t}");
         }
-        for cell in ["h-cpu", "draining", "process", "  -  ", "3 of 8"] {
+        for cell in ["h-cpu", "draining", "process", "zone=b", "  -  ", "3 of 8"] {
             assert!(lines[2].contains(cell), "{cell} missing: {t}");
         }
     }

@@ -313,3 +313,55 @@ async fn a_drained_host_finishes_its_jobs_takes_no_new_worker_and_its_workers_st
     shoal.stop().await;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_go_only_to_hosts_with_the_endpoints_labels_and_cuda_version() -> Result<()> {
+    let shoal = Shoal::start().await?;
+    let labelled = start_host(&shoal.nats, shoal.state_dir.path(), "eu-host", |h| {
+        h.labels.insert("datacenter".into(), "eu-1".into());
+        h.cuda_version = Some("12.4".into());
+    })
+    .await?;
+    // the host tells what it is
+    let hosts = eventually(Duration::from_secs(10), "the labelled host listed", || async {
+        let hosts = shoal.api.hosts().await.ok()?.hosts;
+        hosts.iter().any(|h| h.id == "eu-host").then_some(hosts)
+    })
+    .await?;
+    let eu = hosts.iter().find(|h| h.id == "eu-host").context("eu-host")?;
+    assert_eq!(eu.labels.get("datacenter").map(String::as_str), Some("eu-1"));
+    assert_eq!(eu.cuda_version.as_deref(), Some("12.4"));
+
+    // an endpoint asking for the label runs there, and only there
+    let mut zoned = rust_endpoint("zoned")?;
+    zoned.workers_min = 2;
+    zoned.workers_max = 2;
+    zoned.host_labels.insert("datacenter".into(), "eu-1".into());
+    zoned.min_cuda_version = Some("12.0".into());
+    shoal.api.create_endpoint(&zoned).await?;
+    let placed = eventually(Duration::from_secs(30), "two zoned workers idle", || async {
+        let w = running_workers(&shoal, "zoned").await;
+        (w.len() == 2 && w.iter().all(|w| w.state == WorkerState::Idle)).then_some(w)
+    })
+    .await?;
+    assert!(placed.iter().all(|w| w.host == "eu-host"), "{placed:?}");
+    let done = shoal.api.run(&RunRequest { wait_ms: 30_000, ..RunRequest::new("zoned", json!({"n": 1})) }).await?;
+    assert_eq!(done.status, JobState::Completed, "{done:?}");
+
+    // one asking for a newer CUDA than any host has waits, and says why
+    let mut newer = rust_endpoint("newer-cuda")?;
+    newer.min_cuda_version = Some("12.8".into());
+    shoal.api.create_endpoint(&newer).await?;
+    let queued = shoal.api.run(&RunRequest::new("newer-cuda", json!({"n": 2}))).await?;
+    let jref = JobRef { endpoint: Some("newer-cuda".into()), id: queued.id, wait_ms: 0 };
+    let why = eventually(Duration::from_secs(30), "the waiting reason names the CUDA version", || async {
+        shoal.api.status(&jref).await.ok()?.waiting_reason.filter(|r| r.contains("below CUDA 12.8"))
+    })
+    .await?;
+    assert!(why.contains("throttled") && why.contains("(2 below CUDA 12.8)"), "{why}");
+    let throttled = shoal.api.workers(Some("newer-cuda")).await?.workers;
+    assert!(throttled.iter().all(|w| w.state == WorkerState::Throttled), "{throttled:?}");
+    labelled.stop().await;
+    shoal.stop().await;
+    Ok(())
+}

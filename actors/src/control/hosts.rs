@@ -96,6 +96,7 @@ mod tests {
             started_at_ms: 0,
             heartbeat_at_ms,
             draining: false,
+            cuda_version: None,
         }
     }
 

@@ -5,11 +5,14 @@
 //! GPU types are tried in the endpoint's priority order; within a type, hosts that have this
 //! endpoint version warm come first (the FlashBoot effect), then the hosts running the fewest
 //! workers of this endpoint (spreading), then the most free GPUs. Endpoints without GPU types
-//! go to any host with room. A draining host (`shoal hosts drain`) takes no new worker.
+//! go to any host with room. A draining host (`shoal hosts drain`) takes no new worker, nor does
+//! one without every label of the endpoint's `host_labels` or whose driver's CUDA version is
+//! below the endpoint's `min_cuda_version`; when nothing is left, the reason says which hosts
+//! were left out and why.
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use shoal_protocol::endpoint::EndpointSpec;
+use shoal_protocol::endpoint::{EndpointSpec, parse_cuda_version};
 use shoal_protocol::host::HostRecord;
 
 /// A host as placement sees it; updated in place as workers are placed within one tick.
@@ -28,6 +31,10 @@ pub struct HostView {
     pub warm: BTreeSet<String>,
     /// Drained by an operator: never placed on.
     pub draining: bool,
+    /// What the host is (`[host.labels]`).
+    pub labels: BTreeMap<String, String>,
+    /// The newest CUDA version its driver supports, if known.
+    pub cuda: Option<(u32, u32)>,
 }
 
 impl HostView {
@@ -44,8 +51,54 @@ impl HostView {
             endpoint_workers,
             warm: rec.warm.iter().cloned().collect(),
             draining: rec.draining,
+            labels: rec.labels.clone(),
+            cuda: rec.cuda_version.as_deref().and_then(parse_cuda_version),
         }
     }
+}
+
+/// Why a host cannot take any worker of an endpoint, whatever its room.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Unfit {
+    Draining,
+    Labels,
+    Cuda,
+}
+
+fn unfit(spec: &EndpointSpec, h: &HostView) -> Option<Unfit> {
+    if h.draining {
+        return Some(Unfit::Draining);
+    }
+    if spec.host_labels.iter().any(|(k, v)| h.labels.get(k) != Some(v)) {
+        return Some(Unfit::Labels);
+    }
+    if let Some(min) = spec.min_cuda_version.as_deref().and_then(parse_cuda_version)
+        && h.cuda.is_none_or(|c| c < min)
+    {
+        return Some(Unfit::Cuda);
+    }
+    None
+}
+
+/// `" (1 draining, 2 without datacenter=eu-1)"`: the hosts left out whatever their room.
+fn left_out(spec: &EndpointSpec, hosts: &[HostView]) -> String {
+    let count = |why: Unfit| hosts.iter().filter(|h| unfit(spec, h) == Some(why)).count();
+    let mut parts = Vec::new();
+    let draining = count(Unfit::Draining);
+    if draining > 0 {
+        parts.push(format!("{draining} draining"));
+    }
+    let labels = count(Unfit::Labels);
+    if labels > 0 {
+        let wanted: Vec<String> = spec.host_labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        parts.push(format!("{labels} without {}", wanted.join(", ")));
+    }
+    let cuda = count(Unfit::Cuda);
+    if cuda > 0 {
+        let min = spec.min_cuda_version.as_deref().unwrap_or_default();
+        parts.push(format!("{cuda} below CUDA {min}"));
+    }
+    if parts.is_empty() { String::new() } else { format!(" ({})", parts.join(", ")) }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -60,14 +113,14 @@ pub fn place(spec: &EndpointSpec, hosts: &mut [HostView]) -> Result<Placement, S
     let rank = |h: &HostView, free: usize| {
         (!h.warm.contains(&warm_key), h.endpoint_workers, usize::MAX - free, h.workers, h.id.clone())
     };
-    let draining = hosts.iter().filter(|h| h.draining).count();
-    let and_draining = if draining > 0 { format!(" ({draining} draining)") } else { String::new() };
     if spec.gpu_types.is_empty() {
         let best = hosts
             .iter_mut()
-            .filter(|h| !h.draining && (h.max_workers == 0 || h.workers < h.max_workers))
-            .min_by_key(|h| rank(h, 0))
-            .ok_or_else(|| format!("no live host has room for another worker{and_draining}"))?;
+            .filter(|h| unfit(spec, h).is_none() && (h.max_workers == 0 || h.workers < h.max_workers))
+            .min_by_key(|h| rank(h, 0));
+        let Some(best) = best else {
+            return Err(format!("no live host has room for another worker{}", left_out(spec, hosts)));
+        };
         best.workers += 1;
         best.endpoint_workers += 1;
         return Ok(Placement { host: best.id.clone(), gpu_type: None });
@@ -76,7 +129,7 @@ pub fn place(spec: &EndpointSpec, hosts: &mut [HostView]) -> Result<Placement, S
     for gpu in &spec.gpu_types {
         let best = hosts
             .iter_mut()
-            .filter(|h| !h.draining && h.free_gpus.get(gpu).copied().unwrap_or(0) >= need)
+            .filter(|h| unfit(spec, h).is_none() && h.free_gpus.get(gpu).copied().unwrap_or(0) >= need)
             .min_by_key(|h| rank(h, h.free_gpus.get(gpu).copied().unwrap_or(0)));
         if let Some(h) = best {
             if let Some(free) = h.free_gpus.get_mut(gpu) {
@@ -88,8 +141,9 @@ pub fn place(spec: &EndpointSpec, hosts: &mut [HostView]) -> Result<Placement, S
         }
     }
     Err(format!(
-        "no capacity: no live host has {need} free GPU(s) of type {}{and_draining}",
-        spec.gpu_types.join(" or ")
+        "no capacity: no live host has {need} free GPU(s) of type {}{}",
+        spec.gpu_types.join(" or "),
+        left_out(spec, hosts)
     ))
 }
 
@@ -107,7 +161,33 @@ mod tests {
             endpoint_workers: 0,
             warm: BTreeSet::new(),
             draining: false,
+            labels: BTreeMap::new(),
+            cuda: None,
         }
+    }
+
+    #[test]
+    fn labels_and_cuda_narrow_the_hosts_and_the_refusal_says_which_were_left_out() {
+        let mut spec = gpu_spec(&["H200"]);
+        spec.host_labels.insert("datacenter".into(), "eu-1".into());
+        spec.min_cuda_version = Some("12.4".into());
+        let mut hosts = vec![host("us", &[("H200", 8)]), host("old", &[("H200", 8)]), host("eu", &[("H200", 1)])];
+        hosts[0].labels.insert("datacenter".into(), "us-1".into());
+        hosts[0].cuda = Some((12, 8));
+        hosts[1].labels.insert("datacenter".into(), "eu-1".into());
+        hosts[1].cuda = Some((12, 2));
+        hosts[2].labels.insert("datacenter".into(), "eu-1".into());
+        hosts[2].labels.insert("network".into(), "ib".into()); // more labels than asked: fine
+        hosts[2].cuda = Some((12, 10)); // 12.10 is above 12.4
+        assert_eq!(place(&spec, &mut hosts).map(|p| p.host), Ok("eu".into()));
+        let err = place(&spec, &mut hosts).expect_err("eu is full");
+        assert!(err.contains("no capacity") && err.contains("(1 without datacenter=eu-1, 1 below CUDA 12.4)"), "{err}");
+        // a host that does not tell its CUDA version never serves an endpoint asking for one
+        let mut unknown = vec![host("cpu", &[("H200", 1)])];
+        unknown[0].labels.insert("datacenter".into(), "eu-1".into());
+        assert!(place(&spec, &mut unknown).is_err());
+        spec.min_cuda_version = None;
+        assert_eq!(place(&spec, &mut unknown).map(|p| p.host), Ok("cpu".into()));
     }
 
     #[test]

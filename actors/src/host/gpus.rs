@@ -63,6 +63,22 @@ impl GpuInventory {
         GpuInventory::None
     }
 
+    /// The newest CUDA version the driver supports (`major.minor`), where NVML tells it.
+    pub fn cuda_version(&self) -> Option<String> {
+        let GpuInventory::Nvml(nvml) = self else { return None };
+        match nvml.sys_cuda_driver_version() {
+            Ok(v) => Some(format!(
+                "{}.{}",
+                nvml_wrapper::cuda_driver_version_major(v),
+                nvml_wrapper::cuda_driver_version_minor(v)
+            )),
+            Err(e) => {
+                tracing::warn!(error = %e, "the NVIDIA driver does not tell its CUDA version");
+                None
+            }
+        }
+    }
+
     /// The GPUs now. Assignments to workers carry over from `current` by UUID.
     pub async fn read(&self, current: &[Gpu]) -> Vec<Gpu> {
         match self {

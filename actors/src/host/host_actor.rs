@@ -84,6 +84,8 @@ pub struct HostState {
     shutting_down: bool,
     /// Drained: its workers finish their jobs and stop, and it starts no new worker.
     draining: bool,
+    /// The driver's CUDA version (the config's, else NVML's).
+    cuda_version: Option<String>,
     /// A [`HostMsg::Publish`] is in the mailbox.
     publish_queued: bool,
     myself: ActorRef<HostMsg>,
@@ -160,6 +162,7 @@ impl Actor for HostActor {
         myself.send_interval(Duration::from_millis(args.config.heartbeat_ms), || HostMsg::Heartbeat);
         let inventory = GpuInventory::open(&args.config);
         let gpus = inventory.read(&[]).await;
+        let cuda_version = args.config.cuda_version.clone().or_else(|| inventory.cuda_version());
         let st = HostState {
             nats: args.nats,
             id: args.id,
@@ -174,6 +177,7 @@ impl Actor for HostActor {
             started_at_ms: now_ms(),
             shutting_down: false,
             draining: false,
+            cuda_version,
             publish_queued: false,
             myself: myself.clone(),
             tasks,
@@ -271,7 +275,7 @@ impl HostState {
         let record = HostRecord {
             id: self.id.clone(),
             runtime: self.runtime.name().to_string(),
-            labels: Default::default(),
+            labels: self.config.labels.clone(),
             gpus: self.gpus.clone(),
             bridge_url: self.bridge_url.clone(),
             workers: self.slots.len() as u32,
@@ -280,6 +284,7 @@ impl HostState {
             started_at_ms: self.started_at_ms,
             heartbeat_at_ms: now_ms(),
             draining: self.draining,
+            cuda_version: self.cuda_version.clone(),
         };
         if let Ok(bytes) = to_msgpack(&record)
             && let Err(e) = self.nats.hosts.put(&self.id, Bytes::from(bytes)).await

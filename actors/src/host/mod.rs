@@ -62,6 +62,12 @@ pub struct HostConfig {
     pub max_workers: u32,
     /// Where Prometheus scrapes `/metrics`; none: no listener.
     pub metrics_listen: Option<SocketAddr>,
+    /// `[host.labels]`: what this host is (`datacenter = "eu-1"`, `network = "ib"`); endpoints
+    /// that set `host_labels` run only on hosts carrying all of theirs.
+    pub labels: std::collections::BTreeMap<String, String>,
+    /// The newest CUDA version the driver supports (`"12.4"`), for endpoints that set
+    /// `min_cuda_version`; default: read through NVML (none on a CPU host).
+    pub cuda_version: Option<String>,
 }
 
 impl Default for HostConfig {
@@ -83,6 +89,8 @@ impl Default for HostConfig {
             fake_gpus: None,
             max_workers: 0,
             metrics_listen: None,
+            labels: Default::default(),
+            cuda_version: None,
         }
     }
 }
@@ -106,6 +114,14 @@ impl HostConfig {
                 "host.ping_interval_ms: {} is below 1000; the runpod SDK would ping in a busy loop",
                 self.ping_interval_ms
             ));
+        }
+        for (key, value) in &self.labels {
+            shoal_protocol::endpoint::check_label(key, value).map_err(|e| format!("host.labels: {e}"))?;
+        }
+        if let Some(v) = &self.cuda_version
+            && shoal_protocol::endpoint::parse_cuda_version(v).is_none()
+        {
+            return Err(format!("host.cuda_version: {v:?} is not a CUDA version like \"12.4\""));
         }
         if let Some(spec) = &self.fake_gpus {
             parse_fake_gpus(spec).map_err(|e| format!("host.fake_gpus: {e}"))?;
