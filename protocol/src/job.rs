@@ -191,6 +191,37 @@ pub struct WebhookDelivery {
 }
 
 impl JobRecord {
+    /// A job just submitted: queued now, never taken, with nothing else set (the caller adds
+    /// its webhook, s3Config, references and retention).
+    pub fn queued(id: &str, endpoint: &str, input: Value, policy: Policy, max_attempts: u32, now_ms: u64) -> JobRecord {
+        JobRecord {
+            id: id.to_string(),
+            endpoint: endpoint.to_string(),
+            state: JobState::InQueue,
+            input,
+            s3_config: None,
+            policy,
+            webhook: None,
+            idempotency_key: None,
+            attempts: 0,
+            max_attempts,
+            retries: 0,
+            submitted_at_ms: now_ms,
+            queued_at_ms: now_ms,
+            started_at_ms: None,
+            finished_at_ms: None,
+            worker_id: None,
+            host_id: None,
+            output: None,
+            error: None,
+            stop_pod: false,
+            input_ref: None,
+            output_ref: None,
+            retention_s: None,
+            webhook_delivery: None,
+        }
+    }
+
     /// Its times and deadlines, computed in one place ([`JobView`]; no allocation).
     fn times(&self) -> JobView {
         JobView::of(self, 0)

@@ -96,31 +96,14 @@ pub(super) async fn run(ctx: &Ctx, mut req: RunRequest, waiter: Option<Waiter>) 
     let retention_s = if req.sync { ctx.config.sync_retention_s } else { ctx.config.run_retention_s };
     let now = now_ms();
     let priority = if policy.low_priority { Priority::Low } else { Priority::Normal };
+    let policy = Policy { execution_timeout_ms, ttl_ms, priority };
     let record = JobRecord {
-        id: id.clone(),
-        endpoint: spec.id.clone(),
-        state: JobState::InQueue,
-        input: req.input,
         s3_config: req.s3_config,
-        policy: Policy { execution_timeout_ms, ttl_ms, priority },
         webhook: req.webhook,
         idempotency_key: req.idempotency_key,
-        attempts: 0,
-        max_attempts: spec.max_attempts,
-        retries: 0,
-        submitted_at_ms: now,
-        queued_at_ms: now,
-        started_at_ms: None,
-        finished_at_ms: None,
-        worker_id: None,
-        host_id: None,
-        output: None,
-        error: None,
-        stop_pod: false,
         input_ref: req.input_ref,
-        output_ref: None,
         retention_s: Some(retention_s),
-        webhook_delivery: None,
+        ..JobRecord::queued(&id, &spec.id, req.input, policy, spec.max_attempts, now)
     };
     // The job is queued as its token alone, which carries its record: the record is written
     // by whoever changes the job first (its taker, a cancel, a time-out: a compare-and-set

@@ -150,8 +150,11 @@ pub struct WorkerState_ {
     init_deadline: Option<Instant>,
     /// It did not ask in time and was killed: why, and when (its exit fails the actor).
     init_timed_out: Option<(String, Instant)>,
-    /// It made its first job-take (counted in the start metrics).
-    ready: bool,
+    /// How long after its launch began it made its first job-take, and whether that start was
+    /// counted in the start metrics (a container may ask before its launch is reported, when
+    /// whether it started warm is not known yet).
+    ready_after: Option<Duration>,
+    start_counted: bool,
     /// The worker asked to be replaced (`stopPod`), or was killed to stop a job: take nothing more.
     draining: bool,
     killed_for_stop: bool,
@@ -236,7 +239,8 @@ impl Actor for WorkerActor {
             jobs_done: 0,
             init_deadline: None,
             init_timed_out: None,
-            ready: false,
+            ready_after: None,
+            start_counted: false,
             draining: false,
             killed_for_stop: false,
             reported_jobs: 0,
@@ -445,10 +449,9 @@ impl WorkerState_ {
         reply: RpcReplyPort<Vec<WorkerJob>>,
     ) {
         if self.state == WorkerState::Initializing {
-            if self.handle.is_some() && !self.ready {
-                self.ready = true;
-                let warm = self.start.warm;
-                crate::metrics::worker_ready(&self.args.spec.id, warm, self.launched_at.elapsed().as_secs_f64());
+            if self.ready_after.is_none() {
+                self.ready_after = Some(self.launched_at.elapsed());
+                self.count_start();
             }
             self.settle().await;
         }
@@ -697,6 +700,7 @@ impl WorkerState_ {
             "worker launched"
         );
         self.handle = Some(handle);
+        self.count_start();
         if self.state == WorkerState::Initializing {
             let timeout = self.args.spec.init_timeout_ms();
             self.init_deadline = Some(Instant::now() + Duration::from_millis(timeout));
@@ -717,6 +721,15 @@ impl WorkerState_ {
         }
         self.last_progress = Some(Instant::now());
         self.set_state(WorkerState::Initializing, Some(line)).await;
+    }
+
+    /// Counts the start in the metrics once both are known: when the worker first asked for a
+    /// job, and (from the runtime) whether it started warm.
+    fn count_start(&mut self) {
+        if let (Some(after), Some(_), false) = (self.ready_after, &self.handle, self.start_counted) {
+            self.start_counted = true;
+            crate::metrics::worker_ready(&self.args.spec.id, self.start.warm, after.as_secs_f64());
+        }
     }
 
     /// A worker still Initializing at its init deadline is killed; its exit (or, should none

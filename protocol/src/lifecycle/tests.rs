@@ -5,32 +5,8 @@ use super::*;
 use crate::job::{Policy, Priority};
 
 fn queued(now: u64) -> JobRecord {
-    JobRecord {
-        id: "j1-u1".into(),
-        endpoint: "ep".into(),
-        state: JobState::InQueue,
-        input: json!({"x": 1}),
-        s3_config: None,
-        policy: Policy { execution_timeout_ms: 10_000, ttl_ms: 60_000, priority: Priority::Normal },
-        webhook: None,
-        idempotency_key: None,
-        attempts: 0,
-        max_attempts: 2,
-        retries: 0,
-        submitted_at_ms: now,
-        queued_at_ms: now,
-        started_at_ms: None,
-        finished_at_ms: None,
-        worker_id: None,
-        host_id: None,
-        output: None,
-        error: None,
-        stop_pod: false,
-        input_ref: None,
-        output_ref: None,
-        retention_s: None,
-        webhook_delivery: None,
-    }
+    let policy = Policy { execution_timeout_ms: 10_000, ttl_ms: 60_000, priority: Priority::Normal };
+    JobRecord::queued("j1-u1", "ep", json!({"x": 1}), policy, 2, now)
 }
 
 fn run(rec: &JobRecord, now: u64) -> JobRecord {
