@@ -258,5 +258,52 @@ mod tests {
             let placed = (0..n).filter(|_| place(&spec, &mut hosts).is_ok()).count();
             prop_assert_eq!(placed, n.min(total));
         }
+
+        /// Whatever the hosts and the endpoint ask, a worker lands only on a host that is not
+        /// draining, carries every asked label and reaches the asked CUDA version; and a worker
+        /// is refused only when no such host has room.
+        #[test]
+        fn workers_land_only_on_hosts_that_fit(
+            hosts in proptest::collection::vec((any::<bool>(), 0u8..3, proptest::option::of((11u32..13, 0u32..10)), 0usize..3), 1..6),
+            zone in proptest::option::of(0u8..3),
+            min_cuda in proptest::option::of((11u32..13, 0u32..10)),
+            n in 1usize..8,
+        ) {
+            let mut spec = gpu_spec(&["T"]);
+            if let Some(z) = zone {
+                spec.host_labels.insert("zone".into(), z.to_string());
+            }
+            spec.min_cuda_version = min_cuda.map(|(a, b)| format!("{a}.{b}"));
+            let mut views: Vec<HostView> = hosts
+                .iter()
+                .enumerate()
+                .map(|(i, (draining, z, cuda, free))| {
+                    let mut h = host(&format!("h{i}"), &[("T", *free)]);
+                    h.draining = *draining;
+                    h.labels.insert("zone".into(), z.to_string());
+                    h.cuda = *cuda;
+                    h
+                })
+                .collect();
+            let fits = |h: &HostView| {
+                !h.draining
+                    && zone.is_none_or(|z| h.labels.get("zone") == Some(&z.to_string()))
+                    && min_cuda.is_none_or(|m| h.cuda.is_some_and(|c| c >= m))
+            };
+            let room: usize = views.iter().filter(|h| fits(h)).map(|h| h.free_gpus.get("T").copied().unwrap_or(0)).sum();
+            let before = views.clone();
+            let mut placed = 0;
+            for _ in 0..n {
+                match place(&spec, &mut views) {
+                    Ok(p) => {
+                        let h = before.iter().find(|h| h.id == p.host).expect("a known host");
+                        prop_assert!(fits(h), "placed on {:?}", h);
+                        placed += 1;
+                    }
+                    Err(e) => prop_assert!(e.contains("no capacity"), "{}", e),
+                }
+            }
+            prop_assert_eq!(placed, n.min(room));
+        }
     }
 }
