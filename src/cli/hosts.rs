@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use anyhow::{Result, anyhow};
+use anyhow::{Context, Result, anyhow};
 use shoal_actors::clock::now_ms;
 use shoal_protocol::host::HostRecord;
 
@@ -20,6 +20,9 @@ use crate::settings::{ConfigError, Settings};
 pub struct HostsArgs {
     #[command(subcommand)]
     pub command: Option<HostsCommand>,
+    /// Print the hosts' records as JSON instead of the table.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, clap::Subcommand)]
@@ -43,16 +46,20 @@ pub enum HostsCommand {
 
 pub async fn hosts_command(settings: &Settings, args: &HostsArgs) -> Result<ExitCode> {
     match &args.command {
-        None => hosts(settings).await,
+        None => hosts(settings, args.json).await,
         Some(HostsCommand::Drain { host, wait }) => drain(settings, host, *wait).await,
         Some(HostsCommand::Resume { host }) => resume(settings, host).await,
     }
 }
 
-async fn hosts(settings: &Settings) -> Result<ExitCode> {
+async fn hosts(settings: &Settings, json: bool) -> Result<ExitCode> {
     let mut hosts = api(settings).await?.hosts().await?.hosts;
     hosts.sort_by(|a, b| a.id.cmp(&b.id));
-    line(hosts_table(&hosts, now_ms()).trim_end())?;
+    if json {
+        line(serde_json::to_string_pretty(&hosts).context("encode the hosts")?)?;
+    } else {
+        line(hosts_table(&hosts, now_ms()).trim_end())?;
+    }
     Ok(ExitCode::SUCCESS)
 }
 
@@ -159,7 +166,8 @@ mod tests {
     #[test]
     fn hosts_lists_drains_and_resumes() {
         let cli = Cli::try_parse_from(["hosts"]).expect("parses");
-        assert!(cli.hosts.command.is_none());
+        assert!(cli.hosts.command.is_none() && !cli.hosts.json);
+        assert!(Cli::try_parse_from(["hosts", "--json"]).expect("parses").hosts.json);
         let cli = Cli::try_parse_from(["hosts", "drain", "gpu-1", "--wait"]).expect("parses");
         assert!(matches!(cli.hosts.command, Some(HostsCommand::Drain { ref host, wait: true }) if host == "gpu-1"));
         let cli = Cli::try_parse_from(["hosts", "resume", "gpu-1"]).expect("parses");

@@ -163,6 +163,9 @@ async fn an_operator_runs_and_follows_jobs_from_the_command_line() -> Result<()>
     assert!(drained.contains(&format!("host {} is drained: no workers left", host.id)), "{drained}");
     let hosts = ok(&shoal, &["hosts"]).await?.stdout;
     assert!(hosts.lines().nth(1).is_some_and(|r| r.contains(" draining ")), "{hosts}");
+    let listed = ok(&shoal, &["hosts", "--json"]).await?.json()?;
+    assert_eq!(listed[0]["id"], host.id.as_str(), "{listed}");
+    assert_eq!(listed[0]["draining"], true, "{listed}");
     let resumed = ok(&shoal, &["hosts", "resume", &host.id]).await?.stdout;
     assert!(resumed.contains("is in service"), "{resumed}");
     let hosts = ok(&shoal, &["hosts"]).await?.stdout;
