@@ -263,6 +263,14 @@ pub fn rust_endpoint(id: &str) -> Result<EndpointSpec> {
     Ok(spec)
 }
 
+/// An endpoint whose jobs nothing ever takes (no workers at all): they stay queued.
+pub fn idle_endpoint(id: &str) -> Result<EndpointSpec> {
+    let mut spec = rust_endpoint(id)?;
+    spec.workers_min = 0;
+    spec.workers_max = 0;
+    Ok(spec)
+}
+
 /// Waits until one worker of `endpoint` holds two jobs or more at once (a worker with several
 /// job slots); returns the most seen on one worker.
 pub async fn several_jobs_on_one_worker(api: &ApiClient, endpoint: &str) -> Result<usize> {

@@ -11,7 +11,7 @@ use shoal_actors::control::ControlConfig;
 use shoal_gateway::keys;
 use shoal_protocol::api::JobRef;
 use shoal_protocol::job::{Policy, Priority};
-use shoal_tests::{Http, Shoal, eventually, rust_endpoint};
+use shoal_tests::{Http, Shoal, eventually, idle_endpoint, rust_endpoint};
 
 /// Asserts an error reply: its status and a JSON `{"error": <non-empty string>}` body
 /// containing `needle`.
@@ -21,13 +21,6 @@ fn assert_error(reply: &(u16, Value), status: u16, needle: &str) {
     let message = body["error"].as_str().unwrap_or_else(|| panic!("no error message in {body}"));
     assert!(message.contains(needle), "{needle:?} not in {message:?}");
     assert_eq!(body.as_object().map(|o| o.len()), Some(1), "only `error`: {body}");
-}
-
-fn idle_endpoint(id: &str) -> Result<shoal_protocol::endpoint::EndpointSpec> {
-    let mut spec = rust_endpoint(id)?;
-    spec.workers_min = 0;
-    spec.workers_max = 0; // nothing ever takes its jobs
-    Ok(spec)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

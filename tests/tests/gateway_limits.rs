@@ -9,14 +9,7 @@ use anyhow::{Context, Result, ensure};
 use reqwest::Method;
 use serde_json::{Value, json};
 use shoal_gateway::limits::OpLimitConfig;
-use shoal_tests::{Http, Shoal, eventually, rust_endpoint};
-
-fn idle_endpoint(id: &str) -> Result<shoal_protocol::endpoint::EndpointSpec> {
-    let mut spec = rust_endpoint(id)?;
-    spec.workers_min = 0;
-    spec.workers_max = 0; // nothing ever takes its jobs
-    Ok(spec)
-}
+use shoal_tests::{Http, Shoal, eventually, idle_endpoint};
 
 /// The reply is a 429 whose message contains `needle`; returns its `Retry-After` (s).
 fn assert_limited(reply: &(u16, Value, reqwest::header::HeaderMap), needle: &str) -> Result<u64> {
