@@ -150,11 +150,9 @@ pub struct WorkerState_ {
     init_deadline: Option<Instant>,
     /// It did not ask in time and was killed: why, and when (its exit fails the actor).
     init_timed_out: Option<(String, Instant)>,
-    /// How long after its launch began it made its first job-take, and whether that start was
-    /// counted in the start metrics (a container may ask before its launch is reported, when
-    /// whether it started warm is not known yet).
+    /// How long after its launch began it made its first job-take (a container may ask before
+    /// its launch is reported, when whether it started warm is not known yet).
     ready_after: Option<Duration>,
-    start_counted: bool,
     /// The worker asked to be replaced (`stopPod`), or was killed to stop a job: take nothing more.
     draining: bool,
     killed_for_stop: bool,
@@ -240,7 +238,6 @@ impl Actor for WorkerActor {
             init_deadline: None,
             init_timed_out: None,
             ready_after: None,
-            start_counted: false,
             draining: false,
             killed_for_stop: false,
             reported_jobs: 0,
@@ -724,10 +721,10 @@ impl WorkerState_ {
     }
 
     /// Counts the start in the metrics once both are known: when the worker first asked for a
-    /// job, and (from the runtime) whether it started warm.
-    fn count_start(&mut self) {
-        if let (Some(after), Some(_), false) = (self.ready_after, &self.handle, self.start_counted) {
-            self.start_counted = true;
+    /// job, and (from the runtime) whether it started warm. Each becomes known once (the first
+    /// take, the launch), and this runs right then, so the second of them counts it, once.
+    fn count_start(&self) {
+        if let (Some(after), Some(_)) = (self.ready_after, &self.handle) {
             crate::metrics::worker_ready(&self.args.spec.id, self.start.warm, after.as_secs_f64());
         }
     }
