@@ -231,6 +231,10 @@ pub enum Target {
         /// The fake runtime: from start to the first job-take, ms.
         #[serde(default)]
         fake_start_ms: Option<u64>,
+        /// The host's `start_record_ms`: how long after its take a running job's start is
+        /// written (0: at the take).
+        #[serde(default)]
+        start_record_ms: Option<u64>,
     },
     /// An installation that is already running.
     External {
@@ -245,7 +249,13 @@ pub enum Target {
 impl Target {
     /// An embedded installation with shoal's default settings.
     pub fn embedded(runtime: RuntimeKind) -> Target {
-        Target::Embedded { runtime, control_tick_ms: None, lease_ttl_s: None, fake_start_ms: None }
+        Target::Embedded {
+            runtime,
+            control_tick_ms: None,
+            lease_ttl_s: None,
+            fake_start_ms: None,
+            start_record_ms: None,
+        }
     }
 }
 

@@ -212,6 +212,8 @@ pub struct EmbeddedOptions {
     pub gateway: bool,
     /// The fake runtime's start latency, ms.
     pub fake_start_ms: Option<u64>,
+    /// The host's `start_record_ms` (default: shoal's).
+    pub start_record_ms: Option<u64>,
 }
 
 /// A whole installation in this process.
@@ -245,9 +247,11 @@ impl Embedded {
         // the host on a connection of its own, as a separate `shoal host` process has it (one
         // connection for both would funnel all their traffic through one reader task)
         let host_nats = Nats::connect(&server.url, nats.names.clone(), &topology).await.context("connect the host")?;
-        let host = Box::pin(host::start(host_nats, host_config(state.path(), kind), runtime))
-            .await
-            .context("start the host")?;
+        let mut host_settings = host_config(state.path(), kind);
+        if let Some(ms) = options.start_record_ms {
+            host_settings.start_record_ms = ms;
+        }
+        let host = Box::pin(host::start(host_nats, host_settings, runtime)).await.context("start the host")?;
         let gateway = if options.gateway {
             // its own connection, as a separate `shoal gateway` process would have
             let gw_nats =

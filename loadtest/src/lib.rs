@@ -91,13 +91,15 @@ pub async fn run(test: &LoadTest) -> Result<Report> {
 pub async fn run_until(test: &LoadTest, cancel: &Cancel) -> Result<Report> {
     test.validate().map_err(|e| anyhow!("invalid load test: {e}"))?;
     match &test.target {
-        Target::Embedded { runtime, control_tick_ms, lease_ttl_s, fake_start_ms } => {
+        Target::Embedded { runtime, control_tick_ms, lease_ttl_s, fake_start_ms, start_record_ms } => {
             let names = Names::default();
             let options = EmbeddedOptions {
                 control_tick_ms: *control_tick_ms,
                 lease_ttl_s: *lease_ttl_s,
                 gateway: matches!(test.transport, Transport::Http { url: None, .. }),
                 fake_start_ms: *fake_start_ms,
+                // --phases times every job's started event: each start recorded at its take
+                start_record_ms: start_record_ms.or(test.phases.then_some(0)),
             };
             let embedded = Embedded::start(*runtime, names.clone(), &options).await?;
             let url = embedded.server.url.clone();
@@ -401,7 +403,8 @@ async fn run_on(
             "async mode: queue delay and execution time come from the job events' timestamps (ms)".into()
         } else {
             "async mode: queue delay and execution time come from the terminal job events' status (ms); \
-             --phases also times the queued and started events on the tester's clock"
+             --phases also times the queued and started events on the tester's clock (an embedded host \
+             then records every start at its take, host.start_record_ms = 0)"
                 .into()
         });
     }
@@ -455,6 +458,7 @@ mod tests {
             control_tick_ms: None,
             lease_ttl_s: None,
             fake_start_ms: None,
+            start_record_ms: None,
         };
         assert_eq!(endpoint_spec(&test, "lt-1").expect("spec").command, None);
     }

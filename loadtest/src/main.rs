@@ -177,6 +177,10 @@ struct Common {
     /// Embedded installation, fake runtime: a worker's start latency in ms (default the runtime's).
     #[arg(long, global = true)]
     fake_start_ms: Option<u64>,
+    /// Embedded installation: the host's `start_record_ms` (0: each job's start written at its
+    /// take; default shoal's, or 0 with --phases).
+    #[arg(long, global = true)]
+    start_record_ms: Option<u64>,
     /// First run the same scenario as a raw JetStream work-queue round trip, and print the ratio.
     #[arg(long, global = true)]
     baseline: bool,
@@ -226,6 +230,7 @@ fn build(scenario: Scenario, c: &Common) -> Result<LoadTest> {
             control_tick_ms: c.control_tick_ms,
             lease_ttl_s: c.lease_ttl_s,
             fake_start_ms: c.fake_start_ms,
+            start_record_ms: c.start_record_ms,
         },
     };
     let test = LoadTest {

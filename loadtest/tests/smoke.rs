@@ -25,6 +25,7 @@ fn quick(jobs: u64) -> LoadTest {
         control_tick_ms: Some(100),
         lease_ttl_s: Some(1),
         fake_start_ms: None,
+        start_record_ms: None,
     };
     test.job_timeout_ms = 60_000;
     test

@@ -115,6 +115,36 @@ pub fn release(rec: &JobRecord, worker_id: &str) -> Result<JobRecord, Transition
     Ok(next)
 }
 
+/// What a worker that took a job from its token's snapshot (revision 0, no record yet) and
+/// handed it over before recording the start does when that late write finds a record there
+/// (someone wrote the job since): see [`found_at_start`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StartFound {
+    /// The record already says this very run is IN_PROGRESS on this worker (a progress update,
+    /// or this write's own earlier try whose answer was lost): keep it as the record.
+    Adopt,
+    /// The job ended meanwhile (cancelled, purged, timed out in the queue, or its result was
+    /// recorded first): the worker stops it if it still runs, for this reason.
+    Stop(String),
+    /// Anything else (another worker holds it after a redelivery): leave the record alone; the
+    /// result's compare-and-set settles the job.
+    Leave,
+}
+
+/// The decision of [`StartFound`]: `current` is the record found, `taken` the record this
+/// worker's take made from the token's snapshot (not written yet).
+pub fn found_at_start(current: &JobRecord, taken: &JobRecord) -> StartFound {
+    if current.state.is_terminal() {
+        let why = current.error.clone().unwrap_or_else(|| format!("job is {}", current.state.as_str()));
+        return StartFound::Stop(why);
+    }
+    let same_run = current.state == JobState::InProgress
+        && current.worker_id == taken.worker_id
+        && current.attempts == taken.attempts
+        && current.started_at_ms == taken.started_at_ms;
+    if same_run { StartFound::Adopt } else { StartFound::Leave }
+}
+
 /// What a handler reported on job-done (RunPod's reading of the body).
 #[derive(Debug, Clone, PartialEq)]
 pub enum Outcome {

@@ -15,6 +15,34 @@ use shoal_protocol::job::JobState;
 use shoal_protocol::worker::WorkerState;
 use shoal_tests::{Shoal, eventually, python_endpoint};
 
+/// A job that kills its worker before its start is recorded (`host.start_record_ms`) still
+/// uses an attempt each time: the start is written as the job goes back, so a job that always
+/// kills its worker runs as often as its attempts allow, and not once more uncounted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_that_kills_its_worker_before_its_start_is_recorded_uses_up_its_attempts() -> Result<()> {
+    let shoal = Shoal::start_with(Default::default(), |h| h.start_record_ms = 3_000).await?;
+    let mut spec = shoal_tests::rust_endpoint("poison")?;
+    spec.max_attempts = 2;
+    shoal.api.create_endpoint(&spec).await?;
+    let submitted = shoal.api.run(&RunRequest::new("poison", json!({"exit": 3}))).await?;
+    let jref = JobRef { endpoint: Some("poison".into()), id: submitted.id.clone(), wait_ms: 60_000 };
+    let status = shoal.api.status(&jref).await?;
+    assert_eq!(status.status, JobState::Failed, "{status:?}");
+    assert_eq!(status.attempts, 2, "{status:?}");
+    let error = status.error.unwrap_or_default();
+    assert!(error.contains("job lost"), "{error}");
+    // it ran twice (each run's worker said so in its log before it exited), not a third time
+    // on an attempt that went uncounted
+    let runs = count_in_files(&shoal.state_dir.path().join("logs"), &format!("job {} asks to exit", submitted.id))?;
+    assert_eq!(runs, 2, "the job ran on each of its attempts, and only then");
+    // the endpoint's next job runs on the restarted worker
+    let ok = shoal.api.run(&RunRequest::new("poison", json!({"n": 1}))).await?;
+    let ok = shoal.api.status(&JobRef { endpoint: Some("poison".into()), id: ok.id, wait_ms: 60_000 }).await?;
+    assert_eq!(ok.status, JobState::Completed, "{ok:?}");
+    shoal.stop().await;
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_killed_mid_job_gets_its_job_redelivered_and_recorded_once() -> Result<()> {
     let shoal = Shoal::start().await?;
@@ -180,4 +208,18 @@ async fn a_worker_that_never_asks_for_a_job_is_stopped_at_its_init_timeout_and_r
     ensure!(status.output == Some(json!({"waited": true})), "{status:?}");
     shoal.stop().await;
     Ok(())
+}
+
+/// How often `needle` occurs in the files under `dir`, at any depth.
+fn count_in_files(dir: &std::path::Path, needle: &str) -> Result<usize> {
+    let mut n = 0;
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        n += if path.is_dir() {
+            count_in_files(&path, needle)?
+        } else {
+            String::from_utf8_lossy(&std::fs::read(&path)?).matches(needle).count()
+        };
+    }
+    Ok(n)
 }

@@ -238,21 +238,33 @@ async fn the_events_stream_keeps_a_jobs_end_with_its_timeline_not_each_step() ->
     use shoal_protocol::api::RunRequest;
     use shoal_protocol::events::JobEvent;
     use shoal_protocol::job::JobState;
-    let shoal = Shoal::start().await?;
+    // a job's start is written (and its started event sent) when it still runs 1 s after its take
+    let shoal = Shoal::start_with(Default::default(), |h| h.start_record_ms = 1_000).await?;
     shoal.api.create_endpoint(&rust_endpoint("kept")?).await?;
     let names = shoal.nats.names.clone();
     // a live listener of every event of the endpoint's jobs
     let mut live = shoal.nats.client.subscribe(names.job_events_all()).await?;
-    let mut req = RunRequest::new("kept", json!({"x": 1}));
-    req.wait_ms = 30_000;
-    let done = shoal.api.run(&req).await?;
-    assert_eq!(done.status, JobState::Completed);
     let mut heard = Vec::new();
-    while heard.len() < 3 {
-        let msg = tokio::time::timeout(Duration::from_secs(10), live.next()).await?.context("live events")?;
-        heard.push(shoal_protocol::codec::from_msgpack::<JobEvent>(&msg.payload)?.state);
+    for (input, steps) in [
+        // one that ends sooner is written once, with its result: queued, then its end
+        (json!({"x": 1}), vec![JobState::InQueue, JobState::Completed]),
+        (json!({"sleep_ms": 2_000}), vec![JobState::InQueue, JobState::InProgress, JobState::Completed]),
+    ] {
+        let mut req = RunRequest::new("kept", input);
+        req.wait_ms = 30_000;
+        let done = shoal.api.run(&req).await?;
+        assert_eq!(done.status, JobState::Completed);
+        let mut states = Vec::new();
+        while states.last() != Some(&JobState::Completed) {
+            let msg = tokio::time::timeout(Duration::from_secs(10), live.next()).await?.context("live events")?;
+            let event = shoal_protocol::codec::from_msgpack::<JobEvent>(&msg.payload)?;
+            assert_eq!(event.job_id, done.id);
+            states.push(event.state);
+        }
+        assert_eq!(states, steps, "every step written is published");
+        heard.push(done);
     }
-    assert_eq!(heard, [JobState::InQueue, JobState::InProgress, JobState::Completed], "every step is published");
+    let done = heard.pop().context("the long job")?;
 
     let stream = shoal.nats.js.get_stream(names.events_stream()).await?;
     let subject = |state: JobState| names.job_event_subject("kept", &done.id, state.event_token());

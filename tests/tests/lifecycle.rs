@@ -422,8 +422,17 @@ async fn a_token_outliving_the_record_of_a_job_that_ended_in_the_queue_never_run
 /// attempt.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_taken_for_a_job_take_given_up_goes_back_without_using_an_attempt() -> Result<()> {
+    // both ways a take is undone: written at the take (start_record_ms 0), and handed over
+    // before its start was written (the default)
+    for start_record_ms in [0, shoal_actors::host::HostConfig::default().start_record_ms] {
+        a_take_given_up_is_released(start_record_ms).await?;
+    }
+    Ok(())
+}
+
+async fn a_take_given_up_is_released(start_record_ms: u64) -> Result<()> {
     use futures::StreamExt;
-    let shoal = Shoal::start().await?;
+    let shoal = Shoal::start_with(Default::default(), |h| h.start_record_ms = start_record_ms).await?;
     let dir = tempfile::tempdir()?;
     let gave_up = dir.path().join("gave-up");
     let mut spec = script_worker_endpoint("abandon", "tests/python/abandoning_worker.py")?;
@@ -439,7 +448,7 @@ async fn a_job_taken_for_a_job_take_given_up_goes_back_without_using_an_attempt(
 
     let done = wait_state(&shoal, "abandon", &id, JobState::Completed, Duration::from_secs(30)).await?;
     assert_eq!(done.output, Some(json!({"input": {"n": 7}})));
-    assert_eq!(done.attempts, 1, "the take nobody got is not an attempt");
+    assert_eq!(done.attempts, 1, "the take nobody got is not an attempt ({start_record_ms} ms)");
     let mut seen = Vec::new();
     while let Ok(Some(m)) = tokio::time::timeout(Duration::from_secs(2), events.next()).await {
         let e = job_event(&m)?;
@@ -450,12 +459,51 @@ async fn a_job_taken_for_a_job_take_given_up_goes_back_without_using_an_attempt(
             }
         }
     }
-    let taken_then_released = [(JobState::InProgress, 1), (JobState::InQueue, 0), (JobState::InProgress, 1)];
-    assert!(
-        seen.windows(3).any(|w| w == taken_then_released),
-        "the job was taken for the given-up request, released, then taken again: {seen:?}"
-    );
+    if start_record_ms == 0 {
+        let taken_then_released = [(JobState::InProgress, 1), (JobState::InQueue, 0), (JobState::InProgress, 1)];
+        assert!(
+            seen.windows(3).any(|w| w == taken_then_released),
+            "the job was taken for the given-up request, released, then taken again: {seen:?}"
+        );
+    } else {
+        // the take nobody got was never written: the job went back to the queue as it was
+        assert!(seen.iter().all(|&(state, attempts)| state != JobState::InQueue || attempts == 0), "{seen:?}");
+        assert!(seen.iter().all(|&(_, attempts)| attempts <= 1), "{seen:?}");
+    }
     assert_eq!(seen.last(), Some(&(JobState::Completed, 1)));
+    shoal.stop().await;
+    Ok(())
+}
+
+/// A job whose worker has it before its start is written (`host.start_record_ms`) reads as
+/// queued until then; cancelled in that time, it is CANCELLED at once, and the late write of
+/// its start runs into the cancel and stops the job on its worker, which is then free.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_cancelled_before_its_start_is_recorded_is_stopped_on_its_worker() -> Result<()> {
+    let shoal = Shoal::start_with(Default::default(), |h| h.start_record_ms = 1_500).await?;
+    shoal.api.create_endpoint(&rust_endpoint("late")?).await?;
+    let id = shoal.api.run(&RunRequest::new("late", json!({"sleep_ms": 60_000}))).await?.id;
+    eventually(Duration::from_secs(30), "the worker to run the job", || async {
+        let workers = shoal.api.workers(Some("late")).await.ok()?;
+        workers.workers.iter().any(|w| w.current_jobs.contains(&id)).then_some(())
+    })
+    .await?;
+    let status = shoal.api.status(&job("late", &id)).await?;
+    assert_eq!((status.status, status.attempts), (JobState::InQueue, 0), "its start is not recorded yet");
+    let cancelled = shoal.api.cancel(&job("late", &id)).await?;
+    assert_eq!(cancelled.status, JobState::Cancelled);
+    eventually(Duration::from_secs(15), "the worker to drop the cancelled job", || async {
+        let workers = shoal.api.workers(Some("late")).await.ok()?;
+        let free = !workers.workers.is_empty() && workers.workers.iter().all(|w| !w.current_jobs.contains(&id));
+        free.then_some(())
+    })
+    .await?;
+    let status = shoal.api.status(&job("late", &id)).await?;
+    assert_eq!(status.status, JobState::Cancelled, "the late start did not overwrite the cancel");
+    // the worker runs the next job
+    let next = shoal.api.run(&RunRequest::new("late", json!({"n": 2}))).await?.id;
+    let done = wait_state(&shoal, "late", &next, JobState::Completed, Duration::from_secs(30)).await?;
+    assert_eq!(done.attempts, 1);
     shoal.stop().await;
     Ok(())
 }

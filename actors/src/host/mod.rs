@@ -49,6 +49,13 @@ pub struct HostConfig {
     pub stop_grace_ms: u64,
     /// JetStream ack wait of job deliveries; in-progress acks extend it while a job runs.
     pub ack_wait_ms: u64,
+    /// How long after its take a job that still runs has its start (IN_PROGRESS, the worker,
+    /// the attempt) written to its record; 0: at the take, before the worker gets the job. A
+    /// job that ends sooner is recorded once, with its result: one stored write, its ack and
+    /// the started event fewer per job, and the job reaches its worker one round trip sooner
+    /// (BENCHMARKS.md series 20). Until then the job reads as IN_QUEUE; a cancel or time-out
+    /// in that time stops it when the start is written.
+    pub start_record_ms: u64,
     pub heartbeat_ms: u64,
     /// Where worker logs go.
     pub state_dir: PathBuf,
@@ -82,6 +89,7 @@ impl Default for HostConfig {
             ping_interval_ms: 10_000,
             stop_grace_ms: 20_000,
             ack_wait_ms: 30_000,
+            start_record_ms: 100,
             heartbeat_ms: 5_000,
             state_dir: std::env::temp_dir().join("shoal"),
             workdir: None,
@@ -108,6 +116,13 @@ impl HostConfig {
             if v == 0 {
                 return Err(format!("{key}: must be above 0"));
             }
+        }
+        if self.start_record_ms > 10_000 || self.start_record_ms >= self.ack_wait_ms {
+            return Err(format!(
+                "host.start_record_ms: {} is above 10000 or not below host.ack_wait_ms ({}); a running job \
+                 would read as queued too long",
+                self.start_record_ms, self.ack_wait_ms
+            ));
         }
         if self.ping_interval_ms < 1000 {
             return Err(format!(

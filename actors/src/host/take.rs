@@ -1,6 +1,7 @@
 //! Taking jobs: the long-poll behind job-take. Normal jobs first, low-priority ones only
 //! when no normal job waits; each delivery token's record goes IN_PROGRESS on the taking worker
 //! by compare-and-set ([`lifecycle::take`]), or ends (ttl passed, attempts used) without running.
+//! A fresh token's job goes to the worker before its start is written ([`record_start`]).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -13,12 +14,12 @@ use futures::StreamExt;
 use serde_json::Value;
 use shoal_protocol::codec::from_msgpack;
 use shoal_protocol::job::{JobRecord, JobToken, Priority, RecordSnapshot, ReplyTo, WorkerJob};
-use shoal_protocol::lifecycle::{self, Outcome, Take};
+use shoal_protocol::lifecycle::{self, Outcome, StartFound, Take};
 
 use super::ack::AckGuard;
 use crate::blobs::BlobError;
 use crate::clock::now_ms;
-use crate::jobs::JobStore;
+use crate::jobs::{JobStore, StoreError};
 
 /// How often an idle worker's long-poll looks at the low-priority queue.
 const LOW_PRIORITY_CHECK: Duration = Duration::from_secs(5);
@@ -27,6 +28,14 @@ const LOW_PRIORITY_CHECK: Duration = Duration::from_secs(5);
 /// every job: each look costs two pulls that find nothing while normal jobs keep coming
 /// (four messages at the server, two round trips on the worker's path to its next job).
 const LOW_PRIORITY_RECHECK: Duration = Duration::from_millis(200);
+
+/// Who takes: the worker and its host, and whether a fresh token's job goes to the worker
+/// before its start is recorded (`host.start_record_ms` above 0; see [`record_start`]).
+pub struct Taker<'a> {
+    pub worker: &'a str,
+    pub host: &'a str,
+    pub defer_start: bool,
+}
 
 /// A job taken for a worker: what the worker gets, the record as written and its revision,
 /// and the delivery.
@@ -47,11 +56,11 @@ pub struct TakenJob {
 pub async fn fetch_and_take(
     queues: &Queues,
     store: &JobStore,
-    worker: &str,
-    host: &str,
+    taker: &Taker<'_>,
     max: usize,
     hold: Duration,
 ) -> Vec<TakenJob> {
+    let worker = taker.worker;
     let deadline = Instant::now() + hold;
     let mut taken = Vec::new();
     while taken.is_empty() {
@@ -106,7 +115,7 @@ pub async fn fetch_and_take(
             crate::trace_context::set_parent(&span, message.headers.as_ref());
             takes.push(tracing::Instrument::instrument(
                 async move {
-                    let taken_one = take_one(store, &token, delivered, worker, host, ack).await;
+                    let taken_one = take_one(store, &token, delivered, taker, ack).await;
                     tracing::debug!(taken = taken_one.is_some(), "job token delivered");
                     taken_one
                 },
@@ -122,10 +131,10 @@ async fn take_one(
     store: &JobStore,
     token: &JobToken,
     delivered: i64,
-    worker: &str,
-    host: &str,
+    taker: &Taker<'_>,
     ack: AckGuard,
 ) -> Option<TakenJob> {
+    let (worker, host, defer_start) = (taker.worker, taker.host, taker.defer_start);
     // an input stored as a blob, read once before the take is written
     let mut blob_input: Option<Value> = None;
     // the token's snapshot of the record as queued: a compare-and-set against its revision
@@ -142,9 +151,9 @@ async fn take_one(
         false => None,
     };
     for _ in 0..16 {
-        let found = match snapshot.take() {
-            Some(s) => Ok(Some((s.record, s.revision))),
-            None => store.get_record(&token.endpoint, &token.id).await,
+        let (found, from_token) = match snapshot.take() {
+            Some(s) => (Ok(Some((s.record, s.revision))), true),
+            None => (store.get_record(&token.endpoint, &token.id).await, false),
         };
         let (rec, rev) = match found {
             Ok(Some(found)) => found,
@@ -200,6 +209,16 @@ async fn take_one(
                 }
             }
         }
+        if defer_start && run && from_token && rev == 0 {
+            // a fresh token's job goes to its worker now, its start recorded later (or never,
+            // when its result comes first: the result's write creates the record)
+            let mut ack = ack;
+            ack.defer_start(store, next.clone());
+            let input = blob_input.take().unwrap_or_else(|| next.input.clone());
+            let job = WorkerJob { id: next.id.clone(), input, s3_config: next.s3_config.clone() };
+            let reply = token.reply.clone();
+            return Some(TakenJob { job, record: next, revision: 0, ack, reply, span: tracing::Span::current() });
+        }
         match store.write(&key, &next, rev).await {
             Ok(Some(revision)) => {
                 store.publish_event(&next, revision).await;
@@ -220,6 +239,41 @@ async fn take_one(
         }
     }
     None
+}
+
+/// What [`record_start`] did.
+#[derive(Debug)]
+pub enum StartWrite {
+    /// The record now says IN_PROGRESS on this worker, at this revision (the started event is out).
+    Written(u64),
+    /// The job was written since its token was queued: what to do about it, the record found and
+    /// its revision.
+    Found(StartFound, Box<JobRecord>, u64),
+    /// There was a record, and it is gone again (purged): nothing to do.
+    Gone,
+}
+
+/// Records the start of a job its worker already has (`taken`: the record as the take made it
+/// from the token's snapshot, at revision 0): creates the record, or tells what is there
+/// instead ([`lifecycle::found_at_start`]).
+///
+/// Why the start is written late: a short job's result comes before it is due, and the result's
+/// write then creates the record at once, so such a job costs the server one stored write (and
+/// its ack, and the started event) fewer, and its worker gets it one round trip sooner. Until the
+/// start is written the job reads as IN_QUEUE; a cancel or a time-out in that time ends the
+/// record, which this write then runs into, and the worker is told to stop.
+pub async fn record_start(store: &JobStore, taken: &JobRecord) -> Result<StartWrite, StoreError> {
+    let key = store.key(&taken.endpoint, &taken.id);
+    if let Some(revision) = store.write(&key, taken, 0).await? {
+        store.publish_event(taken, revision).await;
+        return Ok(StartWrite::Written(revision));
+    }
+    Ok(match store.get_record(&taken.endpoint, &taken.id).await? {
+        Some((current, revision)) => {
+            StartWrite::Found(lifecycle::found_at_start(&current, taken), Box::new(current), revision)
+        }
+        None => StartWrite::Gone,
+    })
 }
 
 /// Whether a token queued with its record at `snapshot` may stand for a job that ended since

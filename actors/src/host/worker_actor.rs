@@ -15,13 +15,13 @@ use shoal_protocol::codec::to_msgpack;
 use shoal_protocol::endpoint::{EndpointSpec, INIT_TIMEOUT_ENV};
 use shoal_protocol::events::WorkerEvent;
 use shoal_protocol::job::{JobRecord, Priority, ReplyTo, WorkerJob};
-use shoal_protocol::lifecycle::{self, Outcome};
+use shoal_protocol::lifecycle::{self, Outcome, StartFound};
 use shoal_protocol::worker::{StartPhases, WorkerRecord, WorkerState};
 
 use super::HostConfig;
 use super::ack::AckGuard;
 use super::bridge::{Registered, Registry};
-use super::take::{Queues, QueuesHandle, TakenJob, fetch_and_take};
+use super::take::{Queues, QueuesHandle, StartWrite, TakenJob, Taker, fetch_and_take, record_start};
 use crate::clock::now_ms;
 use crate::jobs::{Applied, JobStore, jobs_consumer};
 use crate::nats::Nats;
@@ -111,12 +111,24 @@ pub enum WorkerMsg {
     Exited(Exit),
     /// Write the worker record if an Idle/Running flip was held back.
     Flush,
+    /// Record the starts of these jobs, handed over before their starts were written, that
+    /// still run (`host.start_record_ms` after their take).
+    RecordStarts {
+        job_ids: Vec<String>,
+    },
+    /// A job's start is in its record now, at this revision.
+    StartRecorded {
+        job_id: String,
+        record: Box<JobRecord>,
+        revision: u64,
+    },
 }
 
 struct Inflight {
     ack: AckGuard,
     record: JobRecord,
-    /// The revision of `record` as this worker's take wrote it.
+    /// The revision of `record` as this worker's take wrote it; 0 while its start is not
+    /// recorded (the record does not exist yet: `take::record_start`).
     revision: u64,
     last_progress: Instant,
     /// The submitter waiting for the result, answered when it is recorded.
@@ -258,7 +270,7 @@ impl Actor for WorkerActor {
     ) -> Result<(), ActorProcessingErr> {
         match msg {
             WorkerMsg::Take { max, hold, reply } => st.on_take(&myself, max, hold, reply).await,
-            WorkerMsg::Taken { jobs } => st.on_taken(jobs).await,
+            WorkerMsg::Taken { jobs } => st.on_taken(&myself, jobs).await,
             WorkerMsg::Unhanded { job_ids } => st.on_unhanded(&myself, job_ids).await,
             WorkerMsg::Done { job_id, body, reply } => st.on_done(&myself, job_id, body, reply).await,
             WorkerMsg::Stream { job_id, chunk, reply } => st.on_stream(job_id, chunk, reply),
@@ -275,6 +287,8 @@ impl Actor for WorkerActor {
             WorkerMsg::Progress(line) => st.on_progress(line).await,
             WorkerMsg::Exited(exit) => return st.on_exited(&myself, exit),
             WorkerMsg::Flush => st.on_flush().await,
+            WorkerMsg::RecordStarts { job_ids } => st.on_record_starts(&myself, job_ids),
+            WorkerMsg::StartRecorded { job_id, record, revision } => st.on_start_recorded(job_id, *record, revision),
         }
         Ok(())
     }
@@ -292,6 +306,11 @@ impl Actor for WorkerActor {
         // their attempts, then redeliver
         let me = st.args.worker_id.clone();
         for (id, inflight) in st.inflight.drain() {
+            if inflight.ack.start_pending() {
+                // its start was never recorded: the queue still holds it as it was
+                inflight.ack.release().await;
+                continue;
+            }
             let attempt = inflight.record.attempts;
             let lost = st
                 .store
@@ -463,9 +482,11 @@ impl WorkerState_ {
         let queues = self.consumers.queues();
         let store = self.store.clone();
         let (worker, host) = (self.args.worker_id.clone(), self.args.host_id.clone());
+        let defer_start = self.args.config.start_record_ms > 0;
         let me = myself.clone();
         tokio::spawn(async move {
-            let jobs = fetch_and_take(&queues, &store, &worker, &host, max, hold).await;
+            let taker = Taker { worker: &worker, host: &host, defer_start };
+            let jobs = fetch_and_take(&queues, &store, &taker, max, hold).await;
             if jobs.is_empty() {
                 let _ = reply.send(vec![]);
                 return;
@@ -486,9 +507,18 @@ impl WorkerState_ {
         });
     }
 
-    async fn on_taken(&mut self, jobs: Vec<TakenJob>) {
+    async fn on_taken(&mut self, myself: &ActorRef<WorkerMsg>, jobs: Vec<TakenJob>) {
         if !jobs.is_empty() && self.start.first_job_ms.is_none() {
             self.start.first_job_ms = Some(self.launched_at.elapsed().as_millis() as u64);
+        }
+        let unrecorded: Vec<String> = jobs.iter().filter(|t| t.ack.start_pending()).map(|t| t.job.id.clone()).collect();
+        if !unrecorded.is_empty() {
+            let me = myself.clone();
+            let after = Duration::from_millis(self.args.config.start_record_ms);
+            tokio::spawn(async move {
+                tokio::time::sleep(after).await;
+                let _ = me.cast(WorkerMsg::RecordStarts { job_ids: unrecorded });
+            });
         }
         for t in jobs {
             let (endpoint_id, worker_id) = (&t.record.endpoint, &self.args.worker_id);
@@ -498,6 +528,51 @@ impl WorkerState_ {
             self.inflight.insert(t.job.id.clone(), inflight);
         }
         self.settle().await;
+    }
+
+    /// Records the starts of jobs that still run and whose starts are not recorded yet, each in
+    /// a task of its own; what each found comes back as a message.
+    fn on_record_starts(&mut self, myself: &ActorRef<WorkerMsg>, job_ids: Vec<String>) {
+        for id in job_ids {
+            let Some(inflight) = self.inflight.get(&id).filter(|i| i.ack.start_pending()) else { continue };
+            let (store, me, record) = (self.store.clone(), myself.clone(), inflight.record.clone());
+            let span = tracing::debug_span!(parent: &inflight.span, "start");
+            tokio::spawn(tracing::Instrument::instrument(
+                async move {
+                    let job_id = record.id.clone();
+                    let msg = match record_start(&store, &record).await {
+                        Ok(StartWrite::Written(revision)) => {
+                            WorkerMsg::StartRecorded { job_id, record: Box::new(record), revision }
+                        }
+                        Ok(StartWrite::Found(StartFound::Adopt, current, revision)) => {
+                            WorkerMsg::StartRecorded { job_id, record: current, revision }
+                        }
+                        Ok(StartWrite::Found(StartFound::Stop(reason), ..)) => WorkerMsg::StopJob { job_id, reason },
+                        Ok(StartWrite::Found(StartFound::Leave, current, _)) => {
+                            tracing::debug!(%job_id, state = current.state.as_str(), worker = ?current.worker_id, "the job's record moved on; its result settles it");
+                            return;
+                        }
+                        Ok(StartWrite::Gone) => return,
+                        Err(e) => {
+                            // tried again in a second; a nak or the result records it otherwise
+                            tracing::warn!(%job_id, error = %e, "cannot record the job's start; trying again");
+                            tokio::time::sleep(Duration::from_secs(1)).await;
+                            WorkerMsg::RecordStarts { job_ids: vec![job_id] }
+                        }
+                    };
+                    let _ = me.cast(msg);
+                },
+                span,
+            ));
+        }
+    }
+
+    fn on_start_recorded(&mut self, job_id: String, record: JobRecord, revision: u64) {
+        if let Some(inflight) = self.inflight.get_mut(&job_id).filter(|i| i.ack.start_pending()) {
+            inflight.ack.start_recorded();
+            inflight.record = record;
+            inflight.revision = revision;
+        }
     }
 
     async fn on_unhanded(&mut self, myself: &ActorRef<WorkerMsg>, job_ids: Vec<String>) {
@@ -525,6 +600,12 @@ impl WorkerState_ {
         let stop_pod =
             matches!(outcome, Outcome::Completed { stop_pod: true, .. } | Outcome::Failed { stop_pod: true, .. });
         let inflight = if progress { None } else { self.inflight.remove(&job_id) };
+        // a progress update of a job whose start is not recorded yet creates the record, as
+        // taken, with the progress
+        let unrecorded = match (progress, self.inflight.get(&job_id)) {
+            (true, Some(i)) if i.ack.start_pending() => Some((i.record.clone(), 0)),
+            _ => None,
+        };
         if shoal_protocol::ids::validate_id("job id", &job_id).is_err() {
             let _ = reply.send(Ok(()));
             return;
@@ -535,7 +616,7 @@ impl WorkerState_ {
         let blob_name = self.args.nats.names.blob_output(&job_id);
         // the record as this worker's take wrote it: the compare-and-set needs no read unless
         // it changed since (cancelled, timed out, a progress update)
-        let known = inflight.as_ref().map(|i| (i.record.clone(), i.revision));
+        let known = inflight.as_ref().map(|i| (i.record.clone(), i.revision)).or(unrecorded);
         let waiting = inflight.as_ref().and_then(|i| i.reply.clone());
         let span =
             inflight.as_ref().map_or_else(tracing::Span::none, |i| tracing::debug_span!(parent: &i.span, "result"));
@@ -789,6 +870,11 @@ fn release_taken(store: &JobStore, worker: &str, jobs: Vec<TakenJob>) {
 fn release_one(store: &JobStore, worker: &str, record: JobRecord, revision: u64, ack: AckGuard) {
     let (store, worker) = (store.clone(), worker.to_string());
     tokio::spawn(async move {
+        if ack.start_pending() {
+            // the take was never recorded: the queue holds the job as it was
+            ack.release().await;
+            return;
+        }
         let (endpoint, id) = (record.endpoint.clone(), record.id.clone());
         let _ =
             store.transition_from(&endpoint, &id, Some((record, revision)), |r| lifecycle::release(r, &worker)).await;

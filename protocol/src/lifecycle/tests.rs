@@ -133,6 +133,26 @@ fn progress_keeps_the_job_running() {
     assert!(finish(&queued(0), Outcome::Progress(json!(1)), 2).is_err());
 }
 
+#[test]
+fn a_start_recorded_late_adopts_its_own_run_stops_for_an_end_and_leaves_anything_else() {
+    let q = queued(0);
+    let taken = run(&q, 1);
+    // the job was cancelled (or timed out, or purged) in the queue while it was starting
+    let cancelled = cancel(&q, "cancelled by request", 2).expect("cancel");
+    assert_eq!(found_at_start(&cancelled, &taken), StartFound::Stop("cancelled by request".into()));
+    // its result was recorded first (the late start lost the race): stop is a no-op then
+    let done = finish(&taken, Outcome::Completed { output: None, stop_pod: false }, 3).expect("finish");
+    assert_eq!(found_at_start(&done, &taken), StartFound::Stop("job is COMPLETED".into()));
+    // a progress update of this very run created the record first
+    let progressed = finish(&taken, Outcome::Progress(json!("half")), 2).expect("progress");
+    assert_eq!(found_at_start(&progressed, &taken), StartFound::Adopt);
+    // another worker's run (a redelivery after this one's ack wait ran out)
+    let Take::Run(other) = take(&q, "w2", "h2", 5) else { panic!("expected a take") };
+    assert_eq!(found_at_start(&other, &taken), StartFound::Leave);
+    // a record still queued (written by someone else without ending it)
+    assert_eq!(found_at_start(&q, &taken), StartFound::Leave);
+}
+
 #[derive(Debug, Clone)]
 enum Ev {
     Take,
