@@ -48,7 +48,11 @@ fn record() -> JobRecord {
 }
 
 fn check<T: Serialize + DeserializeOwned + PartialEq + std::fmt::Debug>(name: &str, value: T) {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/samples").join(format!("{name}.msgpack"));
+    // the package's directory as cargo gives it when the test runs (a binary built in another
+    // checkout sharing the target directory still reads this one's samples)
+    let dir =
+        std::env::var_os("CARGO_MANIFEST_DIR").map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")), PathBuf::from);
+    let path = dir.join("tests/samples").join(format!("{name}.msgpack"));
     // `SHOAL_WRITE_SAMPLES=<name>` writes only that sample (a new message), leaving the others
     if std::env::var("SHOAL_WRITE_SAMPLES").is_ok_and(|v| v == "1" || v == name) {
         std::fs::write(&path, to_msgpack(&value).expect("encode")).expect("write sample");

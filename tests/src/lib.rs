@@ -27,9 +27,13 @@ use shoal_actors::runtime::process::ProcessRuntime;
 use shoal_protocol::endpoint::EndpointSpec;
 use shoal_protocol::names::Names;
 
-/// The repository root (tests run from `tests/`).
+/// The repository root (tests run from `tests/`): from the package directory cargo gives the
+/// running test, so a test binary built in another checkout that shares the target directory
+/// still uses this one.
 pub fn repo_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().map(PathBuf::from).unwrap_or_default()
+    let dir =
+        std::env::var_os("CARGO_MANIFEST_DIR").map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")), PathBuf::from);
+    dir.parent().map(PathBuf::from).unwrap_or_default()
 }
 
 fn find_tool(env: &str, pattern_dir: &str, name: &str) -> Option<PathBuf> {
@@ -195,6 +199,7 @@ pub fn fast_host_config(state_dir: &std::path::Path) -> HostConfig {
             jitter: 0.1,
             stable_ms: 30_000,
             unhealthy_after: 3,
+            give_up_after_ms: 0,
         },
         ..HostConfig::default()
     }

@@ -85,6 +85,47 @@ async fn a_worker_killed_mid_job_gets_its_job_redelivered_and_recorded_once() ->
     Ok(())
 }
 
+/// A worker that keeps failing is restarted under backoff until `host.backoff.give_up_after_ms`
+/// (RunPod's 7 days) have passed without a stable run, then no more: it stays Unhealthy and
+/// says why, and the job waiting for it says so. Once the endpoint no longer wants it (nothing
+/// left to run), its scaler stops it at once, without waiting out the idle timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_failing_for_too_long_is_given_up_then_stopped_once_no_longer_wanted() -> Result<()> {
+    let shoal = Shoal::start_with(Default::default(), |h| h.backoff.give_up_after_ms = 1_500).await?;
+    let mut spec = EndpointSpec::with_command("doomed", "echo 'cannot load the model' >&2; exit 3");
+    spec.workers_min = 0;
+    spec.workers_max = 1;
+    spec.idle_timeout_s = 3_600;
+    shoal.api.create_endpoint(&spec).await?;
+    let queued = shoal.api.run(&RunRequest::new("doomed", json!({"n": 1}))).await?;
+    let jref = JobRef { endpoint: Some("doomed".into()), id: queued.id.clone(), wait_ms: 0 };
+    let given_up = eventually(Duration::from_secs(30), "the host to give the worker up", || async {
+        let workers = shoal.api.workers(Some("doomed")).await.ok()?;
+        workers.workers.into_iter().find(|w| w.reason.as_deref().is_some_and(|r| r.contains("gave up")))
+    })
+    .await?;
+    assert_eq!(given_up.state, WorkerState::Unhealthy);
+    let reason = given_up.reason.clone().unwrap_or_default();
+    assert!(reason.contains("exited with code 3") && reason.contains("cannot load the model"), "{reason}");
+    assert!(given_up.failures >= 2, "{given_up:?}");
+    // no restart after that
+    tokio::time::sleep(Duration::from_millis(2_000)).await;
+    let later = shoal.api.workers(Some("doomed")).await?;
+    let same = later.workers.iter().find(|w| w.id == given_up.id).context("the worker's record")?;
+    assert_eq!((same.state, same.restarts), (WorkerState::Unhealthy, given_up.restarts), "not restarted");
+    let waiting = shoal.api.status(&jref).await?.waiting_reason.unwrap_or_default();
+    assert!(waiting.contains("workers are unhealthy") && waiting.contains("gave up"), "{waiting}");
+    // nothing left to run: the scaler stops the unhealthy worker (the idle timeout is an hour)
+    shoal.api.cancel(&jref).await?;
+    eventually(Duration::from_secs(15), "the unhealthy worker to be stopped", || async {
+        let workers = shoal.api.workers(Some("doomed")).await.ok()?;
+        workers.workers.iter().all(|w| w.state == WorkerState::Stopped).then_some(())
+    })
+    .await?;
+    shoal.stop().await;
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_handler_crashing_at_start_backs_off_turns_unhealthy_and_recovers() -> Result<()> {
     let shoal = Shoal::start().await?;

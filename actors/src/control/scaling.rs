@@ -94,20 +94,27 @@ pub fn decide(spec: &EndpointSpec, demand: &Demand, workers: &[WorkerView], now_
     if current + leaving < with_extra {
         decision.start = with_extra - current - leaving;
     }
-    // scale down: idle past the timeout, beyond the target and never below min
+    // scale down: beyond the target and never below min, workers that serve nothing (unhealthy:
+    // crash-looping under backoff, or given up; throttled: never started) at once, idle ones past
+    // the timeout. An endpoint that no longer wants a broken worker stops retrying it.
     let idle_timeout_ms = u64::from(spec.idle_timeout_s) * 1000;
     let floor = target.max(spec.workers_min);
     let mut removable = current.saturating_sub(floor) as usize;
     let mut idle: Vec<&&WorkerView> = counted
         .iter()
         .filter(|w| {
-            w.state == WorkerState::Throttled
+            matches!(w.state, WorkerState::Unhealthy | WorkerState::Throttled)
                 || (w.state == WorkerState::Idle
                     && w.idle_since_ms.is_some_and(|t| now_ms.saturating_sub(t) >= idle_timeout_ms))
         })
         .collect();
-    // throttled (never started) first, then the longest idle
-    idle.sort_by_key(|w| (w.state != WorkerState::Throttled, w.idle_since_ms.unwrap_or(0)));
+    // unhealthy first, then throttled, then the longest idle
+    let rank = |w: &WorkerView| match w.state {
+        WorkerState::Unhealthy => 0,
+        WorkerState::Throttled => 1,
+        _ => 2,
+    };
+    idle.sort_by_key(|w| (rank(w), w.idle_since_ms.unwrap_or(0)));
     for w in idle {
         if removable == 0 {
             break;
@@ -205,6 +212,28 @@ mod tests {
         assert_eq!(d.stop, vec!["a".to_string(), "b".to_string()].into_iter().take(2).collect::<Vec<_>>());
         let d = decide(&s, &Demand::default(), &workers, 10_000);
         assert_eq!(d.stop.len(), 2, "one stays: min is 1");
+    }
+
+    #[test]
+    fn unhealthy_workers_stop_first_once_the_endpoint_no_longer_wants_them() {
+        let s = spec(ScalerKind::RequestCount, 1.0, 0, 5);
+        let workers = vec![
+            w("idle", WorkerState::Idle, Some(0)),
+            w("broken", WorkerState::Unhealthy, None),
+            w("busy", WorkerState::Running, None),
+        ];
+        // jobs still want all three: the crash-looping one is kept (and retried by its host)
+        let busy = Demand { queued: 2, in_progress: 1, oldest_wait_ms: Some(0), warm_slots: 0 };
+        assert!(decide(&s, &busy, &workers, 0).stop.is_empty());
+        // one job left: the unhealthy worker goes first, at once (not after the idle timeout)
+        let one = Demand { queued: 0, in_progress: 1, oldest_wait_ms: None, warm_slots: 0 };
+        assert_eq!(decide(&s, &one, &workers, 1_000).stop, vec!["broken".to_string()]);
+        assert_eq!(decide(&s, &one, &workers, 5_000).stop, vec!["broken".to_string(), "idle".to_string()]);
+        // never below min
+        let kept = spec(ScalerKind::RequestCount, 1.0, 1, 5);
+        let lone = [w("broken", WorkerState::Unhealthy, None)];
+        assert!(decide(&kept, &Demand::default(), &lone, 0).stop.is_empty());
+        assert_eq!(decide(&s, &Demand::default(), &lone, 0).stop, vec!["broken".to_string()], "scale to zero");
     }
 
     #[test]

@@ -23,7 +23,7 @@ pub fn waiting_reason(spec: &EndpointSpec, fleet: &Fleet, low_priority: bool) ->
     let up = fleet.idle + fleet.running;
     if fleet.unhealthy > 0 && up == 0 {
         return format!(
-            "workers are unhealthy ({} of them, retried with backoff): {}",
+            "workers are unhealthy ({} of them): {}",
             fleet.unhealthy,
             fleet.unhealthy_reason.as_deref().unwrap_or("no reason recorded")
         );

@@ -20,6 +20,10 @@ pub struct BackoffPolicy {
     pub stable_ms: u64,
     /// After this many consecutive failures the worker is reported Unhealthy.
     pub unhealthy_after: u32,
+    /// A worker failing without a stable run for this long is no longer restarted (it stays
+    /// Unhealthy, saying so, until its endpoint stops wanting it or gets a new version); 0:
+    /// never give up. RunPod retries unhealthy workers for up to 7 days.
+    pub give_up_after_ms: u64,
 }
 
 impl Default for BackoffPolicy {
@@ -31,6 +35,7 @@ impl Default for BackoffPolicy {
             jitter: 0.2,
             stable_ms: 60_000,
             unhealthy_after: 3,
+            give_up_after_ms: 7 * 24 * 3_600_000,
         }
     }
 }
@@ -71,6 +76,12 @@ impl BackoffPolicy {
         if d.is_finite() { (d as u64).min(self.cap_ms) } else { self.cap_ms }
     }
 
+    /// Whether to stop restarting a worker that has now failed `failures` times in a row, the
+    /// first of them `failing_for_ms` ago.
+    pub fn gives_up(&self, failures: u32, failing_for_ms: u64) -> bool {
+        self.give_up_after_ms > 0 && failures > 1 && failing_for_ms >= self.give_up_after_ms
+    }
+
     /// Decides the next restart. `previous_failures` is the count before this failure,
     /// `ran_ms` how long the worker ran, and `sample` a uniform random number in [0, 1).
     pub fn on_failure(&self, previous_failures: u32, ran_ms: u64, sample: f64) -> Restart {
@@ -96,6 +107,7 @@ mod tests {
             jitter: 0.0,
             stable_ms: 10_000,
             unhealthy_after: 3,
+            give_up_after_ms: 0,
         };
         let delays: Vec<u64> = (1..=6).map(|n| p.nominal_delay_ms(n)).collect();
         assert_eq!(delays, vec![100, 200, 400, 800, 1000, 1000]);
@@ -114,6 +126,17 @@ mod tests {
     }
 
     #[test]
+    fn restarts_stop_after_seven_days_of_failures_without_a_stable_run() {
+        let p = BackoffPolicy::default();
+        let week = 7 * 24 * 3_600_000;
+        assert!(!p.gives_up(40, week - 1));
+        assert!(p.gives_up(40, week));
+        assert!(!p.gives_up(1, week), "a failure that starts a streak is retried");
+        let never = BackoffPolicy { give_up_after_ms: 0, ..p };
+        assert!(!never.gives_up(1_000, u64::MAX));
+    }
+
+    #[test]
     fn invalid_policies_name_the_field() {
         let p = BackoffPolicy { factor: 0.5, ..Default::default() };
         assert!(p.validate().expect_err("factor").starts_with("factor"));
@@ -127,7 +150,7 @@ mod tests {
             base in 1u64..10_000, factor in 1.0f64..4.0, cap_mult in 1u64..1000,
             jitter in 0.0f64..0.9, prev in 0u32..100, sample in 0.0f64..1.0,
         ) {
-            let p = BackoffPolicy { base_ms: base, factor, cap_ms: base * cap_mult, jitter, stable_ms: u64::MAX, unhealthy_after: 3 };
+            let p = BackoffPolicy { base_ms: base, factor, cap_ms: base * cap_mult, jitter, stable_ms: u64::MAX, unhealthy_after: 3, give_up_after_ms: 0 };
             let r = p.on_failure(prev, 0, sample);
             let nominal = p.nominal_delay_ms(r.failures) as f64;
             prop_assert!(r.delay_ms <= p.cap_ms);

@@ -63,6 +63,9 @@ struct Slot {
     gpus: Vec<String>,
     actor: Option<ActorRef<WorkerMsg>>,
     failures: u32,
+    /// When the current run of failures began (none: the worker has not failed since its last
+    /// stable run).
+    failing_since: Option<Instant>,
     restarts: u32,
     started: Instant,
     wanted: bool,
@@ -380,6 +383,7 @@ impl HostState {
                 failures: 0,
                 restarts: 0,
                 started: Instant::now(),
+                failing_since: None,
                 wanted: true,
             },
         );
@@ -525,6 +529,39 @@ impl HostState {
         let decision =
             policy.on_failure(slot.failures, slot.started.elapsed().as_millis() as u64, rand::random::<f64>());
         slot.failures = decision.failures;
+        if decision.failures == 1 || slot.failing_since.is_none() {
+            slot.failing_since = Some(Instant::now());
+        }
+        let failing_for = slot.failing_since.map_or(0, |t| t.elapsed().as_millis() as u64);
+        if policy.gives_up(decision.failures, failing_for) {
+            // no restart any more: the record says so until the endpoint stops wanting this
+            // worker (its scaler stops unhealthy workers first) or replaces it (a new version)
+            let reason = format!(
+                "gave up restarting it after {} of failures ({} in a row; host.backoff.give_up_after_ms); the last: \
+                 {reason}. A new version of the endpoint replaces it",
+                shoal_protocol::human_ms(failing_for),
+                decision.failures
+            );
+            tracing::warn!(worker_id, endpoint_id = %slot.endpoint, failures = decision.failures, "worker failed for too long; not restarting it");
+            let record = slot_record(worker_id, slot, &host, WorkerState::Unhealthy, reason.clone());
+            let event = WorkerEvent {
+                worker_id: worker_id.to_string(),
+                endpoint: slot.endpoint.clone(),
+                host,
+                state: WorkerState::Unhealthy,
+                reason: Some(reason),
+                restarts: slot.restarts,
+                failures: slot.failures,
+                backoff_ms: None,
+                at_ms: now_ms(),
+                start: None,
+            };
+            put_worker_record(&self.nats, &record).await;
+            self.nats
+                .publish_event(names.worker_event_subject(&record.endpoint, WorkerState::Unhealthy.as_str()), &event)
+                .await;
+            return;
+        }
         let state = if decision.unhealthy || permanent { WorkerState::Unhealthy } else { WorkerState::Initializing };
         let reason = if permanent && !decision.unhealthy {
             format!("{reason} (retrying in {} ms)", decision.delay_ms)
