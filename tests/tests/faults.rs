@@ -180,11 +180,28 @@ async fn a_handler_crashing_at_start_backs_off_turns_unhealthy_and_recovers() ->
     let status =
         shoal.api.status(&JobRef { endpoint: Some("crashy".into()), id: queued.id.clone(), wait_ms: 60_000 }).await?;
     assert_eq!(status.status, JobState::Completed, "{status:?}");
-    eventually(Duration::from_secs(10), "worker healthy", || async {
+    let healthy = eventually(Duration::from_secs(10), "worker healthy", || async {
         let w = shoal.api.workers(Some("crashy")).await.ok()?;
-        w.workers.iter().any(|w| w.state == WorkerState::Idle).then_some(())
+        w.workers.into_iter().find(|w| w.state == WorkerState::Idle)
     })
     .await?;
+    // having taken a job it is healthy again (runpod.md choice 26): its failures are forgotten,
+    // and its next failure starts the backoff from the base, not from where the crash loop was
+    assert_eq!(healthy.failures, 0, "{healthy:?}");
+    let pid = healthy.runtime_ref.as_deref().and_then(|r| r.strip_prefix("pid:")).context("a process worker")?;
+    while let Ok(Some(_)) = tokio::time::timeout(Duration::from_millis(200), events.next()).await {}
+    let killed = std::process::Command::new("kill").args(["-KILL", pid]).status()?;
+    ensure!(killed.success(), "kill failed");
+    let next = loop {
+        let msg = tokio::time::timeout(Duration::from_secs(30), events.next()).await?.context("events")?;
+        let ev: WorkerEvent = from_msgpack(&msg.payload)?;
+        if ev.backoff_ms.is_some() {
+            break ev;
+        }
+    };
+    let delay = next.backoff_ms.unwrap_or_default();
+    assert_eq!(next.failures, 1, "{next:?}");
+    ensure!((267..=333).contains(&delay), "the first delay again (300 ms ±10 %), was {delay} ms");
     shoal.stop().await;
     Ok(())
 }

@@ -48,6 +48,11 @@ pub enum HostMsg {
     EndpointVersion(String, u64),
     /// Start (again) the worker of this slot.
     Restart(String),
+    /// This slot's worker, started after failures, ran a job to its end: it is healthy, and a
+    /// later failure starts the backoff again from its base (RunPod: a worker that takes a job
+    /// during a retry is healthy again). Asking for a job is not enough: a worker that crashes
+    /// on every job it takes stays a crash loop.
+    Healthy(String),
     StopJob(StopJob),
     Heartbeat,
     /// Who holds what changed: publish the host record (once for a run of changes).
@@ -218,6 +223,7 @@ impl Actor for HostActor {
             HostMsg::EndpointDeleted(id) => st.on_endpoint_deleted(&id).await,
             HostMsg::EndpointVersion(id, version) => st.runtime.discard_warm(&id, Some(version)).await,
             HostMsg::Restart(worker_id) => st.on_restart(&myself, worker_id).await,
+            HostMsg::Healthy(worker_id) => st.on_healthy(&worker_id),
             HostMsg::StopJob(stop) => st.on_stop_job(stop),
             HostMsg::Heartbeat => {
                 st.gpus = st.inventory.read(&st.gpus).await;
@@ -472,6 +478,7 @@ impl HostState {
             config: self.config.clone(),
             restarts: slot.restarts,
             failures: slot.failures,
+            host: Some(myself.clone()),
         };
         let spawned = crate::spawn::spawn_linked(WorkerActor, args, myself.get_cell()).await;
         let Some(slot) = self.slots.get_mut(worker_id) else { return };
@@ -484,6 +491,13 @@ impl HostState {
                 let reason = format!("cannot start worker: {e}");
                 self.schedule_restart(myself, worker_id, Some(Failure { reason, permanent: false })).await;
             }
+        }
+    }
+
+    fn on_healthy(&mut self, worker_id: &str) {
+        if let Some(slot) = self.slots.get_mut(worker_id) {
+            slot.failures = 0;
+            slot.failing_since = None;
         }
     }
 

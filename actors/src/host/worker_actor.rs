@@ -54,6 +54,8 @@ pub struct WorkerArgs {
     pub failures: u32,
     /// UUIDs of the GPUs given to this worker.
     pub gpus: Vec<String>,
+    /// The supervising host actor, told when the worker first asks for a job.
+    pub host: Option<ActorRef<super::host_actor::HostMsg>>,
 }
 
 pub enum WorkerMsg {
@@ -617,6 +619,7 @@ impl WorkerState_ {
         // the record as this worker's take wrote it: the compare-and-set needs no read unless
         // it changed since (cancelled, timed out, a progress update)
         let known = inflight.as_ref().map(|i| (i.record.clone(), i.revision)).or(unrecorded);
+        let held = inflight.is_some();
         let waiting = inflight.as_ref().and_then(|i| i.reply.clone());
         let span =
             inflight.as_ref().map_or_else(tracing::Span::none, |i| tracing::debug_span!(parent: &i.span, "result"));
@@ -655,6 +658,13 @@ impl WorkerState_ {
         };
         tokio::spawn(tracing::Instrument::instrument(done, span));
         if !progress {
+            if held && self.args.failures > 0 {
+                // it ran a job to its end: healthy, the failures before this start are forgotten
+                self.args.failures = 0;
+                if let Some(host) = &self.args.host {
+                    let _ = host.cast(super::host_actor::HostMsg::Healthy(self.args.worker_id.clone()));
+                }
+            }
             self.jobs_done += 1;
             if stop_pod {
                 self.draining = true;
