@@ -54,7 +54,8 @@ pub struct WorkerArgs {
     pub failures: u32,
     /// UUIDs of the GPUs given to this worker.
     pub gpus: Vec<String>,
-    /// The supervising host actor, told when the worker first asks for a job.
+    /// The supervising host actor, told when a worker started after failures runs a job to
+    /// its end (it is healthy again).
     pub host: Option<ActorRef<super::host_actor::HostMsg>>,
 }
 
