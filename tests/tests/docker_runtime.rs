@@ -1,7 +1,7 @@
 //! The Docker runtime on a real engine, with the Rust example worker's image (built locally,
 //! no registry): jobs through the bridge from inside a container, scale to zero, warm starts,
-//! a container killed from outside, crash logs in the reason and `workers logs`, and an image
-//! that cannot be pulled. These tests need the Docker engine and fail without it.
+//! a container killed from outside, crash logs in the reason and `workers logs`, an image
+//! that cannot be pulled, and a container that never asks for a job (the init timeout). These tests need the Docker engine and fail without it.
 
 use std::time::Duration;
 
@@ -11,7 +11,7 @@ use serde_json::json;
 use shoal_actors::host::logs;
 use shoal_protocol::api::{JobRef, RunRequest};
 use shoal_protocol::codec::from_msgpack;
-use shoal_protocol::endpoint::{EndpointSpec, ScalerKind};
+use shoal_protocol::endpoint::{EndpointSpec, INIT_TIMEOUT_ENV, ScalerKind};
 use shoal_protocol::events::WorkerEvent;
 use shoal_protocol::host::HostRecord;
 use shoal_protocol::job::JobState;
@@ -266,6 +266,50 @@ async fn an_image_that_cannot_be_pulled_makes_the_worker_unhealthy_with_the_reas
     println!("unhealthy: {reason}");
     let listed = shoal.api.workers(Some("dk-nopull")).await?;
     assert!(listed.workers.iter().any(|w| w.state == WorkerState::Unhealthy), "{listed:?}");
+    shoal.stop().await;
+    Ok(())
+}
+
+/// A container that never asks for a job (it is still "loading its model") is killed at the
+/// endpoint's init timeout and reported Unhealthy with its last output, read from the
+/// container's log; the job waiting for it keeps its attempts and says why it waits. A new
+/// version that loads in time replaces it and runs the job.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_container_that_never_asks_for_a_job_is_stopped_at_its_init_timeout() -> Result<()> {
+    let image = worker_image()?;
+    let (shoal, _host_id, _sweeper) = docker_shoal().await?;
+    let mut spec = docker_endpoint("dk-slow", &image);
+    spec.workers_min = 1;
+    spec.env.insert("SHOAL_EXAMPLE_LOAD_MS".into(), "600000".into());
+    spec.env.insert(INIT_TIMEOUT_ENV.into(), "2".into());
+    let mut events = shoal.nats.client.subscribe(shoal.nats.names.events_of_kind("worker")).await?;
+    shoal.api.create_endpoint(&spec).await?;
+    let queued = shoal.api.run(&RunRequest::new("dk-slow", json!({"waited": true}))).await?;
+    let reason = loop {
+        let msg = tokio::time::timeout(Duration::from_secs(90), events.next()).await?.context("events")?;
+        let ev: WorkerEvent = from_msgpack(&msg.payload)?;
+        if ev.state == WorkerState::Unhealthy {
+            break ev.reason.unwrap_or_default();
+        }
+    };
+    println!("unhealthy: {reason}");
+    for needle in ["initialization timed out", "within 2.0s", "loading the model (600000 ms)"] {
+        ensure!(reason.contains(needle), "{needle:?} not in {reason:?}");
+    }
+    let jref = JobRef { endpoint: Some("dk-slow".into()), id: queued.id.clone(), wait_ms: 0 };
+    let status = shoal.api.status(&jref).await?;
+    assert_eq!((status.status, status.attempts), (JobState::InQueue, 0), "{status:?}");
+    eventually(Duration::from_secs(10), "the waiting reason names the init timeout", || async {
+        let s = shoal.api.status(&jref).await.ok()?;
+        s.waiting_reason.filter(|r| r.contains("initialization timed out"))
+    })
+    .await?;
+    // the image loads in time now: a new version replaces the worker and runs the job
+    spec.env.insert("SHOAL_EXAMPLE_LOAD_MS".into(), "0".into());
+    shoal.api.apply_endpoint(&spec).await?;
+    let done = shoal.api.status(&JobRef { wait_ms: 90_000, ..jref }).await?;
+    assert_eq!(done.status, JobState::Completed, "{done:?}");
+    assert_eq!(done.output, Some(json!({"waited": true})));
     shoal.stop().await;
     Ok(())
 }

@@ -12,6 +12,9 @@
 //! - `{"stream": N}`: post N chunks `{"output": {"i": n}}` to job-stream, then `{"output": []}` to job-done with
 //!   `isStream=true`;
 //! - otherwise: post `{"output": input}`.
+//!
+//! `SHOAL_EXAMPLE_LOAD_MS=N` makes it "load its model" for N ms before it first asks for a job (like a handler
+//! module that loads weights before `runpod.serverless.start`): cold-start and init-timeout trials.
 
 use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
@@ -36,6 +39,8 @@ struct Config {
     api_key: String,
     /// Job slots (`SHOAL_EXAMPLE_CONCURRENCY`, default 1).
     concurrency: usize,
+    /// How long it loads before its first job-take (`SHOAL_EXAMPLE_LOAD_MS`, default 0).
+    load: Duration,
 }
 
 fn required(name: &str) -> Result<String> {
@@ -76,8 +81,16 @@ impl Config {
             },
             _ => 1,
         };
+        let load_ms = match std::env::var("SHOAL_EXAMPLE_LOAD_MS") {
+            Ok(v) if !v.trim().is_empty() => match v.trim().parse::<u64>() {
+                Ok(ms) if ms <= 86_400_000 => ms,
+                _ => bail!("SHOAL_EXAMPLE_LOAD_MS must be milliseconds from 0 to 86400000, got {v:?}"),
+            },
+            _ => 0,
+        };
         Ok(Self {
             concurrency,
+            load: Duration::from_millis(load_ms),
             get_job,
             post_output,
             post_stream,
@@ -252,6 +265,10 @@ async fn ping_loop(http: reqwest::Client, base: String, interval: Duration, curr
 }
 
 async fn main_loop(cfg: Config) -> Result<()> {
+    if !cfg.load.is_zero() {
+        eprintln!("shoal-example-worker: loading the model ({} ms)", cfg.load.as_millis());
+        tokio::time::sleep(cfg.load).await;
+    }
     let mut headers = reqwest::header::HeaderMap::new();
     headers.insert(
         reqwest::header::AUTHORIZATION,
