@@ -535,8 +535,8 @@ impl HostState {
             return;
         }
         let Some(slot) = self.slots.get_mut(worker_id) else { return };
-        slot.restarts += 1;
         let Some(Failure { reason, permanent }) = failure else {
+            slot.restarts += 1;
             let _ = myself.cast(HostMsg::Restart(worker_id.to_string()));
             return;
         };
@@ -576,6 +576,7 @@ impl HostState {
                 .await;
             return;
         }
+        slot.restarts += 1;
         let state = if decision.unhealthy || permanent { WorkerState::Unhealthy } else { WorkerState::Initializing };
         let reason = if permanent && !decision.unhealthy {
             format!("{reason} (retrying in {} ms)", decision.delay_ms)
