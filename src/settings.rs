@@ -304,6 +304,7 @@ mod tests {
             ("SHOAL_CONTROL__SYNC_RETENTION_S", "0", "control.sync_retention_s"),
             ("SHOAL_CONTROL__WEBHOOK__TIMEOUT_MS", "0", "control.webhook.timeout_ms"),
             ("SHOAL_HOST__HEARTBEAT_MS", "60000", "host.heartbeat_ms"),
+            ("SHOAL_HOST__START_RECORD_MS", "60000", "host.start_record_ms"),
             ("SHOAL_HOST__CUDA_VERSION", "twelve", "host.cuda_version"),
             ("SHOAL_HOST__LABELS__BAD KEY", "x", "host.labels"),
             ("SHOAL_CONTROL__REPLICA_ID", "replica.one", "control.replica_id"),
