@@ -547,49 +547,35 @@ impl HostState {
             slot.failing_since = Some(Instant::now());
         }
         let failing_for = slot.failing_since.map_or(0, |t| t.elapsed().as_millis() as u64);
-        if policy.gives_up(decision.failures, failing_for) {
+        // what the record and the event say, and when the restart comes (none: given up)
+        let (state, reason, restart_in) = if policy.gives_up(decision.failures, failing_for) {
             // no restart any more: the record says so until the endpoint stops wanting this
             // worker (its scaler stops unhealthy workers first) or replaces it (a new version)
+            tracing::warn!(worker_id, endpoint_id = %slot.endpoint, failures = decision.failures, "worker failed for too long; not restarting it");
             let reason = format!(
                 "gave up restarting it after {} of failures ({} in a row; host.backoff.give_up_after_ms); the last: \
                  {reason}. A new version of the endpoint replaces it",
                 shoal_protocol::human_ms(failing_for),
                 decision.failures
             );
-            tracing::warn!(worker_id, endpoint_id = %slot.endpoint, failures = decision.failures, "worker failed for too long; not restarting it");
-            let record = slot_record(worker_id, slot, &host, WorkerState::Unhealthy, reason.clone());
-            let event = WorkerEvent {
-                worker_id: worker_id.to_string(),
-                endpoint: slot.endpoint.clone(),
-                host,
-                state: WorkerState::Unhealthy,
-                reason: Some(reason),
-                restarts: slot.restarts,
-                failures: slot.failures,
-                backoff_ms: None,
-                at_ms: now_ms(),
-                start: None,
-            };
-            put_worker_record(&self.nats, &record).await;
-            self.nats
-                .publish_event(names.worker_event_subject(&record.endpoint, WorkerState::Unhealthy.as_str()), &event)
-                .await;
-            return;
-        }
-        slot.restarts += 1;
-        let state = if decision.unhealthy || permanent { WorkerState::Unhealthy } else { WorkerState::Initializing };
-        let reason = if permanent && !decision.unhealthy {
-            format!("{reason} (retrying in {} ms)", decision.delay_ms)
-        } else if decision.unhealthy {
-            format!(
-                "crash loop ({} failures in a row), retrying in {} ms: {reason}",
-                decision.failures, decision.delay_ms
-            )
+            (WorkerState::Unhealthy, reason, None)
         } else {
-            format!("restarting in {} ms after: {reason}", decision.delay_ms)
+            tracing::warn!(worker_id, endpoint_id = %slot.endpoint, failures = decision.failures, delay_ms = decision.delay_ms, "worker failed");
+            slot.restarts += 1;
+            let state =
+                if decision.unhealthy || permanent { WorkerState::Unhealthy } else { WorkerState::Initializing };
+            let reason = if permanent && !decision.unhealthy {
+                format!("{reason} (retrying in {} ms)", decision.delay_ms)
+            } else if decision.unhealthy {
+                format!(
+                    "crash loop ({} failures in a row), retrying in {} ms: {reason}",
+                    decision.failures, decision.delay_ms
+                )
+            } else {
+                format!("restarting in {} ms after: {reason}", decision.delay_ms)
+            };
+            (state, reason, Some(decision.delay_ms))
         };
-        tracing::warn!(worker_id, endpoint_id = %slot.endpoint, failures = decision.failures, delay_ms = decision.delay_ms, "worker failed");
-        let now = now_ms();
         let record = slot_record(worker_id, slot, &host, state, reason.clone());
         let event = WorkerEvent {
             worker_id: worker_id.to_string(),
@@ -599,16 +585,18 @@ impl HostState {
             reason: Some(reason),
             restarts: slot.restarts,
             failures: slot.failures,
-            backoff_ms: Some(decision.delay_ms),
-            at_ms: now,
+            backoff_ms: restart_in,
+            at_ms: now_ms(),
             start: None,
         };
         put_worker_record(&self.nats, &record).await;
         self.nats.publish_event(names.worker_event_subject(&record.endpoint, state.as_str()), &event).await;
-        myself.send_after(Duration::from_millis(decision.delay_ms), {
-            let id = worker_id.to_string();
-            move || HostMsg::Restart(id)
-        });
+        if let Some(delay_ms) = restart_in {
+            myself.send_after(Duration::from_millis(delay_ms), {
+                let id = worker_id.to_string();
+                move || HostMsg::Restart(id)
+            });
+        }
     }
 
     fn on_stop_job(&mut self, stop: StopJob) {
