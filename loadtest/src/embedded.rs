@@ -225,6 +225,9 @@ pub struct Embedded {
     control: Option<ControlHandle>,
     host: Option<HostHandle>,
     gateway: Option<shoal_gateway::GatewayHandle>,
+    /// Every connection of the installation (control plane, host, gateway), closed before the
+    /// server goes.
+    clients: Vec<async_nats::Client>,
     _state: tempfile::TempDir,
 }
 
@@ -247,6 +250,7 @@ impl Embedded {
         // the host on a connection of its own, as a separate `shoal host` process has it (one
         // connection for both would funnel all their traffic through one reader task)
         let host_nats = Nats::connect(&server.url, nats.names.clone(), &topology).await.context("connect the host")?;
+        let mut clients = vec![nats.client.clone(), host_nats.client.clone()];
         let mut host_settings = host_config(state.path(), kind);
         if let Some(ms) = options.start_record_ms {
             host_settings.start_record_ms = ms;
@@ -256,6 +260,7 @@ impl Embedded {
             // its own connection, as a separate `shoal gateway` process would have
             let gw_nats =
                 Nats::connect(&server.url, nats.names.clone(), &topology).await.context("connect the gateway")?;
+            clients.push(gw_nats.client.clone());
             let config = shoal_gateway::GatewayConfig {
                 listen: std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
                 require_api_key: false,
@@ -269,7 +274,16 @@ impl Embedded {
             None
         };
         let gateway_url = gateway.as_ref().map(|g| format!("http://{}", g.local_addr()));
-        Ok(Embedded { server, nats, gateway_url, control: Some(control), host: Some(host), gateway, _state: state })
+        Ok(Embedded {
+            server,
+            nats,
+            gateway_url,
+            control: Some(control),
+            host: Some(host),
+            gateway,
+            clients,
+            _state: state,
+        })
     }
 
     pub async fn stop(mut self) {
@@ -281,6 +295,10 @@ impl Embedded {
         }
         if let Some(c) = self.control.take() {
             c.stop().await;
+        }
+        // every connection closed before the server is killed (on drop), as `shoal dev` stops
+        for client in &self.clients {
+            crate::close(client).await;
         }
     }
 }

@@ -81,6 +81,22 @@ async fn connect(url: &str, name: &str) -> Result<async_nats::Client> {
         .with_context(|| format!("connect to NATS at {url}"))
 }
 
+/// Drains and closes a connection, and waits (up to 2 s) until it is closed: an embedded
+/// installation's server is killed after the run, and a connection it drops reports itself lost
+/// ("disconnected from NATS") and tries to connect again for as long as the tester still runs.
+pub(crate) async fn close(client: &async_nats::Client) {
+    if client.drain().await.is_err() {
+        return; // closed already
+    }
+    // a flush fails once the drained connection has closed (its subscriptions drain first)
+    let closed = async {
+        while client.flush().await.is_ok() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(2), closed).await;
+}
+
 /// Runs the load test: its own installation or the given one, the baseline if asked, then shoal.
 pub async fn run(test: &LoadTest) -> Result<Report> {
     run_until(test, &Cancel::never()).await
@@ -412,6 +428,8 @@ async fn run_on(
         notes.push("some workers were throttled, unhealthy or restarted during the run".into());
     }
     let ratio = baseline.as_ref().and_then(|b| Ratio::of(&shoal, b));
+    close(&client).await;
+    close(&watch_client).await;
     Ok(Report {
         version: REPORT_VERSION,
         tool: format!("shoal-loadtest {}", env!("CARGO_PKG_VERSION")),

@@ -1,7 +1,8 @@
 //! The smoke scenario CI runs so the harness never rots: a tiny burst with the baseline and a
 //! tiny closed loop, each on an embedded installation (a real nats-server found like the test
 //! harness finds it, control and host in-process, the Rust example worker as the handler), through
-//! the library API. Asserts counts and that the JSON and HTML reports are whole; never wall time.
+//! the library API, and once through the binary as users run it. Asserts counts and that the JSON
+//! and HTML reports are whole; never wall time.
 //! The HTML report is also opened in headless Chromium and its layout checked as a reader sees
 //! it: every plot drawn at its size, each series inside its plot's frame, every label and legend
 //! entry inside its picture, the summary's numbers in the page, nothing wider than the window.
@@ -103,6 +104,28 @@ async fn a_tiny_closed_loop_through_the_http_gateway_waits_in_the_request() -> R
     assert_eq!(s.execution.count, 20);
     assert!(report.baseline.is_none() && report.ratio.is_none());
     assert_eq!(report.workers.max_ready, 1);
+    Ok(())
+}
+
+/// The tester as users run it: its embedded installation is stopped with every connection
+/// closed before the server goes, so a finished run prints no lost connection (a connection the
+/// server drops logs "disconnected from NATS" and tries to connect again).
+#[test]
+fn the_tester_stops_its_installation_without_a_lost_connection() -> Result<()> {
+    require_example_worker()?;
+    let out = tempfile::tempdir()?;
+    let run = std::process::Command::new(env!("CARGO_BIN_EXE_shoal-loadtest"))
+        .args(["burst", "-n", "20", "--workers", "1", "--baseline", "--no-progress"])
+        .args(["--control-tick-ms", "100", "--lease-ttl-s", "1", "--name", "smoke"])
+        .arg("--out")
+        .arg(out.path())
+        .output()?;
+    let (stdout, stderr) = (String::from_utf8_lossy(&run.stdout), String::from_utf8_lossy(&run.stderr));
+    ensure!(run.status.success(), "the run failed: {stdout}\n{stderr}");
+    ensure!(stdout.contains("completed 20"), "{stdout}");
+    for printed in [&stdout, &stderr] {
+        ensure!(!printed.contains("disconnected from NATS"), "a connection was lost at the end: {printed}");
+    }
     Ok(())
 }
 
