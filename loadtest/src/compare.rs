@@ -50,6 +50,8 @@ fn rows_of(prefix: &str, old: Option<&RunResult>, new: Option<&RunResult>) -> Ve
     push("NATS msgs in/job", |r| r.server.as_ref().map_or(f64::NAN, |t| t.msgs_in_per_job), Better::Lower);
     push("CPU ms/job (process)", |r| r.cpu.as_ref().map_or(f64::NAN, |c| c.this_process_ms), Better::Lower);
     push("CPU ms/job (nats)", |r| r.cpu.as_ref().and_then(|c| c.nats_server_ms).unwrap_or(f64::NAN), Better::Lower);
+    push("stored B/job", |r| r.server.as_ref().and_then(|t| t.stored_bytes_per_job).unwrap_or(f64::NAN), Better::Lower);
+    push("process MiB (after)", |r| r.process_memory.as_ref().map_or(f64::NAN, |m| m.rss_mib_after), Better::Lower);
     rows
 }
 

@@ -63,6 +63,9 @@ fn latency_table(out: &mut String, r: &RunResult, with_shoal_times: bool) {
             t.msgs_in_per_job, t.msgs_out_per_job, t.bytes_in_per_job, t.bytes_out_per_job
         ));
     }
+    if let Some(line) = crate::report::memory_line(r) {
+        costs.push(format!("memory: {line}"));
+    }
     if !costs.is_empty() {
         let _ = write!(out, "<p>{}</p>", escape(&costs.join("; ")));
     }

@@ -45,7 +45,7 @@ use shoal_protocol::names::Names;
 
 use crate::baseline::BaselineRun;
 use crate::config::{Handler, LoadTest, RuntimeKind, Target, Transport, WaitMode};
-use crate::cpu::{CpuSnapshot, workers_cpu_ms};
+use crate::cpu::{CpuSnapshot, ProcessMemory, resident_mib, workers_cpu_ms};
 use crate::driver::{Cancel, drive};
 use crate::embedded::{Embedded, EmbeddedOptions, example_worker_bin, python_bin, repo_root, shell_quote};
 use crate::progress::{Progress, ProgressPrinter};
@@ -285,6 +285,7 @@ async fn run_on(
         let printer = ProgressPrinter::start(progress.clone(), "baseline".into(), planned, test.progress);
         let before = snapshot(&monitor).await;
         let cpu_before = CpuSnapshot::take(server.pid);
+        let mem_before = resident_mib();
         let result = BaselineRun {
             client: &client,
             worker_client: &worker_client,
@@ -304,6 +305,7 @@ async fn run_on(
         printer.finish().await;
         let mut result = result.context("baseline run")?;
         result.cpu = cpu_before.per_job(&CpuSnapshot::take(server.pid), result.completed, None);
+        result.process_memory = ProcessMemory::since(mem_before);
         result.server = traffic(&monitor, before, result.completed).await;
         Some(result)
     } else {
@@ -375,8 +377,10 @@ async fn run_on(
         };
         let before = snapshot(&monitor).await;
         let cpu_before = CpuSnapshot::take(server.pid);
+        let mem_before = resident_mib();
         let (mut result, start) = drive(&test.scenario, test.max_in_flight, progress, cancel, job_fn).await;
         let cpu_after = CpuSnapshot::take(server.pid);
+        result.process_memory = ProcessMemory::since(mem_before);
         printer.finish().await;
         result.server = traffic(&monitor, before, result.completed).await;
         let workers = api.workers(Some(&endpoint_id)).await.map(|l| l.workers).unwrap_or_default();

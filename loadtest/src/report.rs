@@ -241,6 +241,9 @@ impl Report {
                     t.msgs_in_per_job, t.msgs_out_per_job, t.bytes_in_per_job, t.bytes_out_per_job
                 );
             }
+            if let Some(line) = r.and_then(memory_line) {
+                let _ = writeln!(out, "  memory ({name}): {line}");
+            }
         }
         if let Some(b) = &self.baseline
             && b.errors > 0
@@ -281,6 +284,31 @@ impl Report {
     }
 }
 
+/// What a run left in memory and storage: the NATS server's resident memory before and after
+/// and its stored bytes per job, this process's resident memory before and after (and its peak).
+pub fn memory_line(r: &RunResult) -> Option<String> {
+    let mut parts = Vec::new();
+    if let Some(t) = &r.server {
+        let mut server = Vec::new();
+        if let (Some(b), Some(a)) = (t.rss_mib_before, t.rss_mib_after) {
+            server.push(format!("{b:.0} → {a:.0} MiB"));
+        }
+        if let Some(stored) = t.stored_bytes_per_job {
+            server.push(format!("{stored:+.0} B stored per job"));
+        }
+        if !server.is_empty() {
+            parts.push(format!("nats-server {}", server.join(", ")));
+        }
+    }
+    if let Some(m) = &r.process_memory {
+        parts.push(format!(
+            "this process {:.0} → {:.0} MiB (peak {:.0})",
+            m.rss_mib_before, m.rss_mib_after, m.peak_mib
+        ));
+    }
+    (!parts.is_empty()).then(|| parts.join("; "))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -310,6 +338,31 @@ mod tests {
         assert!((ratio.throughput_pct - 25.0).abs() < 0.5, "{ratio:?}");
         assert!((ratio.e2e_p50_x - 4.0).abs() < 0.2, "{ratio:?}");
         assert!(Ratio::of(&result(1), &RunResult::default()).is_none());
+    }
+
+    #[test]
+    fn the_memory_line_names_what_was_read() {
+        let mut r = result(1);
+        assert_eq!(memory_line(&r), None);
+        r.server = Some(crate::traffic::ServerTraffic {
+            stored_bytes_per_job: Some(1234.4),
+            rss_mib_before: Some(44.2),
+            rss_mib_after: Some(510.0),
+            ..Default::default()
+        });
+        assert_eq!(memory_line(&r).as_deref(), Some("nats-server 44 → 510 MiB, +1234 B stored per job"));
+        r.process_memory =
+            Some(crate::cpu::ProcessMemory { rss_mib_before: 29.0, rss_mib_after: 90.4, peak_mib: 92.0 });
+        let old_report = crate::traffic::ServerTraffic { msgs_in_per_job: 7.0, ..Default::default() };
+        let only_process = RunResult { server: Some(old_report), ..r.clone() };
+        assert_eq!(memory_line(&only_process).as_deref(), Some("this process 29 → 90 MiB (peak 92)"));
+        if let Some(t) = r.server.as_mut() {
+            t.rss_mib_after = None;
+        }
+        assert_eq!(
+            memory_line(&r).as_deref(),
+            Some("nats-server +1234 B stored per job; this process 29 → 90 MiB (peak 92)")
+        );
     }
 
     #[test]

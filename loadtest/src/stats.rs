@@ -111,6 +111,9 @@ pub struct RunResult {
     /// CPU per completed job by process, when it can be read.
     #[serde(default)]
     pub cpu: Option<crate::cpu::CpuPerJob>,
+    /// This process's resident memory before and after the run, when it can be read.
+    #[serde(default)]
+    pub process_memory: Option<crate::cpu::ProcessMemory>,
     /// The run was stopped early (Ctrl-C); jobs in flight then are not counted.
     #[serde(default)]
     pub interrupted: bool,
@@ -247,6 +250,7 @@ impl Recorder {
             e2e_by_percentile: by_percentile(&self.e2e),
             server: None,
             cpu: None,
+            process_memory: None,
             interrupted: false,
         }
     }

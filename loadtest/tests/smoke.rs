@@ -58,6 +58,15 @@ async fn a_tiny_burst_with_baseline_reports_every_job() -> Result<()> {
     // the two warm workers of the fresh endpoint started while the tester watched
     assert_eq!(report.workers.max_ready, 2, "{:?}", report.workers.timeline);
     assert_eq!(report.workers.cold_starts.len(), 2, "{:?}", report.workers.cold_starts);
+    // what the jobs left on the server: each its record and its end event, retained for longer
+    // than the run (the baseline's work queue keeps nothing of an acknowledged job)
+    let traffic = shoal.server.as_ref().context("the server's numbers")?;
+    assert!(traffic.stored_bytes_per_job.is_some_and(|b| b > 100.0), "{traffic:?}");
+    assert!(traffic.rss_mib_before.is_some_and(|b| b > 0.0) && traffic.rss_mib_after.is_some(), "{traffic:?}");
+    let base_traffic = baseline.server.as_ref().context("the baseline's server numbers")?;
+    assert!(base_traffic.stored_bytes_per_job < traffic.stored_bytes_per_job, "{base_traffic:?}");
+    let memory = shoal.process_memory.as_ref().context("this process's memory")?;
+    assert!(memory.rss_mib_after > 0.0 && memory.peak_mib >= memory.rss_mib_after, "{memory:?}");
     assert!(report.workers.cold_starts.iter().all(|c| c.initializing_ms.is_some()));
 
     let dir = tempfile::tempdir()?;
@@ -83,6 +92,7 @@ async fn a_tiny_burst_with_baseline_reports_every_job() -> Result<()> {
     }
     assert!(!html.contains("<script"), "self-contained, no scripts");
     assert!(report.summary().contains("shoal/baseline"));
+    assert!(report.summary().contains("memory (shoal): nats-server "), "{}", report.summary());
     Ok(())
 }
 
