@@ -1,8 +1,7 @@
 //! CPU time per job, by process, from `/proc/<pid>/stat` (Linux; elsewhere nothing is reported):
 //! the NATS server (when the tester started it), this process (the tester, and for the embedded
 //! installation shoal's control plane and host besides) and the worker processes. Ticks are
-//! 1/100 s, so a run needs some seconds of work for the numbers to mean something. Also this
-//! process's resident memory before and after a run, from `/proc/self/status`.
+//! 1/100 s, so a run needs some seconds of work for the numbers to mean something.
 
 use serde::{Deserialize, Serialize};
 
@@ -72,38 +71,6 @@ impl CpuSnapshot {
     }
 }
 
-/// This process's resident memory before and after a run, and its peak so far, MiB.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct ProcessMemory {
-    pub rss_mib_before: f64,
-    pub rss_mib_after: f64,
-    /// The peak over the process's life so far (a baseline run first included).
-    pub peak_mib: f64,
-}
-
-/// This process's resident memory now and its peak so far, MiB (`VmRSS`, `VmHWM`).
-pub fn resident_mib() -> Option<(f64, f64)> {
-    parse_status(&std::fs::read_to_string("/proc/self/status").ok()?)
-}
-
-fn parse_status(status: &str) -> Option<(f64, f64)> {
-    let kib = |key: &str| -> Option<f64> {
-        let line = status.lines().find(|l| l.starts_with(key))?;
-        let value: f64 = line[key.len()..].trim().trim_end_matches("kB").trim().parse().ok()?;
-        Some(round3(value / 1024.0))
-    };
-    Some((kib("VmRSS:")?, kib("VmHWM:")?))
-}
-
-impl ProcessMemory {
-    /// From the reading before a run (`resident_mib`) and one now.
-    pub fn since(before: Option<(f64, f64)>) -> Option<ProcessMemory> {
-        let (rss_mib_before, _) = before?;
-        let (rss_mib_after, peak_mib) = resident_mib()?;
-        Some(ProcessMemory { rss_mib_before, rss_mib_after, peak_mib })
-    }
-}
-
 /// Total CPU of processes named by worker records' `runtime_ref` (`pid:<n>`).
 pub fn workers_cpu_ms<'a>(runtime_refs: impl Iterator<Item = &'a str>) -> Option<f64> {
     let mut total = None;
@@ -125,19 +92,6 @@ mod tests {
         assert_eq!(parse_stat(line), Some(3000.0));
         assert!(parse_stat("garbage").is_none());
         assert!(process_cpu_ms(None).is_some_and(|ms| ms >= 0.0));
-    }
-
-    #[test]
-    fn status_gives_resident_and_peak_memory() {
-        let status = "Name:\tshoal-loadtest\nVmPeak:\t 900000 kB\nVmHWM:\t   92160 kB\nVmRSS:\t   30720 kB\n";
-        assert_eq!(parse_status(status), Some((30.0, 90.0)));
-        assert_eq!(parse_status("Name:\tx\nVmRSS:\t12 kB\n"), None, "no peak");
-        assert_eq!(parse_status("VmRSS:\tmany kB\nVmHWM:\t1 kB\n"), None);
-        let (rss, peak) = resident_mib().expect("Linux");
-        assert!(rss > 0.0 && peak >= rss);
-        let m = ProcessMemory::since(Some((1.0, 1.0))).expect("read");
-        assert!(m.rss_mib_before == 1.0 && m.peak_mib >= m.rss_mib_after);
-        assert!(ProcessMemory::since(None).is_none());
     }
 
     #[test]

@@ -1,5 +1,5 @@
 //! The self-contained HTML report: the summary, latency and throughput over time, the latency
-//! by percentile, the workers over time and the cold starts. Plots are inline SVG ([`crate::svg`]);
+//! by percentile, the workers over time and the cold starts, the memory over time. Plots are inline SVG ([`crate::svg`]);
 //! the page loads nothing.
 
 use std::fmt::Write as _;
@@ -176,6 +176,35 @@ fn worker_chart(r: &Report) -> String {
     })
 }
 
+/// nats-server's and this process's resident memory and JetStream's store over the run, when
+/// read at least twice.
+fn memory_chart(r: &RunResult) -> Option<String> {
+    let tl = &r.memory_timeline;
+    if tl.len() < 2 {
+        return None;
+    }
+    let pick = |f: fn(&crate::memory::MemoryPoint) -> Option<f64>| -> Vec<(f64, f64)> {
+        tl.iter().filter_map(|p| f(p).map(|v| (p.t_s, v))).collect()
+    };
+    let lines = [
+        ("nats-server resident", BLUE, pick(|p| p.nats_server_mib)),
+        ("JetStream stored", GREEN, pick(|p| p.stored_mib)),
+        ("this process resident", ORANGE, pick(|p| p.this_process_mib)),
+    ];
+    let series: Vec<Series> =
+        lines.into_iter().filter(|(_, _, points)| !points.is_empty()).map(|(n, c, p)| series(n, c, p, false)).collect();
+    if series.is_empty() {
+        return None;
+    }
+    Some(line_chart(&Chart {
+        title: "Memory over time".into(),
+        x_label: "seconds since the start".into(),
+        y_label: "MiB".into(),
+        series,
+        x_ticks: None,
+    }))
+}
+
 fn cold_starts(out: &mut String, r: &Report) {
     let w = &r.workers;
     let _ = write!(
@@ -265,6 +294,13 @@ pre{{background:#f6f6f6;padding:8px;overflow:auto;font-size:12px}}</style></head
     out.push_str("<h2>Workers</h2>");
     out.push_str(&worker_chart(r));
     cold_starts(&mut out, r);
+    if let Some(chart) = memory_chart(&r.shoal) {
+        out.push_str("<h2>Memory</h2>");
+        out.push_str(&chart);
+        if let Some(line) = crate::report::memory_line(&r.shoal) {
+            let _ = write!(out, "<p>{}</p>", escape(&line));
+        }
+    }
     if !r.notes.is_empty() || r.events_missed > 0 {
         out.push_str("<h2>Notes</h2><ul>");
         if r.events_missed > 0 {

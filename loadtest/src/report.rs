@@ -352,7 +352,7 @@ mod tests {
         });
         assert_eq!(memory_line(&r).as_deref(), Some("nats-server 44 → 510 MiB, +1234 B stored per job"));
         r.process_memory =
-            Some(crate::cpu::ProcessMemory { rss_mib_before: 29.0, rss_mib_after: 90.4, peak_mib: 92.0 });
+            Some(crate::memory::ProcessMemory { rss_mib_before: 29.0, rss_mib_after: 90.4, peak_mib: 92.0 });
         let old_report = crate::traffic::ServerTraffic { msgs_in_per_job: 7.0, ..Default::default() };
         let only_process = RunResult { server: Some(old_report), ..r.clone() };
         assert_eq!(memory_line(&only_process).as_deref(), Some("this process 29 → 90 MiB (peak 92)"));

@@ -113,7 +113,10 @@ pub struct RunResult {
     pub cpu: Option<crate::cpu::CpuPerJob>,
     /// This process's resident memory before and after the run, when it can be read.
     #[serde(default)]
-    pub process_memory: Option<crate::cpu::ProcessMemory>,
+    pub process_memory: Option<crate::memory::ProcessMemory>,
+    /// Memory read every second while the jobs ran (shoal's run only).
+    #[serde(default)]
+    pub memory_timeline: Vec<crate::memory::MemoryPoint>,
     /// The run was stopped early (Ctrl-C); jobs in flight then are not counted.
     #[serde(default)]
     pub interrupted: bool,
@@ -251,6 +254,7 @@ impl Recorder {
             server: None,
             cpu: None,
             process_memory: None,
+            memory_timeline: Vec::new(),
             interrupted: false,
         }
     }

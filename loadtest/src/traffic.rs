@@ -80,6 +80,7 @@ impl Snapshot {
 }
 
 /// The monitoring endpoint of a nats-server (`http://host:8222`).
+#[derive(Clone)]
 pub struct Monitor {
     http: reqwest::Client,
     url: String,

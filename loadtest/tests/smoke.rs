@@ -67,6 +67,14 @@ async fn a_tiny_burst_with_baseline_reports_every_job() -> Result<()> {
     assert!(base_traffic.stored_bytes_per_job < traffic.stored_bytes_per_job, "{base_traffic:?}");
     let memory = shoal.process_memory.as_ref().context("this process's memory")?;
     assert!(memory.rss_mib_after > 0.0 && memory.peak_mib >= memory.rss_mib_after, "{memory:?}");
+    // read at the start and at the end at least, the server's numbers with this process's
+    let timeline = &shoal.memory_timeline;
+    assert!(timeline.len() >= 2, "{timeline:?}");
+    assert!(timeline.windows(2).all(|w| w[0].t_s <= w[1].t_s), "{timeline:?}");
+    assert!(
+        timeline.iter().all(|p| p.nats_server_mib.is_some() && p.stored_mib.is_some() && p.this_process_mib.is_some()),
+        "{timeline:?}"
+    );
     assert!(report.workers.cold_starts.iter().all(|c| c.initializing_ms.is_some()));
 
     let dir = tempfile::tempdir()?;
@@ -82,7 +90,8 @@ async fn a_tiny_burst_with_baseline_reports_every_job() -> Result<()> {
 
     let html = std::fs::read_to_string(&html_path)?;
     assert!(html.starts_with("<!doctype html>") && html.trim_end().ends_with("</html>"));
-    assert!(html.matches("<svg").count() >= 4, "latency, throughput, percentiles and workers plots");
+    assert!(html.matches("<svg").count() >= 5, "latency, throughput, percentiles, workers and memory plots");
+    assert!(html.contains("Memory over time"));
     assert_eq!(html.matches("<svg").count(), html.matches("</svg>").count());
     assert!(!html.contains("NaN"));
     for points in html.split("points=\"").skip(1).filter_map(|s| s.split('"').next()) {
@@ -192,6 +201,7 @@ async fn the_html_report_lays_out_whole_in_chromium() -> Result<()> {
         "Throughput over time",
         "End-to-end latency by percentile",
         "Workers over time",
+        "Memory over time",
     ] {
         ensure!(titles.iter().any(|t| t.starts_with(wanted)), "no plot titled {wanted:?} among {titles:?}");
     }
@@ -216,6 +226,10 @@ async fn the_html_report_lays_out_whole_in_chromium() -> Result<()> {
         .find(|p| p["title"].as_str().is_some_and(|t| t.starts_with("Throughput")))
         .context("a throughput plot")?;
     ensure!(over_time["series"].as_u64() == Some(2), "shoal and the baseline in {over_time}");
+    // the memory plot: nats-server's and this process's resident memory and JetStream's store
+    let memory =
+        plots.iter().find(|p| p["title"].as_str().is_some_and(|t| t.starts_with("Memory"))).context("a memory plot")?;
+    ensure!(memory["series"].as_u64() == Some(3), "three lines in {memory}");
 
     let text = page["text"].as_str().unwrap_or_default();
     ensure!(text.contains("shoal / baseline:") && text.contains("% of the throughput"), "no ratio in the page");
