@@ -12,12 +12,10 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use crate::stats::round3;
-use crate::traffic::Monitor;
+use crate::traffic::{MIB, Monitor};
 
 /// How often the sampler reads.
 pub const SAMPLE_EVERY: Duration = Duration::from_secs(1);
-
-const MIB: f64 = 1024.0 * 1024.0;
 
 /// This process's resident memory before and after a run, and its peak so far, MiB.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

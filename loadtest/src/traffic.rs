@@ -44,7 +44,8 @@ pub struct Snapshot {
     pub stored_bytes: u64,
 }
 
-const MIB: f64 = 1024.0 * 1024.0;
+/// Bytes in a MiB.
+pub const MIB: f64 = 1024.0 * 1024.0;
 
 impl Snapshot {
     /// Reads `/varz` and `/jsz` JSON bodies.
