@@ -1,6 +1,6 @@
 //! The self-contained HTML report: the summary, latency and throughput over time, the latency
-//! by percentile, the workers over time and the cold starts, the memory over time. Plots are inline SVG ([`crate::svg`]);
-//! the page loads nothing.
+//! by percentile, the workers over time and the cold starts, the memory over time. Plots are
+//! inline SVG ([`crate::svg`]); the page loads nothing.
 
 use std::fmt::Write as _;
 
@@ -297,9 +297,6 @@ pre{{background:#f6f6f6;padding:8px;overflow:auto;font-size:12px}}</style></head
     if let Some(chart) = memory_chart(&r.shoal) {
         out.push_str("<h2>Memory</h2>");
         out.push_str(&chart);
-        if let Some(line) = crate::report::memory_line(&r.shoal) {
-            let _ = write!(out, "<p>{}</p>", escape(&line));
-        }
     }
     if !r.notes.is_empty() || r.events_missed > 0 {
         out.push_str("<h2>Notes</h2><ul>");
