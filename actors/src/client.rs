@@ -67,6 +67,12 @@ impl ApiClient {
     pub async fn run(&self, req: &RunRequest) -> Result<JobStatus, ApiError> {
         self.request(op::JOB_RUN, req, Duration::from_millis(req.wait_ms)).await
     }
+    /// Queues several jobs in one request (at most [`MAX_BATCH_JOBS`]); one result per job,
+    /// in order.
+    pub async fn run_batch(&self, jobs: Vec<RunRequest>) -> Result<Vec<Result<JobStatus, ApiError>>, ApiError> {
+        let reply: RunBatchReply = self.request(op::JOB_RUN_BATCH, &RunBatchRequest { jobs }, Duration::ZERO).await?;
+        Ok(reply.jobs.into_iter().map(RunBatchItem::into_result).collect())
+    }
     pub async fn status(&self, job: &JobRef) -> Result<JobStatus, ApiError> {
         self.request(op::JOB_STATUS, job, Duration::from_millis(job.wait_ms)).await
     }

@@ -33,6 +33,10 @@ pub struct LoadTest {
     /// only the terminal events, which carry the queue delay and execution time).
     #[serde(default)]
     pub phases: bool,
+    /// NATS, async: queue up to this many jobs per request (`job.run_batch`), as a client that
+    /// gathers the jobs waiting to be sent does; 0 or 1: one `job.run` per job.
+    #[serde(default)]
+    pub submit_batch: usize,
 }
 
 impl LoadTest {
@@ -52,6 +56,7 @@ impl LoadTest {
             max_in_flight: 10_000,
             progress: false,
             phases: false,
+            submit_batch: 0,
         }
     }
 
@@ -89,6 +94,23 @@ impl LoadTest {
         if self.max_in_flight == 0 {
             return Err("max_in_flight: must be at least 1".into());
         }
+        if self.submit_batch > 1 {
+            if self.submit_batch > shoal_protocol::api::MAX_BATCH_JOBS {
+                return Err(format!(
+                    "submit_batch {}: a batch holds at most {} jobs",
+                    self.submit_batch,
+                    shoal_protocol::api::MAX_BATCH_JOBS
+                ));
+            }
+            if self.transport != Transport::Nats {
+                return Err("--submit-batch queues through the NATS API (job.run_batch); drop --http".into());
+            }
+            if self.effective_wait() != WaitMode::Async {
+                return Err(
+                    "--submit-batch queues without waiting: use --wait async (a closed loop waits by default)".into()
+                );
+            }
+        }
         if let Target::Embedded { runtime: RuntimeKind::Docker, .. } = self.target
             && self.endpoint.image.is_none()
         {
@@ -121,6 +143,20 @@ impl Transport {
         match self {
             Transport::Nats => "nats",
             Transport::Http { .. } => "http",
+        }
+    }
+}
+
+impl LoadTest {
+    /// How jobs are submitted, in words: the transport and, over NATS, the batches.
+    pub fn submit_describe(&self) -> String {
+        match &self.transport {
+            Transport::Nats if self.submit_batch > 1 => {
+                format!("NATS API, batches of up to {} jobs (job.run_batch)", self.submit_batch)
+            }
+            Transport::Nats => "NATS API".to_string(),
+            Transport::Http { url: Some(url), .. } => format!("HTTP gateway {url}"),
+            Transport::Http { url: None, .. } => "HTTP gateway (embedded)".to_string(),
         }
     }
 }

@@ -259,7 +259,7 @@ pre{{background:#f6f6f6;padding:8px;overflow:auto;font-size:12px}}</style></head
         "<p>Handler {}, payload {} B, {} ({}), endpoint <code>{}</code>, workers {}..{}.<br>Machine: {}.<br>Started at unix ms {}.</p>",
         escape(&r.test.handler.describe()),
         r.test.payload_bytes,
-        escape(r.test.transport.name()),
+        escape(&r.test.submit_describe()),
         escape(&r.mode),
         escape(&r.endpoint_id),
         r.test.endpoint.workers_min,

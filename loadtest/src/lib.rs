@@ -367,6 +367,7 @@ async fn run_on(
             input.clone(),
             test.job_timeout(),
             tracker_task.as_ref().map(|_| tracker.clone()),
+            test.submit_batch,
         )?);
         let progress = Arc::new(Progress::with_workers(watch.ready()));
         let printer = ProgressPrinter::start(progress.clone(), "shoal".into(), planned, test.progress);
@@ -390,6 +391,12 @@ async fn run_on(
         let workers = api.workers(Some(&endpoint_id)).await.map(|l| l.workers).unwrap_or_default();
         let workers_ms = workers_cpu_ms(workers.iter().filter_map(|w| w.runtime_ref.as_deref()));
         result.cpu = cpu_before.per_job(&cpu_after, result.completed, workers_ms);
+        if let Some(requests) = jobs.batch_requests() {
+            notes.push(format!(
+                "submitted in {requests} job.run_batch requests, {:.1} jobs each on average",
+                result.submitted as f64 / requests.max(1) as f64
+            ));
+        }
         anyhow::Ok((result, start, jobs.events_missed.load(Ordering::Relaxed), owned))
     }
     .await;

@@ -206,6 +206,10 @@ struct Common {
     /// the tester's clock (costs the server two more messages per job).
     #[arg(long, global = true)]
     phases: bool,
+    /// NATS, async: queue up to this many jobs per request (job.run_batch), gathering the jobs
+    /// waiting to be sent (at most 1000; default one job.run per job).
+    #[arg(long, global = true, default_value_t = 0)]
+    submit_batch: usize,
 }
 
 fn build(scenario: Scenario, c: &Common) -> Result<LoadTest> {
@@ -265,6 +269,7 @@ fn build(scenario: Scenario, c: &Common) -> Result<LoadTest> {
         max_in_flight: c.max_in_flight,
         progress: !c.no_progress,
         phases: c.phases,
+        submit_batch: c.submit_batch,
     };
     test.validate().map_err(|e| anyhow!(e))?;
     Ok(test)

@@ -5,7 +5,7 @@ use std::fmt::Write as _;
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::{LoadTest, Target, Transport};
+use crate::config::{LoadTest, Target};
 use crate::scenario::Scenario;
 use crate::stats::{Percentiles, RunResult};
 use crate::workers::WorkersReport;
@@ -158,11 +158,7 @@ impl Report {
             Target::Embedded { runtime, .. } => format!("embedded installation, {} runtime", runtime.name()),
             Target::External { nats_url, prefix, .. } => format!("installation at {nats_url} (prefix {prefix})"),
         };
-        let transport = match &t.transport {
-            Transport::Nats => "NATS API".to_string(),
-            Transport::Http { url: Some(url), .. } => format!("HTTP gateway {url}"),
-            Transport::Http { url: None, .. } => "HTTP gateway (embedded)".to_string(),
-        };
+        let transport = t.submit_describe();
         let slots = t.endpoint.concurrency;
         let env = if slots > 1 { format!(", {slots} job slots each") } else { String::new() };
         let _ = writeln!(out, "shoal-loadtest: {}", t.scenario.describe());

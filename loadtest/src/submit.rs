@@ -21,13 +21,13 @@ use bytes::Bytes;
 use futures::StreamExt;
 use serde_json::{Value, json};
 use shoal_actors::client::ApiClient;
-use shoal_protocol::api::{ERROR_CODE_HEADER, JobRef, JobStatus, RunRequest};
+use shoal_protocol::api::{ERROR_CODE_HEADER, JobRef, JobStatus, RunBatchReply, RunRequest};
 use shoal_protocol::codec::{CONTENT_TYPE, Encoding, decode, encode, from_msgpack};
 use shoal_protocol::events::JobEvent;
 use shoal_protocol::job::JobState;
 use shoal_protocol::names::{Names, op};
 use shoal_protocol::{ApiError, ErrorCode};
-use tokio::sync::oneshot;
+use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio::time::Instant;
 
 use crate::config::{Handler, Transport, WaitMode};
@@ -191,6 +191,7 @@ impl JobTracker {
 
 enum Path {
     Nats { client: async_nats::Client, subject: String, headers: HeaderMap, body: Bytes },
+    NatsBatch(Batcher),
     Http { http: reqwest::Client, url: String, api_key: Option<String>, body: Bytes },
 }
 
@@ -206,7 +207,8 @@ pub struct ShoalJobs {
 }
 
 impl ShoalJobs {
-    /// `tracker` is required for async mode.
+    /// `tracker` is required for async mode; `batch` above 1 queues the jobs in batches (async,
+    /// NATS only).
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         transport: &Transport,
@@ -217,6 +219,7 @@ impl ShoalJobs {
         input: Value,
         timeout: Duration,
         tracker: Option<Arc<JobTracker>>,
+        batch: usize,
     ) -> anyhow::Result<ShoalJobs> {
         let sync = wait == WaitMode::Sync;
         let wait_ms = if sync { u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX) } else { 0 };
@@ -228,11 +231,15 @@ impl ShoalJobs {
                 }))?;
                 let mut headers = HeaderMap::new();
                 headers.insert(CONTENT_TYPE, Encoding::MsgPack.content_type());
-                Path::Nats {
-                    client: client.clone(),
-                    subject: names.api_subject(op::JOB_RUN),
-                    headers,
-                    body: Bytes::from(encode(Encoding::MsgPack, &req)?),
+                let body = Bytes::from(encode(Encoding::MsgPack, &req)?);
+                if batch > 1 {
+                    if sync {
+                        anyhow::bail!("batches of submits do not wait: async mode only");
+                    }
+                    let subject = names.api_subject(op::JOB_RUN_BATCH);
+                    Path::NatsBatch(Batcher::start(client.clone(), subject, headers, body, batch, timeout))
+                } else {
+                    Path::Nats { client: client.clone(), subject: names.api_subject(op::JOB_RUN), headers, body }
                 }
             }
             Transport::Http { url, api_key } => {
@@ -264,6 +271,14 @@ impl ShoalJobs {
             api: ApiClient::new(client, names.clone()).with_timeout(Duration::from_secs(10)),
             events_missed: AtomicU64::new(0),
         })
+    }
+
+    /// The batch requests sent so far, when the jobs are queued in batches.
+    pub fn batch_requests(&self) -> Option<u64> {
+        match &self.path {
+            Path::NatsBatch(b) => Some(b.requests.load(Ordering::Relaxed)),
+            _ => None,
+        }
     }
 
     /// Submits one job and waits for its end.
@@ -331,18 +346,10 @@ impl ShoalJobs {
                     .payload(body.clone())
                     .headers(headers.clone())
                     .timeout(Some(self.timeout + Duration::from_secs(5)));
-                let msg = client.send_request(subject.clone(), request).await.map_err(|e| match e.kind() {
-                    async_nats::RequestErrorKind::NoResponders => ApiError::unavailable("no responders"),
-                    async_nats::RequestErrorKind::TimedOut => ApiError::new(ErrorCode::Timeout, "request timed out"),
-                    _ => ApiError::unavailable(e.to_string()),
-                })?;
-                if let Some(code) = msg.headers.as_ref().and_then(|h| h.get(ERROR_CODE_HEADER)) {
-                    let status: u16 = code.as_str().parse().unwrap_or(500);
-                    return Err(decode::<ApiError>(Encoding::MsgPack, &msg.payload)
-                        .unwrap_or_else(|_| ApiError::new(ErrorCode::from_status(status), "error reply")));
-                }
-                decode(Encoding::MsgPack, &msg.payload).map_err(|e| ApiError::internal(e.to_string()))
+                let msg = client.send_request(subject.clone(), request).await.map_err(|e| request_error(&e))?;
+                read_reply(&msg)
             }
+            Path::NatsBatch(batcher) => batcher.submit().await,
             Path::Http { http, url, api_key, body } => {
                 let mut req = http
                     .post(url)
@@ -373,6 +380,140 @@ impl ShoalJobs {
     }
 }
 
+/// Submits jobs in batches (`job.run_batch`), as a client that gathers whatever jobs are
+/// waiting to be sent does: a batch leaves as soon as one of the few batch requests allowed in
+/// flight is free, with every job that queued up meanwhile (up to the batch size). No timer:
+/// a lone job leaves alone.
+pub struct Batcher {
+    queue: mpsc::UnboundedSender<oneshot::Sender<Result<JobStatus, ApiError>>>,
+    task: tokio::task::JoinHandle<()>,
+    /// Batch requests sent.
+    requests: Arc<AtomicU64>,
+}
+
+/// Batch requests in flight at once.
+const BATCHES_IN_FLIGHT: usize = 4;
+
+impl Batcher {
+    fn start(
+        client: async_nats::Client,
+        subject: String,
+        headers: HeaderMap,
+        job: Bytes,
+        max: usize,
+        timeout: Duration,
+    ) -> Batcher {
+        let (queue, mut rx) = mpsc::unbounded_channel::<oneshot::Sender<Result<JobStatus, ApiError>>>();
+        let requests = Arc::new(AtomicU64::new(0));
+        let sent = requests.clone();
+        let task = tokio::spawn(async move {
+            let slots = Arc::new(Semaphore::new(BATCHES_IN_FLIGHT));
+            loop {
+                let Ok(slot) = slots.clone().acquire_owned().await else { return };
+                let Some(first) = rx.recv().await else { return };
+                let mut waiting = vec![first];
+                while waiting.len() < max {
+                    match rx.try_recv() {
+                        Ok(w) => waiting.push(w),
+                        Err(_) => break,
+                    }
+                }
+                let body = batch_body(&job, waiting.len());
+                sent.fetch_add(1, Ordering::Relaxed);
+                let (client, subject, headers) = (client.clone(), subject.clone(), headers.clone());
+                tokio::spawn(async move {
+                    let request = async_nats::Request::new()
+                        .payload(body)
+                        .headers(headers)
+                        .timeout(Some(timeout + Duration::from_secs(5)));
+                    let answers = match client.send_request(subject, request).await {
+                        Ok(msg) => read_reply::<RunBatchReply>(&msg).and_then(|r| {
+                            if r.jobs.len() == waiting.len() {
+                                Ok(r.jobs)
+                            } else {
+                                Err(ApiError::internal(format!(
+                                    "{} answers to a batch of {}",
+                                    r.jobs.len(),
+                                    waiting.len()
+                                )))
+                            }
+                        }),
+                        Err(e) => Err(request_error(&e)),
+                    };
+                    drop(slot);
+                    match answers {
+                        Ok(items) => {
+                            for (w, item) in waiting.into_iter().zip(items) {
+                                let _ = w.send(item.into_result());
+                            }
+                        }
+                        Err(e) => {
+                            for w in waiting {
+                                let _ = w.send(Err(e.clone()));
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        Batcher { queue, task, requests }
+    }
+
+    async fn submit(&self) -> Result<JobStatus, ApiError> {
+        let (tx, rx) = oneshot::channel();
+        self.queue.send(tx).map_err(|_| ApiError::unavailable("the batcher stopped"))?;
+        rx.await.map_err(|_| ApiError::unavailable("the batcher stopped"))?
+    }
+}
+
+impl Drop for Batcher {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// A MessagePack `RunBatchRequest` of `count` copies of one encoded `RunRequest` (`{"jobs":
+/// [job, ...]}`), without encoding the job again for each.
+fn batch_body(job: &[u8], count: usize) -> Bytes {
+    let mut out = Vec::with_capacity(16 + job.len() * count);
+    out.push(0x81); // a map of one entry
+    out.push(0xa4); // a string of 4 bytes
+    out.extend_from_slice(b"jobs");
+    match u16::try_from(count) {
+        Ok(n) if n < 16 => out.push(0x90 | n as u8),
+        Ok(n) => {
+            out.push(0xdc);
+            out.extend_from_slice(&n.to_be_bytes());
+        }
+        Err(_) => {
+            out.push(0xdd);
+            out.extend_from_slice(&u32::try_from(count).unwrap_or(u32::MAX).to_be_bytes());
+        }
+    }
+    for _ in 0..count {
+        out.extend_from_slice(job);
+    }
+    Bytes::from(out)
+}
+
+fn request_error(e: &async_nats::RequestError) -> ApiError {
+    match e.kind() {
+        async_nats::RequestErrorKind::NoResponders => ApiError::unavailable("no responders"),
+        async_nats::RequestErrorKind::TimedOut => ApiError::new(ErrorCode::Timeout, "request timed out"),
+        _ => ApiError::unavailable(e.to_string()),
+    }
+}
+
+/// An API reply: its error (by the error header) or its decoded body.
+fn read_reply<T: serde::de::DeserializeOwned>(msg: &async_nats::Message) -> Result<T, ApiError> {
+    if let Some(code) = msg.headers.as_ref().and_then(|h| h.get(ERROR_CODE_HEADER)) {
+        let status: u16 = code.as_str().parse().unwrap_or(500);
+        return Err(decode::<ApiError>(Encoding::MsgPack, &msg.payload)
+            .unwrap_or_else(|_| ApiError::new(ErrorCode::from_status(status), "error reply")));
+    }
+    decode(Encoding::MsgPack, &msg.payload).map_err(|e| ApiError::internal(e.to_string()))
+}
+
 /// Reads RunPod's status envelope (`{"id", "status", "delayTime", "executionTime", ...}`).
 pub fn envelope(bytes: &[u8], endpoint: &str) -> Result<JobStatus, ApiError> {
     let v: Value = serde_json::from_slice(bytes).map_err(|e| ApiError::internal(format!("reply is not JSON: {e}")))?;
@@ -400,6 +541,18 @@ mod tests {
     fn ev(id: &str, state: JobState, at_ms: u64) -> JobEvent {
         serde_json::from_value(json!({"job_id": id, "endpoint": "ep", "state": state, "attempts": 1, "at_ms": at_ms}))
             .expect("a job event")
+    }
+
+    #[test]
+    fn a_batch_body_is_the_batch_request_of_copies_of_the_job() {
+        let job = RunRequest::new("ep", json!({"pad": "xx"}));
+        let encoded = encode(Encoding::MsgPack, &job).expect("encode");
+        for count in [1, 15, 16, 1000, 70_000] {
+            let batch: shoal_protocol::api::RunBatchRequest =
+                decode(Encoding::MsgPack, &batch_body(&encoded, count)).expect("a batch request");
+            assert_eq!(batch.jobs.len(), count);
+            assert!(batch.jobs.iter().all(|j| *j == job));
+        }
     }
 
     #[tokio::test]

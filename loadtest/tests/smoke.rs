@@ -105,6 +105,33 @@ async fn a_tiny_burst_with_baseline_reports_every_job() -> Result<()> {
     Ok(())
 }
 
+/// A client that gathers its waiting jobs into `job.run_batch` requests: every job runs and is
+/// reported, in fewer requests than jobs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tiny_burst_queued_in_batches_reports_every_job() -> Result<()> {
+    require_example_worker()?;
+    let mut test = quick(300);
+    test.submit_batch = 16;
+    let report = shoal_loadtest::run(&test).await?;
+    let s = &report.shoal;
+    ensure!((s.submitted, s.completed, s.errors) == (300, 300, 0), "{:?}", s.errors_by_code);
+    assert_eq!(s.queue_delay.count + report.events_missed, 300);
+    assert!(report.summary().contains("batches of up to 16 jobs"), "{}", report.summary());
+    let requests: u64 = report
+        .notes
+        .iter()
+        .find_map(|n| n.strip_prefix("submitted in ")?.split(' ').next()?.parse().ok())
+        .with_context(|| format!("a note on the batch requests: {:?}", report.notes))?;
+    assert!((300 / 16..300).contains(&requests), "{requests} requests for 300 jobs");
+    // a batch does not wait: a closed loop (sync by default) is refused, as is HTTP
+    test.scenario = Scenario::Closed { concurrency: 1, jobs: Some(1), duration_s: None };
+    assert!(test.validate().is_err_and(|e| e.contains("--wait async")));
+    test.scenario = Scenario::Burst { jobs: 1 };
+    test.transport = Transport::Http { url: None, api_key: None };
+    assert!(test.validate().is_err_and(|e| e.contains("--http")));
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tiny_closed_loop_through_the_http_gateway_waits_in_the_request() -> Result<()> {
     require_example_worker()?;

@@ -62,6 +62,51 @@ impl RunRequest {
     }
 }
 
+/// The most jobs one `job.run_batch` queues.
+pub const MAX_BATCH_JOBS: usize = 1000;
+
+/// Submit several jobs in one request: `job.run_batch`. Each is a [`RunRequest`] (to any
+/// endpoint) with `wait_ms` 0: a batch queues, it does not wait. The jobs are queued in the
+/// order given, each on its own: one that fails its checks does not stop the others.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct RunBatchRequest {
+    pub jobs: Vec<RunRequest>,
+}
+
+/// The reply to a `job.run_batch`: one item per job, in the request's order.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct RunBatchReply {
+    pub jobs: Vec<RunBatchItem>,
+}
+
+/// One job of a batch: queued (its status, durable once the reply is sent) or refused (why).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct RunBatchItem {
+    #[serde(default)]
+    pub status: Option<JobStatus>,
+    #[serde(default)]
+    pub error: Option<crate::ApiError>,
+}
+
+impl RunBatchItem {
+    pub fn into_result(self) -> Result<JobStatus, crate::ApiError> {
+        match (self.status, self.error) {
+            (_, Some(e)) => Err(e),
+            (Some(s), None) => Ok(s),
+            (None, None) => Err(crate::ApiError::internal("a batch item with neither a status nor an error")),
+        }
+    }
+}
+
+impl From<Result<JobStatus, crate::ApiError>> for RunBatchItem {
+    fn from(r: Result<JobStatus, crate::ApiError>) -> Self {
+        match r {
+            Ok(s) => RunBatchItem { status: Some(s), error: None },
+            Err(e) => RunBatchItem { status: None, error: Some(e) },
+        }
+    }
+}
+
 /// Names a job: `job.status`, `job.cancel`, `job.retry`, `job.stream`. The endpoint is
 /// optional (RunPod clients always know it; shoal's CLI may not).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -71,6 +71,8 @@ impl Default for Names {
 /// The api operations, one subject each: `<prefix>.v1.api.<op>`.
 pub mod op {
     pub const JOB_RUN: &str = "job.run";
+    /// Several jobs queued in one request (up to `api::MAX_BATCH_JOBS`).
+    pub const JOB_RUN_BATCH: &str = "job.run_batch";
     pub const JOB_STATUS: &str = "job.status";
     pub const JOB_CANCEL: &str = "job.cancel";
     pub const JOB_RETRY: &str = "job.retry";
@@ -88,8 +90,9 @@ pub mod op {
     /// Every live host (dashboards).
     pub const HOSTS_LIST: &str = "hosts.list";
 
-    pub const ALL: [&str; 15] = [
+    pub const ALL: [&str; 16] = [
         JOB_RUN,
+        JOB_RUN_BATCH,
         JOB_STATUS,
         JOB_CANCEL,
         JOB_RETRY,

@@ -119,6 +119,24 @@ fn every_message_sample_still_decodes() {
             input_ref: None,
         },
     );
+    check(
+        "run_batch_request",
+        RunBatchRequest {
+            jobs: vec![
+                RunRequest::new("echo", json!({"a": 1})),
+                RunRequest { idempotency_key: Some("k".into()), ..RunRequest::new("echo", json!([2])) },
+            ],
+        },
+    );
+    check(
+        "run_batch_reply",
+        RunBatchReply {
+            jobs: vec![
+                RunBatchItem::from(Ok(JobStatus::from(&record()))),
+                RunBatchItem::from(Err(ApiError::new(ErrorCode::BadRequest, "input is required"))),
+            ],
+        },
+    );
     check("job_ref", JobRef { endpoint: Some("echo".into()), id: "j".into(), wait_ms: 10 });
     check("job_status", JobStatus::from(&record()));
     check(

@@ -1,4 +1,4 @@
-//! `shoal job run|status|cancel|retry|stream|list`.
+//! `shoal job run|submit|status|cancel|retry|stream|list`.
 
 use std::path::Path;
 use std::process::ExitCode;
@@ -8,7 +8,7 @@ use anyhow::{Context, Result, anyhow};
 use serde_json::Value;
 use shoal_actors::client::ApiClient;
 use shoal_actors::clock::now_ms;
-use shoal_protocol::api::{JobRef, JobStatus, JobSummary, JobsRequest, RunRequest};
+use shoal_protocol::api::{JobRef, JobStatus, JobSummary, JobsRequest, MAX_BATCH_JOBS, RunRequest};
 use shoal_protocol::human_ms;
 use shoal_protocol::job::{JobState, PolicyRequest};
 
@@ -25,6 +25,10 @@ pub enum JobCommand {
     /// Submit a job, wait for it to end and print its status (`--async`: print its id only).
     /// Exits non-zero when the job ends FAILED, TIMED_OUT or CANCELLED.
     Run(RunArgs),
+    /// Queue one job per line of a JSON-lines file (each line a job's input), in batches
+    /// (`job.run_batch`); print the id of each queued job, in the file's order. A refused job
+    /// prints its error on stderr with its line number, and the exit code is 1.
+    Submit(SubmitArgs),
     /// Print a job's status.
     Status(JobArgs),
     /// Cancel a queued or running job.
@@ -86,6 +90,20 @@ pub struct RunArgs {
 }
 
 #[derive(Debug, clap::Args)]
+pub struct SubmitArgs {
+    /// The endpoint to queue the jobs on.
+    pub endpoint: String,
+    /// The inputs, one JSON value per line (`-`: stdin); blank lines are skipped.
+    pub file: std::path::PathBuf,
+    /// Jobs per request (1..=1000).
+    #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u32).range(1..=MAX_BATCH_JOBS as i64))]
+    pub batch: u32,
+    /// Queue behind every normal job of the endpoint; does not trigger a scale-up.
+    #[arg(long)]
+    pub low_priority: bool,
+}
+
+#[derive(Debug, clap::Args)]
 pub struct JobArgs {
     /// The job id.
     pub id: String,
@@ -106,6 +124,11 @@ pub async fn job(settings: &Settings, cmd: &JobCommand) -> Result<ExitCode> {
             // A mistake in the input is reported before anything is sent.
             let request = run_request(args, parse_input(&args.input)?);
             run(&api(settings).await?, args, &request).await
+        }
+        JobCommand::Submit(args) => {
+            // every line is read and checked before anything is sent
+            let inputs = parse_lines(&read_text(&args.file)?, &args.file.display().to_string())?;
+            submit(&api(settings).await?, args, inputs).await
         }
         JobCommand::Status(args) => {
             print_status(&api(settings).await?.status(&args.job_ref(0)).await?)?;
@@ -179,6 +202,49 @@ pub fn parse_input(arg: &str) -> Result<Value> {
     serde_json::from_str(&text).map_err(|e| {
         anyhow!("{source} is not valid JSON: {e} (quote it for the shell, e.g. '{{\"prompt\":\"hello\"}}')")
     })
+}
+
+/// The inputs of a JSON-lines text with their line numbers (from 1), skipping blank lines; the
+/// first line that is not JSON is the error.
+pub fn parse_lines(text: &str, source: &str) -> Result<Vec<(usize, Value)>> {
+    let mut inputs = Vec::new();
+    for (index, text) in text.lines().enumerate() {
+        if text.trim().is_empty() {
+            continue;
+        }
+        let value = serde_json::from_str(text)
+            .map_err(|e| anyhow!("{source} line {}: not valid JSON: {e} (one JSON value per line)", index + 1))?;
+        inputs.push((index + 1, value));
+    }
+    if inputs.is_empty() {
+        return Err(anyhow!("{source} holds no job inputs (one JSON value per line)"));
+    }
+    Ok(inputs)
+}
+
+async fn submit(api: &ApiClient, args: &SubmitArgs, inputs: Vec<(usize, Value)>) -> Result<ExitCode> {
+    let policy = args.low_priority.then_some(PolicyRequest { low_priority: true, ..PolicyRequest::default() });
+    let mut refused = 0usize;
+    for chunk in inputs.chunks(args.batch as usize) {
+        let jobs = chunk
+            .iter()
+            .map(|(_, input)| RunRequest { policy: policy.clone(), ..RunRequest::new(&args.endpoint, input.clone()) })
+            .collect();
+        for ((number, _), answer) in chunk.iter().zip(api.run_batch(jobs).await?) {
+            match answer {
+                Ok(status) => line(&status.id)?,
+                Err(e) => {
+                    refused += 1;
+                    eprintln!("line {number}: {e}");
+                }
+            }
+        }
+    }
+    if refused > 0 {
+        eprintln!("{refused} of {} jobs refused", inputs.len());
+        return Ok(ExitCode::FAILURE);
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn run_request(args: &RunArgs, input: Value) -> RunRequest {

@@ -173,7 +173,41 @@ async fn an_operator_runs_and_follows_jobs_from_the_command_line() -> Result<()>
     refused(&shoal, &["hosts", "drain", "no-such-host"], 1, "host no-such-host does not answer").await?;
     refused(&shoal, &["hosts", "resume", "bad.id"], 1, "host id").await?;
 
+    // many jobs from a JSON-lines file, in batches: their ids in the file's order
+    let lines = dir.path().join("inputs.jsonl");
+    std::fs::write(&lines, "{\"n\":1}\n\n{\"n\":2}\n{\"n\":3}\n")?;
+    let lines = lines.to_string_lossy().to_string();
+    let submitted = ok(&shoal, &["job", "submit", "cli-rs", &lines, "--batch", "2"]).await?;
+    let ids: Vec<&str> = submitted.stdout.lines().collect();
+    assert_eq!(ids.len(), 3, "{submitted:?}");
+    for (id, n) in ids.iter().copied().zip(1..) {
+        let status = eventually(Duration::from_secs(30), "a submitted job ends", || async {
+            let s = ok(&shoal, &["job", "status", id]).await.ok()?.json().ok()?;
+            (s["status"] == "COMPLETED").then_some(s)
+        })
+        .await?;
+        assert_eq!(status["output"], json!({"n": n}), "{status}");
+    }
+    // a job refused by shoal: its line on stderr, the others queued, exit 1
+    let mixed = dir.path().join("mixed.jsonl");
+    std::fs::write(&mixed, "{\"n\":4}\nnull\n")?;
+    let ran = shoal_cli(&shoal, &["job", "submit", "cli-rs", &mixed.to_string_lossy()]).await?;
+    assert_eq!((ran.code, ran.stdout.lines().count()), (1, 1), "{ran:?}");
+    assert!(ran.stderr.contains("line 2: bad_request: input is required"), "{ran:?}");
+
     // bad input: a clear error and a non-zero exit, nothing sent
+    let broken_lines = dir.path().join("broken.jsonl");
+    std::fs::write(&broken_lines, "{\"n\":1}\n{oops\n")?;
+    refused(
+        &shoal,
+        &["job", "submit", "cli-rs", &broken_lines.to_string_lossy()],
+        1,
+        "broken.jsonl line 2: not valid JSON",
+    )
+    .await?;
+    std::fs::write(&broken_lines, "\n")?;
+    refused(&shoal, &["job", "submit", "cli-rs", &broken_lines.to_string_lossy()], 1, "holds no job inputs").await?;
+    refused(&shoal, &["job", "submit", "cli-rs", &lines, "--batch", "1001"], 2, "1..=1000").await?;
     refused(&shoal, &["job", "run", "cli-rs", "{not json"], 1, "not valid JSON").await?;
     refused(&shoal, &["job", "run", "no-such-ep", "{}"], 1, "not_found: endpoint no-such-ep does not exist").await?;
     refused(&shoal, &["job", "run", "bad.id", "{}"], 1, "bad_request").await?;

@@ -121,7 +121,7 @@ async fn dispatch(
     payload: &[u8],
     waiter: job_ops::Waiter,
 ) -> Result<Option<Vec<u8>>, ApiError> {
-    if operation == op::JOB_RUN {
+    if operation == op::JOB_RUN || operation == op::JOB_RUN_BATCH {
         if payload.len() > ctx.config.max_input_bytes {
             return Err(ApiError::new(
                 ErrorCode::TooLarge,
@@ -131,6 +131,9 @@ async fn dispatch(
                     ctx.config.max_input_bytes
                 ),
             ));
+        }
+        if operation == op::JOB_RUN_BATCH {
+            return rep(enc, &Box::pin(job_ops::run_batch(ctx, req(enc, payload)?)).await?).map(Some);
         }
         return match job_ops::run(ctx, req(enc, payload)?, Some(waiter)).await? {
             job_ops::Answer::Status(status) => rep(enc, &status).map(Some),

@@ -2,6 +2,7 @@
 //! job record, applies a pure lifecycle transition by compare-and-set, and does what follows
 //! (queue a delivery token, tell a host to stop a job).
 
+use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::consumer::{AckPolicy, pull};
@@ -47,10 +48,183 @@ pub(super) enum Answer {
 /// travels in the job's token, so the worker side answers it as soon as the result is
 /// recorded (`jobs::JobStore::transition_answering`); this waiter answers when that did not
 /// happen (the wait ran out, the job ended otherwise, an older host).
-pub(super) async fn run(ctx: &Ctx, mut req: RunRequest, waiter: Option<Waiter>) -> Result<Answer, ApiError> {
+pub(super) async fn run(ctx: &Ctx, req: RunRequest, waiter: Option<Waiter>) -> Result<Answer, ApiError> {
     let spec = ctx.spec(&req.endpoint).await?;
     check_input(ctx, &req).await?;
-    check_queue_limit(ctx, &spec).await?;
+    if let Some(full) = queue_depth(ctx, &spec, 1).await?.filter(QueueDepth::is_full) {
+        return Err(full.overloaded(&spec.id));
+    }
+    let wait_ms = req.wait_ms.min(ctx.config.max_wait_ms);
+    let waiter = if wait_ms == 0 { None } else { waiter };
+    let job = match prepare(ctx, &spec, req, waiter, wait_ms).await? {
+        Prepared::Existing(id) => {
+            let found = status(ctx, JobRef { endpoint: Some(spec.id.clone()), id, wait_ms }).await;
+            return found.map(|s| Answer::Status(Box::new(s)));
+        }
+        Prepared::New(job) => job,
+    };
+    // a waiter subscribes before the job can run (its token is not queued yet), and after its
+    // queued event (on the same connection, so that one is not delivered to it); a change
+    // between the two (a cancel) is seen when the waiter reads the record again
+    let events = match wait_ms {
+        0 => None,
+        _ => match subscribe(ctx, &spec.id, &job.record.id).await {
+            Ok(events) => Some(events),
+            Err(e) => {
+                let _ = ctx.store.delete(&job.record, job.created).await;
+                return Err(e);
+            }
+        },
+    };
+    if let Err(e) = enqueue(ctx, &job.record, job.token).await {
+        let _ = ctx.store.delete(&job.record, job.created).await;
+        return Err(e);
+    }
+    match events {
+        Some(events) => {
+            let mine = job.reply.as_ref().map(|r| r.subject.as_str());
+            let id = job.record.id.clone();
+            wait_terminal(ctx, &spec.id, &id, events, wait_ms, Some(job.record), mine).await
+        }
+        None => Ok(Answer::Status(Box::new(JobStatus::from(&job.record)))),
+    }
+}
+
+/// Queues a batch of jobs (`job.run_batch`): each is checked as `job.run` checks it and
+/// refused on its own; the tokens are published in the batch's order without waiting for
+/// each one's ack, and the reply is sent once every ack came (a job answered as queued is
+/// durable). The queue limit is read once per endpoint of the batch.
+pub(super) async fn run_batch(ctx: &Ctx, batch: RunBatchRequest) -> Result<RunBatchReply, ApiError> {
+    let count = batch.jobs.len();
+    if count == 0 {
+        return Err(ApiError::bad_request("a batch needs at least one job (jobs: [RunRequest, ...])"));
+    }
+    if count > MAX_BATCH_JOBS {
+        return Err(ApiError::new(
+            ErrorCode::TooLarge,
+            format!("a batch holds at most {MAX_BATCH_JOBS} jobs; this one has {count}: split it"),
+        ));
+    }
+    let mut wanted: HashMap<String, u64> = HashMap::new();
+    for job in &batch.jobs {
+        *wanted.entry(job.endpoint.clone()).or_default() += 1;
+    }
+    let mut endpoints: HashMap<String, Result<Endpoint, ApiError>> = HashMap::new();
+    let mut items: Vec<Result<JobStatus, ApiError>> = Vec::with_capacity(count);
+    let mut acks = Vec::new();
+    for (index, req) in batch.jobs.into_iter().enumerate() {
+        let endpoint = match endpoints.get_mut(&req.endpoint) {
+            Some(endpoint) => endpoint,
+            None => {
+                let wanted = wanted.get(&req.endpoint).copied().unwrap_or(1);
+                let endpoint = Endpoint::read(ctx, &req.endpoint, wanted).await;
+                endpoints.entry(req.endpoint.clone()).or_insert(endpoint)
+            }
+        };
+        let queued = match endpoint {
+            Ok(endpoint) => queue_one(ctx, req, endpoint).await,
+            Err(e) => Err(e.clone()),
+        };
+        match queued {
+            Ok(Queued::Known(status)) => items.push(Ok(*status)),
+            Ok(Queued::Publishing { record, created, ack }) => {
+                items.push(Ok(JobStatus::from(record.as_ref())));
+                acks.push(async move {
+                    match ack.await {
+                        Ok(_) => None,
+                        Err(e) => {
+                            let _ = ctx.store.delete(&record, created).await;
+                            Some((index, ApiError::unavailable(format!("cannot queue the job: {e}"))))
+                        }
+                    }
+                });
+            }
+            Err(e) => items.push(Err(e)),
+        }
+    }
+    for (index, error) in futures::future::join_all(acks).await.into_iter().flatten() {
+        items[index] = Err(error);
+    }
+    Ok(RunBatchReply { jobs: items.into_iter().map(RunBatchItem::from).collect() })
+}
+
+/// One job of a batch, past its checks.
+enum Queued {
+    /// An idempotent resubmit: the job the key named.
+    Known(Box<JobStatus>),
+    /// Its token is on its way; `ack` says when it is stored.
+    Publishing { record: Box<JobRecord>, created: bool, ack: async_nats::jetstream::context::PublishAckFuture },
+}
+
+/// What a batch reads once per endpoint: its spec and how full its queue is.
+struct Endpoint {
+    spec: shoal_protocol::endpoint::EndpointSpec,
+    depth: Option<QueueDepth>,
+}
+
+impl Endpoint {
+    /// `wanted`: the batch's jobs for this endpoint.
+    async fn read(ctx: &Ctx, id: &str, wanted: u64) -> Result<Endpoint, ApiError> {
+        let spec = ctx.spec(id).await?;
+        let depth = queue_depth(ctx, &spec, wanted).await?;
+        Ok(Endpoint { spec, depth })
+    }
+}
+
+async fn queue_one(ctx: &Ctx, req: RunRequest, endpoint: &mut Endpoint) -> Result<Queued, ApiError> {
+    if req.wait_ms > 0 {
+        return Err(ApiError::bad_request(
+            "wait_ms: the jobs of a batch do not wait; use job.run to wait for one, or job.status with wait_ms",
+        ));
+    }
+    check_input(ctx, &req).await?;
+    if let Some(full) = endpoint.depth.filter(QueueDepth::is_full) {
+        return Err(full.overloaded(&endpoint.spec.id));
+    }
+    let job = match prepare(ctx, &endpoint.spec, req, None, 0).await? {
+        Prepared::Existing(id) => {
+            let found = status(ctx, JobRef { endpoint: Some(endpoint.spec.id.clone()), id, wait_ms: 0 }).await?;
+            return Ok(Queued::Known(Box::new(found)));
+        }
+        Prepared::New(job) => job,
+    };
+    if let Some(depth) = &mut endpoint.depth {
+        depth.depth += 1;
+    }
+    match publish_token(ctx, &job.record, job.token).await {
+        Ok(ack) => Ok(Queued::Publishing { record: Box::new(job.record), created: job.created, ack }),
+        Err(e) => {
+            let _ = ctx.store.delete(&job.record, job.created).await;
+            Err(e)
+        }
+    }
+}
+
+/// A job ready to be queued: its record, its encoded token, whether the record was written
+/// (too large to travel in the token) and the waiting submitter the token names.
+struct NewJob {
+    record: JobRecord,
+    token: Bytes,
+    created: bool,
+    reply: Option<ReplyTo>,
+}
+
+enum Prepared {
+    /// The idempotency key names this job already.
+    Existing(String),
+    New(Box<NewJob>),
+}
+
+/// Checks a submission's policy, claims its idempotency key, moves a large input to the
+/// object store, builds the job's record and token, and announces it (its queued event, or
+/// the record itself when too large for the token). What is left is publishing the token.
+async fn prepare(
+    ctx: &Ctx,
+    spec: &shoal_protocol::endpoint::EndpointSpec,
+    mut req: RunRequest,
+    waiter: Option<Waiter>,
+    wait_ms: u64,
+) -> Result<Prepared, ApiError> {
     let policy = req.policy.clone().unwrap_or_default();
     let execution_timeout_ms = policy.execution_timeout_ms.unwrap_or(spec.execution_timeout_ms);
     if !(MIN_EXECUTION_TIMEOUT_MS..=MAX_EXECUTION_TIMEOUT_MS).contains(&execution_timeout_ms) {
@@ -67,7 +241,6 @@ pub(super) async fn run(ctx: &Ctx, mut req: RunRequest, waiter: Option<Waiter>) 
     {
         return Err(ApiError::bad_request(format!("webhook {hook:?} must be an http:// or https:// URL")));
     }
-    let wait_ms = req.wait_ms.min(ctx.config.max_wait_ms);
     let id = new_job_id(req.sync);
     if let Some(key) = &req.idempotency_key {
         validate_id("idempotency key", key)?;
@@ -78,8 +251,7 @@ pub(super) async fn run(ctx: &Ctx, mut req: RunRequest, waiter: Option<Waiter>) 
                 let existing =
                     ctx.nats.idempotency.get(&idem_key).await.map_err(|e| ApiError::unavailable(e.to_string()))?;
                 let existing = existing.map(|b| String::from_utf8_lossy(&b).to_string()).unwrap_or_default();
-                let found = status(ctx, JobRef { endpoint: Some(spec.id.clone()), id: existing, wait_ms }).await;
-                return found.map(|s| Answer::Status(Box::new(s)));
+                return Ok(Prepared::Existing(existing));
             }
             Err(e) => return Err(ApiError::unavailable(e.to_string())),
         }
@@ -110,49 +282,23 @@ pub(super) async fn run(ctx: &Ctx, mut req: RunRequest, waiter: Option<Waiter>) 
     // against revision 0), and until then readers find the job by its token
     // (`JobStore::get`). One stored write and one round trip per job fewer than writing the
     // record here. A record too large to travel in a token is written here first. A waiting
-    // submitter's reply subject travels in the token too (its subscription is made below, and
-    // the request fails if it cannot be).
-    let reply = match wait_ms {
-        0 => None,
-        _ => waiter.map(|w| ReplyTo { subject: w.subject, content_type: w.content_type, until_ms: now + wait_ms }),
-    };
+    // submitter's reply subject travels in the token too (its subscription is made after
+    // this, and the request fails if it cannot be).
+    let reply = waiter.map(|w| ReplyTo { subject: w.subject, content_type: w.content_type, until_ms: now + wait_ms });
     let (token, carries_record) = encode_token(&record, 0, reply.clone())?;
     let created = match carries_record {
         true => {
             ctx.store.publish_event(&record, 0).await;
-            None
+            false
         }
         false => {
-            let Some(revision) = ctx.store.create(&record).await.map_err(store_err)? else {
+            if ctx.store.create(&record).await.map_err(store_err)?.is_none() {
                 return Err(ApiError::conflict(format!("job id {id} exists")));
-            };
-            Some(revision)
-        }
-    };
-    // a waiter subscribes before the job can run (its token is not queued yet), and after its
-    // queued event (on the same connection, so that one is not delivered to it); a change
-    // between the two (a cancel) is seen when the waiter reads the record again
-    let events = match wait_ms {
-        0 => None,
-        _ => match subscribe(ctx, &spec.id, &id).await {
-            Ok(events) => Some(events),
-            Err(e) => {
-                let _ = ctx.store.delete(&record, created.is_some()).await;
-                return Err(e);
             }
-        },
-    };
-    if let Err(e) = enqueue(ctx, &record, token).await {
-        let _ = ctx.store.delete(&record, created.is_some()).await;
-        return Err(e);
-    }
-    match events {
-        Some(events) => {
-            let mine = reply.as_ref().map(|r| r.subject.as_str());
-            wait_terminal(ctx, &spec.id, &id, events, wait_ms, Some(record), mine).await
+            true
         }
-        None => Ok(Answer::Status(Box::new(JobStatus::from(&record)))),
-    }
+    };
+    Ok(Prepared::New(Box::new(NewJob { record, token, created, reply })))
 }
 
 /// The input is inline (any JSON value but null) or a reference to a stored blob, not both.
@@ -172,13 +318,40 @@ async fn check_input(ctx: &Ctx, req: &RunRequest) -> Result<(), ApiError> {
     }
 }
 
-/// Backpressure: refuses a job when the endpoint's queue holds `queue_limit` jobs or more.
-/// Read only when a limit is set: first the pending count of the endpoint's two queue
-/// consumers (tokens not yet delivered: cheap; the token of a job cancelled, purged or timed
-/// out while queued is removed with it, unless that removal failed); at the limit, the owner's
-/// count of IN_QUEUE jobs decides.
-async fn check_queue_limit(ctx: &Ctx, spec: &shoal_protocol::endpoint::EndpointSpec) -> Result<(), ApiError> {
-    let Some(limit) = spec.queue_limit else { return Ok(()) };
+/// How full an endpoint's queue is, against its `queue_limit`.
+#[derive(Debug, Clone, Copy)]
+struct QueueDepth {
+    depth: u64,
+    limit: u64,
+}
+
+impl QueueDepth {
+    fn is_full(&self) -> bool {
+        self.depth >= self.limit
+    }
+
+    fn overloaded(&self, endpoint: &str) -> ApiError {
+        ApiError::new(
+            ErrorCode::Overloaded,
+            format!(
+                "endpoint {endpoint} has {} queued jobs, at its queue_limit of {}; retry later",
+                self.depth, self.limit
+            ),
+        )
+    }
+}
+
+/// Backpressure: the depth of the endpoint's queue when it has a `queue_limit` (none
+/// without). Read first as the pending count of the endpoint's two queue consumers (tokens
+/// not yet delivered: cheap; the token of a job cancelled, purged or timed out while queued
+/// is removed with it, unless that removal failed); when `wanted` more jobs would pass the
+/// limit, the owner's count of IN_QUEUE jobs decides.
+async fn queue_depth(
+    ctx: &Ctx,
+    spec: &shoal_protocol::endpoint::EndpointSpec,
+    wanted: u64,
+) -> Result<Option<QueueDepth>, ApiError> {
+    let Some(limit) = spec.queue_limit else { return Ok(None) };
     let names = &ctx.nats.names;
     let unavailable = |e: String| ApiError::unavailable(format!("cannot read the queue depth: {e}"));
     let stream = ctx.nats.js.get_stream_no_info(names.jobs_stream()).await.map_err(|e| unavailable(e.to_string()))?;
@@ -191,19 +364,13 @@ async fn check_queue_limit(ctx: &Ctx, spec: &shoal_protocol::endpoint::EndpointS
             Err(e) => return Err(unavailable(e.to_string())),
         }
     }
-    if depth >= limit {
+    if depth + wanted > limit {
         depth = match ctx.ask_owner::<(JobCounts, String)>(&spec.id, "health").await {
             Ok((counts, _)) => counts.in_queue,
             Err(_) => depth,
         };
     }
-    if depth >= limit {
-        return Err(ApiError::new(
-            ErrorCode::Overloaded,
-            format!("endpoint {} has {depth} queued jobs, at its queue_limit of {limit}; retry later", spec.id),
-        ));
-    }
-    Ok(())
+    Ok(Some(QueueDepth { depth, limit }))
 }
 
 /// The largest token that carries its record; a larger record is written before the job is
@@ -225,20 +392,29 @@ fn encode_token(record: &JobRecord, revision: u64, reply: Option<ReplyTo>) -> Re
     Ok((encode(&token)?, false))
 }
 
-/// Publishes a job's encoded delivery token on its own subject, awaiting JetStream's ack (the
-/// job is durable after it).
+/// Publishes a job's encoded delivery token on its own subject and awaits JetStream's ack
+/// (the job is durable after it).
 async fn enqueue(ctx: &Ctx, record: &JobRecord, token: Bytes) -> Result<(), ApiError> {
+    let ack = publish_token(ctx, record, token).await?;
+    ack.await.map_err(|e| ApiError::unavailable(format!("cannot queue the job: {e}")))?;
+    Ok(())
+}
+
+/// Publishes a job's encoded delivery token on its own subject; the future tells when it is
+/// stored.
+async fn publish_token(
+    ctx: &Ctx,
+    record: &JobRecord,
+    token: Bytes,
+) -> Result<async_nats::jetstream::context::PublishAckFuture, ApiError> {
     let subject = ctx.nats.names.job_token_subject(&record.endpoint, record.policy.priority, &record.id);
     let mut headers = async_nats::HeaderMap::new();
     crate::trace_context::inject(&mut headers);
-    let ack = ctx
-        .nats
+    ctx.nats
         .js
         .publish_with_headers(subject, headers, token)
         .await
-        .map_err(|e| ApiError::unavailable(format!("cannot queue the job: {e}")))?;
-    ack.await.map_err(|e| ApiError::unavailable(format!("cannot queue the job: {e}")))?;
-    Ok(())
+        .map_err(|e| ApiError::unavailable(format!("cannot queue the job: {e}")))
 }
 
 async fn subscribe(ctx: &Ctx, endpoint: &str, id: &str) -> Result<async_nats::Subscriber, ApiError> {
