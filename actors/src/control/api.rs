@@ -65,7 +65,7 @@ pub async fn start(nats: Nats, config: ControlConfig, directory: Directory) -> R
         tasks.push(tokio::spawn(async move {
             while let Some(request) = endpoint.next().await {
                 let ctx = ctx.clone();
-                tokio::spawn(async move { serve(&ctx, operation, request).await });
+                tokio::spawn(Box::pin(async move { serve(&ctx, operation, request).await }));
             }
         }));
     }

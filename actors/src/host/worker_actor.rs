@@ -487,7 +487,8 @@ impl WorkerState_ {
         let (worker, host) = (self.args.worker_id.clone(), self.args.host_id.clone());
         let defer_start = self.args.config.start_record_ms > 0;
         let me = myself.clone();
-        tokio::spawn(async move {
+        // boxed, as the result's write above (~5 KB)
+        tokio::spawn(Box::pin(async move {
             let taker = Taker { worker: &worker, host: &host, defer_start };
             let jobs = fetch_and_take(&queues, &store, &taker, max, hold).await;
             if jobs.is_empty() {
@@ -507,7 +508,7 @@ impl WorkerState_ {
                 // the worker gave up its request: undo the takes, without counting them
                 let _ = me.cast(WorkerMsg::Unhanded { job_ids: handed.into_iter().map(|j| j.id).collect() });
             }
-        });
+        }));
     }
 
     async fn on_taken(&mut self, myself: &ActorRef<WorkerMsg>, jobs: Vec<TakenJob>) {
@@ -657,7 +658,9 @@ impl WorkerState_ {
                 }
             }
         };
-        tokio::spawn(tracing::Instrument::instrument(done, span));
+        // boxed: the result's write is a large future (~8 KB), and a task holding it inline is
+        // copied whole when spawned and again when it finishes, once per job
+        tokio::spawn(tracing::Instrument::instrument(Box::pin(done), span));
         if !progress {
             if held && self.args.failures > 0 {
                 // it ran a job to its end: healthy, the failures before this start are forgotten
