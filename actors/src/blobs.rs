@@ -13,6 +13,8 @@
 //! [`crate::nats`]); a retried job's output blob is overwritten by its next output.
 
 use std::fmt;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 use async_nats::jetstream::object_store::{self, ObjectStore};
 use bytes::Bytes;
@@ -43,7 +45,14 @@ pub enum BlobError {
 pub struct Blobs {
     store: ObjectStore,
     client: async_nats::Client,
+    /// The server's `max_payload` as last read, and when: reading it clones the server's whole
+    /// INFO (a dozen strings), which every job's input and output would do otherwise.
+    max_payload: Arc<Mutex<Option<(Instant, usize)>>>,
 }
+
+/// How long a read of the server's `max_payload` is used (a reconnect may reach a server
+/// configured otherwise).
+const MAX_PAYLOAD_FRESH: Duration = Duration::from_secs(5);
 
 impl fmt::Debug for Blobs {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -53,7 +62,22 @@ impl fmt::Debug for Blobs {
 
 impl Blobs {
     pub fn new(store: ObjectStore, client: async_nats::Client) -> Blobs {
-        Blobs { store, client }
+        Blobs { store, client, max_payload: Arc::new(Mutex::new(None)) }
+    }
+
+    fn max_payload(&self) -> usize {
+        let mut cached = self.max_payload.lock().unwrap_or_else(PoisonError::into_inner);
+        match *cached {
+            Some((read_at, max_payload)) if read_at.elapsed() < MAX_PAYLOAD_FRESH => max_payload,
+            _ => {
+                let max_payload = match self.client.server_info().max_payload {
+                    0 => DEFAULT_MAX_PAYLOAD,
+                    n => n,
+                };
+                *cached = Some((Instant::now(), max_payload));
+                max_payload
+            }
+        }
     }
 
     /// Values whose JSON is longer than this go to the object store: a quarter of the server's
@@ -61,11 +85,7 @@ impl Blobs {
     /// message), and at most [`MAX_INLINE`] (so a run request stays far below control's
     /// `max_input_bytes` whatever the server allows).
     pub fn inline_limit(&self) -> usize {
-        let max_payload = match self.client.server_info().max_payload {
-            0 => DEFAULT_MAX_PAYLOAD,
-            n => n,
-        };
-        (max_payload / 4).min(MAX_INLINE)
+        (self.max_payload() / 4).min(MAX_INLINE)
     }
 
     pub async fn put(&self, name: &str, bytes: Bytes) -> Result<(), BlobError> {
