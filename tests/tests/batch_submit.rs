@@ -113,3 +113,40 @@ async fn bad_batches_get_clear_errors_and_json_clients_can_batch() -> Result<()>
     shoal.stop().await;
     Ok(())
 }
+
+/// Full batches at once, more tokens than the client's JetStream context lends ack permits
+/// (5,000): every job is queued, none waits for ever on another batch's unawaited acks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_full_batches_are_all_queued() -> Result<()> {
+    const BATCHES: usize = 8;
+    let shoal = Shoal::start().await?;
+    shoal.api.create_endpoint(&idle_endpoint("many")?).await?;
+    let api = shoal_actors::client::ApiClient::new(shoal.nats.client.clone(), shoal.nats.names.clone())
+        .with_timeout(Duration::from_secs(120));
+    let batches = (0..BATCHES).map(|b| {
+        let api = api.clone();
+        let jobs = (0..MAX_BATCH_JOBS).map(|i| RunRequest::new("many", json!({"b": b, "i": i}))).collect();
+        async move { api.run_batch(jobs).await }
+    });
+    let mut ids = std::collections::HashSet::new();
+    for answers in futures::future::join_all(batches).await {
+        for answer in answers? {
+            ids.insert(answer?.id);
+        }
+    }
+    assert_eq!(ids.len(), BATCHES * MAX_BATCH_JOBS);
+    let names = &shoal.nats.names;
+    let mut consumer = shoal
+        .nats
+        .js
+        .get_stream(names.jobs_stream())
+        .await?
+        .get_consumer::<async_nats::jetstream::consumer::pull::Config>(
+            &names.jobs_consumer("many", shoal_protocol::job::Priority::Normal),
+        )
+        .await
+        .map_err(|e| anyhow::anyhow!("the queue's consumer: {e}"))?;
+    assert_eq!(consumer.info().await?.num_pending, (BATCHES * MAX_BATCH_JOBS) as u64);
+    shoal.stop().await;
+    Ok(())
+}

@@ -33,6 +33,9 @@ pub(crate) struct Ctx {
     pub store: JobStore,
     pub config: ControlConfig,
     pub directory: Directory,
+    /// Windows of batch tokens whose acks are outstanding (`job_ops::run_batch`), at most
+    /// [`job_ops::BATCH_WINDOWS`] at once in this replica.
+    pub batch_windows: tokio::sync::Semaphore,
 }
 
 pub struct ApiHandle {
@@ -56,7 +59,13 @@ pub async fn start(nats: Nats, config: ControlConfig, directory: Directory) -> R
         .description("shoal control plane: jobs, endpoints, workers")
         .start(SERVICE_NAME, env!("CARGO_PKG_VERSION"))
         .await?;
-    let ctx = Arc::new(Ctx { store: JobStore::new(nats.clone()), nats: nats.clone(), config, directory });
+    let ctx = Arc::new(Ctx {
+        store: JobStore::new(nats.clone()),
+        nats: nats.clone(),
+        config,
+        directory,
+        batch_windows: tokio::sync::Semaphore::new(job_ops::BATCH_WINDOWS),
+    });
     let mut tasks = Vec::new();
     for operation in op::ALL {
         let mut endpoint =

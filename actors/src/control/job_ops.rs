@@ -90,10 +90,19 @@ pub(super) async fn run(ctx: &Ctx, req: RunRequest, waiter: Option<Waiter>) -> R
     }
 }
 
+/// The most tokens of a batch published before their acks are awaited.
+const BATCH_WINDOW: usize = 128;
+/// The most windows awaiting their acks at once in a replica, all batches together. The
+/// client's JetStream context lends 5,000 ack permits, and a publish waits for one: batches
+/// holding unawaited acks past that would wait on each other for ever. 8 × 128 leaves most of
+/// them to everything else.
+pub(super) const BATCH_WINDOWS: usize = 8;
+
 /// Queues a batch of jobs (`job.run_batch`): each is checked as `job.run` checks it and
-/// refused on its own; the tokens are published in the batch's order without waiting for
-/// each one's ack, and the reply is sent once every ack came (a job answered as queued is
-/// durable). The queue limit is read once per endpoint of the batch.
+/// refused on its own; the tokens are published in the batch's order, a window of
+/// [`BATCH_WINDOW`] at a time without waiting for each one's ack, and the reply is sent once
+/// every ack came (a job answered as queued is durable). The queue limit is read once per
+/// endpoint of the batch.
 pub(super) async fn run_batch(ctx: &Ctx, batch: RunBatchRequest) -> Result<RunBatchReply, ApiError> {
     let count = batch.jobs.len();
     if count == 0 {
@@ -112,7 +121,11 @@ pub(super) async fn run_batch(ctx: &Ctx, batch: RunBatchRequest) -> Result<RunBa
     let mut endpoints: HashMap<String, Result<Endpoint, ApiError>> = HashMap::new();
     let mut items: Vec<Result<JobStatus, ApiError>> = Vec::with_capacity(count);
     let mut acks = Vec::new();
+    let mut window = None;
     for (index, req) in batch.jobs.into_iter().enumerate() {
+        if window.is_none() {
+            window = Some(ctx.batch_windows.acquire().await.map_err(|e| ApiError::unavailable(e.to_string()))?);
+        }
         let endpoint = match endpoints.get_mut(&req.endpoint) {
             Some(endpoint) => endpoint,
             None => {
@@ -141,10 +154,17 @@ pub(super) async fn run_batch(ctx: &Ctx, batch: RunBatchRequest) -> Result<RunBa
             }
             Err(e) => items.push(Err(e)),
         }
+        if acks.len() >= BATCH_WINDOW {
+            for (index, error) in futures::future::join_all(acks.drain(..)).await.into_iter().flatten() {
+                items[index] = Err(error);
+            }
+            window = None;
+        }
     }
     for (index, error) in futures::future::join_all(acks).await.into_iter().flatten() {
         items[index] = Err(error);
     }
+    drop(window);
     Ok(RunBatchReply { jobs: items.into_iter().map(RunBatchItem::from).collect() })
 }
 
