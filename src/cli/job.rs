@@ -95,7 +95,7 @@ pub struct SubmitArgs {
     pub endpoint: String,
     /// The inputs, one JSON value per line (`-`: stdin); blank lines are skipped.
     pub file: std::path::PathBuf,
-    /// Jobs per request (1..=1000).
+    /// Jobs per request (1..=1000; fewer when their inputs pass 512 KB).
     #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u32).range(1..=MAX_BATCH_JOBS as i64))]
     pub batch: u32,
     /// Queue behind every normal job of the endpoint; does not trigger a scale-up.
@@ -222,10 +222,33 @@ pub fn parse_lines(text: &str, source: &str) -> Result<Vec<(usize, Value)>> {
     Ok(inputs)
 }
 
+/// The most input bytes (as JSON) `job submit` puts in one request, so a batch of large inputs
+/// stays well under the control plane's `max_input_bytes` (1 MiB by default).
+const SUBMIT_REQUEST_BYTES: usize = 512 * 1024;
+
+/// Consecutive runs of the inputs: at most `count` each, and at most `bytes` of JSON unless one
+/// input alone is larger.
+fn chunks(inputs: &[(usize, Value)], count: usize, bytes: usize) -> Vec<&[(usize, Value)]> {
+    let mut out = Vec::new();
+    let (mut start, mut size) = (0, 0);
+    for (i, (_, input)) in inputs.iter().enumerate() {
+        let len = serde_json::to_vec(input).map_or(0, |v| v.len());
+        if i > start && (i - start == count || size + len > bytes) {
+            out.push(&inputs[start..i]);
+            (start, size) = (i, 0);
+        }
+        size += len;
+    }
+    if start < inputs.len() {
+        out.push(&inputs[start..]);
+    }
+    out
+}
+
 async fn submit(api: &ApiClient, args: &SubmitArgs, inputs: Vec<(usize, Value)>) -> Result<ExitCode> {
     let policy = args.low_priority.then_some(PolicyRequest { low_priority: true, ..PolicyRequest::default() });
     let mut refused = 0usize;
-    for chunk in inputs.chunks(args.batch as usize) {
+    for chunk in chunks(&inputs, args.batch as usize, SUBMIT_REQUEST_BYTES) {
         let jobs = chunk
             .iter()
             .map(|(_, input)| RunRequest { policy: policy.clone(), ..RunRequest::new(&args.endpoint, input.clone()) })
@@ -319,6 +342,19 @@ fn exit_code(state: JobState) -> ExitCode {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn submitted_inputs_go_in_runs_bounded_by_count_and_size() {
+        let inputs: Vec<(usize, Value)> = (1..=7).map(|n| (n, Value::String("x".repeat(8)))).collect();
+        // each input is 10 bytes of JSON
+        let sizes = |c: Vec<&[(usize, Value)]>| c.iter().map(|c| c.len()).collect::<Vec<_>>();
+        assert_eq!(sizes(chunks(&inputs, 3, 1000)), [3, 3, 1]);
+        assert_eq!(sizes(chunks(&inputs, 100, 25)), [2, 2, 2, 1]);
+        // an input larger than the bound goes alone
+        assert_eq!(sizes(chunks(&inputs, 100, 5)), [1; 7]);
+        assert_eq!(chunks(&inputs, 3, 1000)[1][0].0, 4, "in order");
+        assert!(chunks(&[], 3, 1000).is_empty());
+    }
 
     fn args(input: &str) -> RunArgs {
         RunArgs {
