@@ -154,17 +154,14 @@ pub(super) async fn run_batch(ctx: &Ctx, batch: RunBatchRequest) -> Result<RunBa
             }
             Err(e) => items.push(Err(e)),
         }
-        if acks.len() >= BATCH_WINDOW {
+        // a full window, or the batch's last job: its acks are awaited before the next window
+        if acks.len() >= BATCH_WINDOW || index + 1 == count {
             for (index, error) in futures::future::join_all(acks.drain(..)).await.into_iter().flatten() {
                 items[index] = Err(error);
             }
             window = None;
         }
     }
-    for (index, error) in futures::future::join_all(acks).await.into_iter().flatten() {
-        items[index] = Err(error);
-    }
-    drop(window);
     Ok(RunBatchReply { jobs: items.into_iter().map(RunBatchItem::from).collect() })
 }
 
