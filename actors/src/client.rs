@@ -12,6 +12,31 @@ use shoal_protocol::endpoint::EndpointSpec;
 use shoal_protocol::names::{Names, op};
 use shoal_protocol::{ApiError, ErrorCode};
 
+/// What a failed NATS API request says: no control plane, no answer in time, or the transport's
+/// own error.
+pub fn request_error(e: &async_nats::RequestError) -> ApiError {
+    match e.kind() {
+        async_nats::RequestErrorKind::NoResponders => ApiError::unavailable(
+            "no shoal control plane answers on this NATS server (is `shoal control` or `shoal dev` running?)",
+        ),
+        async_nats::RequestErrorKind::TimedOut => {
+            ApiError::new(ErrorCode::Timeout, "the control plane did not answer in time")
+        }
+        _ => ApiError::unavailable(format!("request failed: {e}")),
+    }
+}
+
+/// A MessagePack reply of the NATS API: its error (by the error header) or its decoded body.
+pub fn read_reply<T: DeserializeOwned>(msg: &async_nats::Message) -> Result<T, ApiError> {
+    if let Some(code) = msg.headers.as_ref().and_then(|h| h.get(ERROR_CODE_HEADER)) {
+        let status: u16 = code.as_str().parse().unwrap_or(500);
+        return Err(decode::<ApiError>(Encoding::MsgPack, &msg.payload).unwrap_or_else(|_| {
+            ApiError::new(ErrorCode::from_status(status), String::from_utf8_lossy(&msg.payload).to_string())
+        }));
+    }
+    decode(Encoding::MsgPack, &msg.payload).map_err(|e| ApiError::internal(format!("cannot decode the reply: {e}")))
+}
+
 #[derive(Clone, Debug)]
 pub struct ApiClient {
     client: async_nats::Client,
@@ -45,23 +70,12 @@ impl ApiClient {
             .payload(Bytes::from(body))
             .headers(headers)
             .timeout(Some(self.timeout + extra_wait));
-        let msg =
-            self.client.send_request(self.names.api_subject(operation), request).await.map_err(|e| match e.kind() {
-                async_nats::RequestErrorKind::NoResponders => ApiError::unavailable(
-                    "no shoal control plane answers on this NATS server (is `shoal control` or `shoal dev` running?)",
-                ),
-                async_nats::RequestErrorKind::TimedOut => {
-                    ApiError::new(ErrorCode::Timeout, "the control plane did not answer in time")
-                }
-                _ => ApiError::unavailable(format!("request failed: {e}")),
-            })?;
-        if let Some(code) = msg.headers.as_ref().and_then(|h| h.get(ERROR_CODE_HEADER)) {
-            let status: u16 = code.as_str().parse().unwrap_or(500);
-            return Err(decode::<ApiError>(Encoding::MsgPack, &msg.payload).unwrap_or_else(|_| {
-                ApiError::new(ErrorCode::from_status(status), String::from_utf8_lossy(&msg.payload).to_string())
-            }));
-        }
-        decode(Encoding::MsgPack, &msg.payload).map_err(|e| ApiError::internal(format!("cannot decode the reply: {e}")))
+        let msg = self
+            .client
+            .send_request(self.names.api_subject(operation), request)
+            .await
+            .map_err(|e| request_error(&e))?;
+        read_reply(&msg)
     }
 
     pub async fn run(&self, req: &RunRequest) -> Result<JobStatus, ApiError> {

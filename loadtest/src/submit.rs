@@ -20,9 +20,9 @@ use async_nats::HeaderMap;
 use bytes::Bytes;
 use futures::StreamExt;
 use serde_json::{Value, json};
-use shoal_actors::client::ApiClient;
-use shoal_protocol::api::{ERROR_CODE_HEADER, JobRef, JobStatus, RunBatchReply, RunRequest};
-use shoal_protocol::codec::{CONTENT_TYPE, Encoding, decode, encode, from_msgpack};
+use shoal_actors::client::{ApiClient, read_reply, request_error};
+use shoal_protocol::api::{JobRef, JobStatus, RunBatchReply, RunRequest};
+use shoal_protocol::codec::{CONTENT_TYPE, Encoding, encode, from_msgpack};
 use shoal_protocol::events::JobEvent;
 use shoal_protocol::job::JobState;
 use shoal_protocol::names::{Names, op};
@@ -496,24 +496,6 @@ fn batch_body(job: &[u8], count: usize) -> Bytes {
     Bytes::from(out)
 }
 
-fn request_error(e: &async_nats::RequestError) -> ApiError {
-    match e.kind() {
-        async_nats::RequestErrorKind::NoResponders => ApiError::unavailable("no responders"),
-        async_nats::RequestErrorKind::TimedOut => ApiError::new(ErrorCode::Timeout, "request timed out"),
-        _ => ApiError::unavailable(e.to_string()),
-    }
-}
-
-/// An API reply: its error (by the error header) or its decoded body.
-fn read_reply<T: serde::de::DeserializeOwned>(msg: &async_nats::Message) -> Result<T, ApiError> {
-    if let Some(code) = msg.headers.as_ref().and_then(|h| h.get(ERROR_CODE_HEADER)) {
-        let status: u16 = code.as_str().parse().unwrap_or(500);
-        return Err(decode::<ApiError>(Encoding::MsgPack, &msg.payload)
-            .unwrap_or_else(|_| ApiError::new(ErrorCode::from_status(status), "error reply")));
-    }
-    decode(Encoding::MsgPack, &msg.payload).map_err(|e| ApiError::internal(e.to_string()))
-}
-
 /// Reads RunPod's status envelope (`{"id", "status", "delayTime", "executionTime", ...}`).
 pub fn envelope(bytes: &[u8], endpoint: &str) -> Result<JobStatus, ApiError> {
     let v: Value = serde_json::from_slice(bytes).map_err(|e| ApiError::internal(format!("reply is not JSON: {e}")))?;
@@ -549,7 +531,8 @@ mod tests {
         let encoded = encode(Encoding::MsgPack, &job).expect("encode");
         for count in [1, 15, 16, 1000, 70_000] {
             let batch: shoal_protocol::api::RunBatchRequest =
-                decode(Encoding::MsgPack, &batch_body(&encoded, count)).expect("a batch request");
+                shoal_protocol::codec::decode(Encoding::MsgPack, &batch_body(&encoded, count))
+                    .expect("a batch request");
             assert_eq!(batch.jobs.len(), count);
             assert!(batch.jobs.iter().all(|j| *j == job));
         }
