@@ -79,8 +79,36 @@ pub fn example_worker_bin() -> Result<PathBuf> {
     }
 }
 
-fn free_port() -> Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+/// A TCP port free on every address now, for a server a test must tell where to listen.
+///
+/// Drawn at random below the kernel's ephemeral range (`ip_local_port_range`): a port the
+/// kernel hands out for a `:0` bind or an outgoing connection can be taken by any of the
+/// suite's thousands of client sockets between this probe and the server's bind (once it was,
+/// and `docker compose up` failed); a port below that range is only ever taken by a test that
+/// chose it on purpose, at random from ~12,000 here. Where the range starts too low to leave
+/// room, it falls back to a kernel-chosen port.
+pub fn free_port() -> Result<u16> {
+    let ephemeral_from = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    const FROM: u16 = 20000;
+    if ephemeral_from > FROM + 1000 {
+        for _ in 0..200 {
+            let port = FROM + (random_u64() % u64::from(ephemeral_from - FROM)) as u16;
+            if TcpListener::bind(("0.0.0.0", port)).is_ok() && TcpListener::bind(("127.0.0.1", port)).is_ok() {
+                return Ok(port);
+            }
+        }
+    }
+    Ok(TcpListener::bind("0.0.0.0:0")?.local_addr()?.port())
+}
+
+fn random_u64() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u32(PREFIX_COUNTER.fetch_add(1, Ordering::Relaxed));
+    h.finish()
 }
 
 /// A `nats-server -js` of this test's own.

@@ -88,7 +88,4 @@ impl Drop for ShoalProcess {
     }
 }
 
-/// A port free on 127.0.0.1 now (for a process that must be told where to listen).
-pub fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
-}
+pub use crate::free_port;

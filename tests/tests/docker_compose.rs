@@ -19,14 +19,10 @@ use shoal_protocol::names::Names;
 use shoal_tests::docker::{
     Sweeper, build_images, cargo_build, compose_command, containers, host_containers, require_docker, run,
 };
-use shoal_tests::{eventually, repo_root};
+use shoal_tests::{eventually, free_port, repo_root};
 
 const NATS_JOBS: usize = 40;
 const HTTP_JOBS: usize = 10;
-
-fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("0.0.0.0:0")?.local_addr()?.port())
-}
 
 /// One compose project of `deploy/docker-compose.yml`; brought down on drop if a test failed.
 struct Compose {
@@ -78,12 +74,9 @@ async fn a_compose_cluster_runs_every_job_through_replica_and_node_loss_and_leav
         println!("`shoal gateway` does not exist yet: the HTTP part of this test is skipped");
     }
     let project = format!("shoaltest{}", std::process::id());
-    let (nats_port, gateway_port) = (free_port()?, free_port()?);
     let env = HashMap::from([
         ("SHOAL_IMAGE".to_string(), images["shoal"].clone()),
         ("SHOAL_NATS_IMAGE".to_string(), images["nats"].clone()),
-        ("SHOAL_NATS_PORT".to_string(), nats_port.to_string()),
-        ("SHOAL_GATEWAY_PORT".to_string(), gateway_port.to_string()),
         ("SHOAL_NETWORK".to_string(), project.clone()),
         ("SHOAL_CLUSTER".to_string(), project.clone()),
     ]);
@@ -94,7 +87,23 @@ async fn a_compose_cluster_runs_every_job_through_replica_and_node_loss_and_leav
     if gateway {
         services.push("gateway");
     }
-    compose.run(&[&["up", "-d"][..], &services].concat())?;
+    // a port found free may still be taken before Docker binds it: then down, new ports, again
+    let (mut nats_port, mut gateway_port) = (0, 0);
+    for attempt in 1..=3 {
+        (nats_port, gateway_port) = (free_port()?, free_port()?);
+        compose.env.insert("SHOAL_NATS_PORT".into(), nats_port.to_string());
+        compose.env.insert("SHOAL_GATEWAY_PORT".into(), gateway_port.to_string());
+        match compose.run(&[&["up", "-d"][..], &services].concat()) {
+            Err(e) if attempt < 3 && format!("{e:#}").contains("address already in use") => {
+                println!("a published port was taken before Docker bound it; again with others: {e:#}");
+                compose.run(&["down", "-v", "-t", "5"])?;
+            }
+            up => {
+                up?;
+                break;
+            }
+        }
+    }
 
     // the cluster as a client sees it: NATS on the published port, the API of the replicas
     let url = format!("nats://127.0.0.1:{nats_port}");

@@ -17,11 +17,7 @@ use shoal_protocol::endpoint::{EndpointSpec, ScalerKind};
 use shoal_protocol::job::JobState;
 use shoal_protocol::worker::{WorkerRecord, WorkerState};
 use shoal_tests::docker::{Sweeper, host_containers, require_docker, start_docker_host, worker_image};
-use shoal_tests::{Shoal, eventually, fast_topology, test_prefix};
-
-fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("0.0.0.0:0")?.local_addr()?.port())
-}
+use shoal_tests::{Shoal, eventually, fast_topology, free_port, test_prefix};
 
 /// Runs a Docker host on a runtime of its own until told to crash: then the runtime is shut
 /// down at once, as the process dying would, and its containers are left running.

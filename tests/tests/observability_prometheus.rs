@@ -10,7 +10,7 @@ use serde_json::{Value, json};
 use shoal_actors::control::ControlConfig;
 use shoal_protocol::api::RunRequest;
 use shoal_protocol::job::JobState;
-use shoal_tests::{Shoal, eventually, rust_endpoint};
+use shoal_tests::{Shoal, eventually, free_port, rust_endpoint};
 
 /// A Prometheus server, killed when dropped.
 struct Prometheus {
@@ -24,10 +24,6 @@ impl Drop for Prometheus {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
 /// Starts Prometheus scraping `target` (`host:port`) every 500 ms.
