@@ -19,7 +19,7 @@ use shoal_actors::webhook::WebhookConfig;
 use shoal_protocol::api::{JobRef, JobStatus};
 use shoal_protocol::codec::from_msgpack;
 use shoal_protocol::events::WebhookEvent;
-use shoal_tests::{Http, Shoal, eventually, fast_topology, rust_endpoint};
+use shoal_tests::{Http, Shoal, eventually, fast_topology, free_port, rust_endpoint};
 
 const SECRET: &str = "whsec_test_secret";
 
@@ -164,8 +164,10 @@ async fn webhooks_carry_the_signed_envelope_and_failing_receivers_get_the_retrie
     })
     .await?;
     assert_eq!((&calls[0].json()["status"], &calls[0].json()["input"]), (&json!("CANCELLED"), &json!("never runs")));
-    let closed = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?; // bound, then freed: nobody listens
-    let (_, run) = http.post("/echo/run", &json!({"input": 2, "webhook": format!("http://{closed}/x")})).await?;
+    // a port nobody listens on (below the ephemeral range: no client socket takes it meanwhile)
+    let closed = free_port()?;
+    let (_, run) =
+        http.post("/echo/run", &json!({"input": 2, "webhook": format!("http://127.0.0.1:{closed}/x")})).await?;
     let unreachable_id = run["id"].as_str().expect("id").to_string();
     let outcome = eventually(Duration::from_secs(30), "the unreachable outcome", || async {
         status(&shoal, "echo", &unreachable_id).await?.webhook_delivery
