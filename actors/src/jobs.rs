@@ -254,8 +254,8 @@ impl JobStore {
     }
 
     /// Undoes a submission (its job could not be queued): removes its record when one was
-    /// written (`written`), and tells the owner with a `removed` event. `rec` is the record as
-    /// submitted.
+    /// written (`written`), frees what it claimed ([`JobStore::release_claims`]) and tells the
+    /// owner with a `removed` event. `rec` is the record as submitted.
     pub async fn delete(&self, rec: &JobRecord, written: bool) -> Result<(), StoreError> {
         if written {
             self.nats
@@ -264,11 +264,49 @@ impl JobStore {
                 .await
                 .map_err(|e| StoreError::Unavailable(e.to_string()))?;
         }
+        self.release_claims(&rec.endpoint, &rec.id, rec.idempotency_key.as_deref(), rec.input_ref.as_deref()).await;
         let mut event = event_of(rec, None);
         event.removed = true;
         let subject = self.nats.names.job_event_subject(&rec.endpoint, &rec.id, REMOVED_EVENT_TOKEN);
         self.nats.publish_event(subject, &event).await;
         Ok(())
+    }
+
+    /// Frees what the submission of job `id` claimed before it was undone: its idempotency key,
+    /// while the key still names this job (a client retrying with the key after the error then
+    /// queues the job anew, instead of finding a job that never was), and an input it moved to
+    /// the object store (`input_ref`, when it is this job's own `<id>/input`; an input the
+    /// client stored is the client's). Best effort: what cannot be freed now expires with its
+    /// bucket's max age.
+    pub async fn release_claims(
+        &self,
+        endpoint: &str,
+        id: &str,
+        idempotency_key: Option<&str>,
+        input_ref: Option<&str>,
+    ) {
+        if let Some(key) = idempotency_key {
+            let key = self.nats.names.idempotency_key(endpoint, key);
+            let released = match self.nats.idempotency.entry(key.as_str()).await {
+                Ok(Some(e)) if e.operation == kv::Operation::Put && e.value.as_ref() == id.as_bytes() => self
+                    .nats
+                    .idempotency
+                    .delete_expect_revision(&key, Some(e.revision))
+                    .await
+                    .map_err(|e| e.to_string()),
+                Ok(_) => Ok(()), // gone, or naming another job: not this submission's any more
+                Err(e) => Err(e.to_string()),
+            };
+            if let Err(e) = released {
+                tracing::warn!(job_id = id, error = %e, "cannot free the idempotency key of an undone submission");
+            }
+        }
+        let own_input = self.nats.names.blob_input(id);
+        if input_ref == Some(own_input.as_str())
+            && let Err(e) = self.nats.blobs.delete(&own_input).await
+        {
+            tracing::debug!(job_id = id, error = %e, "cannot delete the input of an undone submission");
+        }
     }
 
     /// Reads the record, applies `f`, writes the result if the revision did not move; on a

@@ -8,6 +8,7 @@ use serde_json::{Value, json};
 use shoal_actors::control::ControlConfig;
 use shoal_protocol::api::{JobRef, RunRequest};
 use shoal_protocol::endpoint::EndpointSpec;
+use shoal_protocol::job::JobState;
 use shoal_protocol::{ApiError, ErrorCode};
 use shoal_tests::{Shoal, rust_endpoint};
 
@@ -102,6 +103,45 @@ async fn bad_requests_get_clear_errors_and_the_service_keeps_serving() -> Result
     let a = shoal.api.run(&req).await?;
     let b = shoal.api.run(&req).await?;
     assert_eq!(a.id, b.id);
+    shoal.stop().await;
+    Ok(())
+}
+
+/// A job that could not be queued (here: its token refused by the jobs stream) gets an error,
+/// and its idempotency key is free again: the client's retry with the same key queues and runs
+/// the job, instead of being told of a job that never was.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_that_cannot_be_queued_leaves_its_idempotency_key_to_the_retry() -> Result<()> {
+    let shoal = Shoal::start().await?;
+    shoal.api.create_endpoint(&rust_endpoint("ok")?).await?;
+    let mut stream = shoal.nats.js.get_stream(shoal.nats.names.jobs_stream()).await?;
+    let config = stream.info().await?.config.clone();
+    // the stream refuses every token
+    shoal
+        .nats
+        .js
+        .update_stream(async_nats::jetstream::stream::Config { max_message_size: 16, ..config.clone() })
+        .await?;
+    let keyed = |key: &str, wait_ms: u64| RunRequest {
+        idempotency_key: Some(key.into()),
+        wait_ms,
+        ..RunRequest::new("ok", json!({"order": key}))
+    };
+    let err = shoal.api.run(&keyed("order-1", 0)).await.expect_err("the token cannot be stored");
+    assert_eq!(err.code, ErrorCode::Unavailable, "{err}");
+    let answers = shoal.api.run_batch(vec![keyed("order-2", 0)]).await?;
+    assert!(answers[0].as_ref().is_err_and(|e| e.code == ErrorCode::Unavailable), "{:?}", answers[0]);
+
+    // the stream takes tokens again: each retry queues its job, which runs
+    shoal.nats.js.update_stream(config).await?;
+    let done = shoal.api.run(&keyed("order-1", 30_000)).await?;
+    assert_eq!((done.status, done.output), (JobState::Completed, Some(json!({"order": "order-1"}))));
+    let queued = shoal.api.run_batch(vec![keyed("order-2", 0)]).await?.remove(0).map_err(anyhow::Error::from)?;
+    let done =
+        shoal.api.status(&JobRef { endpoint: Some("ok".into()), id: queued.id.clone(), wait_ms: 30_000 }).await?;
+    assert_eq!((done.status, done.output), (JobState::Completed, Some(json!({"order": "order-2"}))));
+    // and the keys name those jobs now
+    assert_eq!(shoal.api.run(&keyed("order-2", 0)).await?.id, queued.id);
     shoal.stop().await;
     Ok(())
 }

@@ -238,7 +238,7 @@ enum Prepared {
 async fn prepare(
     ctx: &Ctx,
     spec: &shoal_protocol::endpoint::EndpointSpec,
-    mut req: RunRequest,
+    req: RunRequest,
     waiter: Option<Waiter>,
     wait_ms: u64,
 ) -> Result<Prepared, ApiError> {
@@ -273,6 +273,28 @@ async fn prepare(
             Err(e) => return Err(ApiError::unavailable(e.to_string())),
         }
     }
+    let (key, own_input) =
+        (req.idempotency_key.clone(), req.input_ref.is_none().then(|| ctx.nats.names.blob_input(&id)));
+    let prepared = prepare_claimed(ctx, spec, req, waiter, wait_ms, id.clone()).await;
+    if prepared.is_err() {
+        // a retry with the same idempotency key must queue the job, not find one that never was
+        ctx.store.release_claims(&spec.id, &id, key.as_deref(), own_input.as_deref()).await;
+    }
+    prepared
+}
+
+/// [`prepare`] once the job has its id and its idempotency key is claimed.
+async fn prepare_claimed(
+    ctx: &Ctx,
+    spec: &shoal_protocol::endpoint::EndpointSpec,
+    mut req: RunRequest,
+    waiter: Option<Waiter>,
+    wait_ms: u64,
+    id: String,
+) -> Result<Prepared, ApiError> {
+    let policy = req.policy.clone().unwrap_or_default();
+    let (execution_timeout_ms, ttl_ms) =
+        (policy.execution_timeout_ms.unwrap_or(spec.execution_timeout_ms), policy.ttl_ms.unwrap_or(DEFAULT_TTL_MS));
     // an inline input above the inline limit moves to the object store, so the record (with
     // an output besides) always fits in one message
     if req.input_ref.is_none() {
