@@ -254,8 +254,8 @@ impl JobStore {
     }
 
     /// Undoes a submission (its job could not be queued): removes its record when one was
-    /// written (`written`), frees what it claimed ([`JobStore::release_claims`]) and tells the
-    /// owner with a `removed` event. `rec` is the record as submitted.
+    /// written (`written`), and tells the owner with a `removed` event. `rec` is the record as
+    /// submitted.
     pub async fn delete(&self, rec: &JobRecord, written: bool) -> Result<(), StoreError> {
         if written {
             self.nats
@@ -264,7 +264,6 @@ impl JobStore {
                 .await
                 .map_err(|e| StoreError::Unavailable(e.to_string()))?;
         }
-        self.release_claims(&rec.endpoint, &rec.id, rec.idempotency_key.as_deref(), rec.input_ref.as_deref()).await;
         let mut event = event_of(rec, None);
         event.removed = true;
         let subject = self.nats.names.job_event_subject(&rec.endpoint, &rec.id, REMOVED_EVENT_TOKEN);

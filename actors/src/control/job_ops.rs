@@ -71,14 +71,14 @@ pub(super) async fn run(ctx: &Ctx, req: RunRequest, waiter: Option<Waiter>) -> R
         _ => match subscribe(ctx, &spec.id, &job.record.id).await {
             Ok(events) => Some(events),
             Err(e) => {
-                let _ = ctx.store.delete(&job.record, job.created).await;
+                undo(ctx, &job.record, job.created, Stored::No).await;
                 return Err(e);
             }
         },
     };
-    if let Err(e) = enqueue(ctx, &job.record, job.token).await {
-        let _ = ctx.store.delete(&job.record, job.created).await;
-        return Err(e);
+    if let Err(QueueError { error, stored }) = enqueue(ctx, &job.record, job.token).await {
+        undo(ctx, &job.record, job.created, stored).await;
+        return Err(error);
     }
     match events {
         Some(events) => {
@@ -146,7 +146,7 @@ pub(super) async fn run_batch(ctx: &Ctx, batch: RunBatchRequest) -> Result<RunBa
                     match ack.await {
                         Ok(_) => None,
                         Err(e) => {
-                            let _ = ctx.store.delete(&record, created).await;
+                            undo(ctx, &record, created, Stored::after(&e)).await;
                             Some((index, ApiError::unavailable(format!("cannot queue the job: {e}"))))
                         }
                     }
@@ -210,9 +210,9 @@ async fn queue_one(ctx: &Ctx, req: RunRequest, endpoint: &mut Endpoint) -> Resul
     }
     match publish_token(ctx, &job.record, job.token).await {
         Ok(ack) => Ok(Queued::Publishing { record: Box::new(job.record), created: job.created, ack }),
-        Err(e) => {
-            let _ = ctx.store.delete(&job.record, job.created).await;
-            Err(e)
+        Err(QueueError { error, stored }) => {
+            undo(ctx, &job.record, job.created, stored).await;
+            Err(error)
         }
     }
 }
@@ -431,11 +431,56 @@ fn encode_token(record: &JobRecord, revision: u64, reply: Option<ReplyTo>) -> Re
     Ok((encode(&token)?, false))
 }
 
+/// Whether a token whose publish failed may be stored all the same.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Stored {
+    /// It was refused, or never sent.
+    No,
+    /// Its ack did not come (a time-out, a lost connection): it may be stored, and its job run.
+    Maybe,
+}
+
+impl Stored {
+    fn after(e: &async_nats::jetstream::context::PublishError) -> Stored {
+        use async_nats::jetstream::context::PublishErrorKind;
+        match e.kind() {
+            PublishErrorKind::TimedOut | PublishErrorKind::BrokenPipe => Stored::Maybe,
+            _ => Stored::No,
+        }
+    }
+}
+
+/// A token that could not be queued: the error for the submitter, and whether it may be stored.
+struct QueueError {
+    error: ApiError,
+    stored: Stored,
+}
+
+impl QueueError {
+    fn of(e: async_nats::jetstream::context::PublishError) -> QueueError {
+        QueueError { stored: Stored::after(&e), error: ApiError::unavailable(format!("cannot queue the job: {e}")) }
+    }
+}
+
+/// Undoes a submission whose token could not be queued ([`JobStore::delete`]). When the token
+/// is known not to be stored, what the submission claimed is freed too
+/// ([`JobStore::release_claims`]): its idempotency key, so that the client's retry with the key
+/// queues the job instead of finding a job that never was. A token that may be stored keeps the
+/// key on its job: a retry then finds that job if it was queued after all, rather than running
+/// it twice.
+async fn undo(ctx: &Ctx, record: &JobRecord, created: bool, stored: Stored) {
+    let _ = ctx.store.delete(record, created).await;
+    if stored == Stored::No {
+        let (key, input) = (record.idempotency_key.as_deref(), record.input_ref.as_deref());
+        ctx.store.release_claims(&record.endpoint, &record.id, key, input).await;
+    }
+}
+
 /// Publishes a job's encoded delivery token on its own subject and awaits JetStream's ack
 /// (the job is durable after it).
-async fn enqueue(ctx: &Ctx, record: &JobRecord, token: Bytes) -> Result<(), ApiError> {
+async fn enqueue(ctx: &Ctx, record: &JobRecord, token: Bytes) -> Result<(), QueueError> {
     let ack = publish_token(ctx, record, token).await?;
-    ack.await.map_err(|e| ApiError::unavailable(format!("cannot queue the job: {e}")))?;
+    ack.await.map_err(QueueError::of)?;
     Ok(())
 }
 
@@ -445,15 +490,11 @@ async fn publish_token(
     ctx: &Ctx,
     record: &JobRecord,
     token: Bytes,
-) -> Result<async_nats::jetstream::context::PublishAckFuture, ApiError> {
+) -> Result<async_nats::jetstream::context::PublishAckFuture, QueueError> {
     let subject = ctx.nats.names.job_token_subject(&record.endpoint, record.policy.priority, &record.id);
     let mut headers = async_nats::HeaderMap::new();
     crate::trace_context::inject(&mut headers);
-    ctx.nats
-        .js
-        .publish_with_headers(subject, headers, token)
-        .await
-        .map_err(|e| ApiError::unavailable(format!("cannot queue the job: {e}")))
+    ctx.nats.js.publish_with_headers(subject, headers, token).await.map_err(QueueError::of)
 }
 
 async fn subscribe(ctx: &Ctx, endpoint: &str, id: &str) -> Result<async_nats::Subscriber, ApiError> {
@@ -581,7 +622,7 @@ pub(super) async fn retry(ctx: &Ctx, job: JobRef) -> Result<JobStatus, ApiError>
     match ctx.store.transition(&rec.endpoint, &rec.id, |r| lifecycle::retry(r, now_ms())).await.map_err(store_err)? {
         Applied::Changed { record, previous, revision } => {
             let (token, _) = encode_token(&record, revision, None)?;
-            if let Err(e) = enqueue(ctx, &record, token).await {
+            if let Err(QueueError { error: e, .. }) = enqueue(ctx, &record, token).await {
                 // put it back as it was, so it stays retryable (and its owner sees it so)
                 let key = ctx.store.key(&record.endpoint, &record.id);
                 if let Ok(Some(rev)) = ctx.store.write(&key, previous.as_ref(), revision).await {
@@ -654,4 +695,28 @@ pub(super) async fn purge(ctx: &Ctx, r: EndpointRef) -> Result<PurgeReply, ApiEr
         }
     }
     Ok(PurgeReply { removed, status: "completed".into() })
+}
+
+#[cfg(test)]
+mod tests {
+    use async_nats::jetstream::context::{PublishError, PublishErrorKind};
+
+    use super::Stored;
+
+    #[test]
+    fn a_token_without_its_ack_may_be_stored_and_a_refused_one_is_not() {
+        for kind in [PublishErrorKind::TimedOut, PublishErrorKind::BrokenPipe] {
+            assert_eq!(Stored::after(&PublishError::new(kind)), Stored::Maybe, "{kind:?}");
+        }
+        for kind in [
+            PublishErrorKind::StreamNotFound,
+            PublishErrorKind::WrongLastMessageId,
+            PublishErrorKind::WrongLastSequence,
+            PublishErrorKind::MaxAckPending,
+            PublishErrorKind::MaxPayloadExceeded,
+            PublishErrorKind::Other,
+        ] {
+            assert_eq!(Stored::after(&PublishError::new(kind)), Stored::No, "{kind:?}");
+        }
+    }
 }
