@@ -295,12 +295,15 @@ async fn run_request(
     Ok((req, stored.then_some(name)))
 }
 
-/// Submits; on failure removes the input it stored.
+/// Submits; on failure removes the input it stored, unless the job may be queued all the same
+/// (a time-out: the control plane did not answer in time, or could not tell whether the job's
+/// token was stored); such an input expires with the object store's max age.
 async fn submit(gw: &Gateway, req: RunRequest, uploaded: Option<String>) -> Result<JobStatus, HttpError> {
     match gw.api.run(&req).await {
         Ok(status) => Ok(status),
         Err(e) => {
             if let Some(name) = uploaded
+                && e.code != shoal_protocol::ErrorCode::Timeout
                 && let Err(e) = gw.nats.blobs.delete(&name).await
             {
                 tracing::debug!(blob = %name, error = %e, "cannot delete the input of a refused job");

@@ -146,8 +146,9 @@ pub(super) async fn run_batch(ctx: &Ctx, batch: RunBatchRequest) -> Result<RunBa
                     match ack.await {
                         Ok(_) => None,
                         Err(e) => {
-                            undo(ctx, &record, created, Stored::after(&e)).await;
-                            Some((index, ApiError::unavailable(format!("cannot queue the job: {e}"))))
+                            let QueueError { error, stored } = QueueError::of(e, &record.id);
+                            undo(ctx, &record, created, stored).await;
+                            Some((index, error))
                         }
                     }
                 });
@@ -457,8 +458,24 @@ struct QueueError {
 }
 
 impl QueueError {
-    fn of(e: async_nats::jetstream::context::PublishError) -> QueueError {
-        QueueError { stored: Stored::after(&e), error: ApiError::unavailable(format!("cannot queue the job: {e}")) }
+    /// The error of job `id`'s token: `unavailable` when it is not stored; a `timeout` naming
+    /// the job when it may be (the client can look it up, and the gateway keeps its input).
+    fn of(e: async_nats::jetstream::context::PublishError, id: &str) -> QueueError {
+        match Stored::after(&e) {
+            Stored::No => {
+                QueueError { stored: Stored::No, error: ApiError::unavailable(format!("cannot queue the job: {e}")) }
+            }
+            Stored::Maybe => QueueError {
+                stored: Stored::Maybe,
+                error: ApiError::new(
+                    ErrorCode::Timeout,
+                    format!(
+                        "job {id} may or may not be queued (queueing it did not complete: {e}); its status tells, \
+                         and a retry with the same idempotency key cannot queue it twice"
+                    ),
+                ),
+            },
+        }
     }
 }
 
@@ -480,7 +497,7 @@ async fn undo(ctx: &Ctx, record: &JobRecord, created: bool, stored: Stored) {
 /// (the job is durable after it).
 async fn enqueue(ctx: &Ctx, record: &JobRecord, token: Bytes) -> Result<(), QueueError> {
     let ack = publish_token(ctx, record, token).await?;
-    ack.await.map_err(QueueError::of)?;
+    ack.await.map_err(|e| QueueError::of(e, &record.id))?;
     Ok(())
 }
 
@@ -494,7 +511,7 @@ async fn publish_token(
     let subject = ctx.nats.names.job_token_subject(&record.endpoint, record.policy.priority, &record.id);
     let mut headers = async_nats::HeaderMap::new();
     crate::trace_context::inject(&mut headers);
-    ctx.nats.js.publish_with_headers(subject, headers, token).await.map_err(QueueError::of)
+    ctx.nats.js.publish_with_headers(subject, headers, token).await.map_err(|e| QueueError::of(e, &record.id))
 }
 
 async fn subscribe(ctx: &Ctx, endpoint: &str, id: &str) -> Result<async_nats::Subscriber, ApiError> {
@@ -701,12 +718,17 @@ pub(super) async fn purge(ctx: &Ctx, r: EndpointRef) -> Result<PurgeReply, ApiEr
 mod tests {
     use async_nats::jetstream::context::{PublishError, PublishErrorKind};
 
-    use super::Stored;
+    use shoal_protocol::ErrorCode;
+
+    use super::{QueueError, Stored};
 
     #[test]
     fn a_token_without_its_ack_may_be_stored_and_a_refused_one_is_not() {
         for kind in [PublishErrorKind::TimedOut, PublishErrorKind::BrokenPipe] {
             assert_eq!(Stored::after(&PublishError::new(kind)), Stored::Maybe, "{kind:?}");
+            let QueueError { error, .. } = QueueError::of(PublishError::new(kind), "j-1");
+            assert_eq!(error.code, ErrorCode::Timeout);
+            assert!(error.message.contains("job j-1 may or may not be queued"), "{error}");
         }
         for kind in [
             PublishErrorKind::StreamNotFound,
@@ -717,6 +739,7 @@ mod tests {
             PublishErrorKind::Other,
         ] {
             assert_eq!(Stored::after(&PublishError::new(kind)), Stored::No, "{kind:?}");
+            assert_eq!(QueueError::of(PublishError::new(kind), "j-1").error.code, ErrorCode::Unavailable);
         }
     }
 }
