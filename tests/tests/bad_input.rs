@@ -131,6 +131,15 @@ async fn a_job_that_cannot_be_queued_leaves_its_idempotency_key_to_the_retry() -
     assert_eq!(err.code, ErrorCode::Unavailable, "{err}");
     let answers = shoal.api.run_batch(vec![keyed("order-2", 0)]).await?;
     assert!(answers[0].as_ref().is_err_and(|e| e.code == ErrorCode::Unavailable), "{:?}", answers[0]);
+    // a record too large to travel in its token is written before it, and purged by the undo
+    let large = json!({"order": "order-3", "pad": "x".repeat(20_000)});
+    let large_keyed = |wait_ms: u64| RunRequest {
+        idempotency_key: Some("order-3".into()),
+        wait_ms,
+        ..RunRequest::new("ok", large.clone())
+    };
+    let err = shoal.api.run(&large_keyed(0)).await.expect_err("the token cannot be stored");
+    assert_eq!(err.code, ErrorCode::Unavailable, "{err}");
 
     // the stream takes tokens again: each retry queues its job, which runs
     shoal.nats.js.update_stream(config).await?;
@@ -140,6 +149,8 @@ async fn a_job_that_cannot_be_queued_leaves_its_idempotency_key_to_the_retry() -
     let done =
         shoal.api.status(&JobRef { endpoint: Some("ok".into()), id: queued.id.clone(), wait_ms: 30_000 }).await?;
     assert_eq!((done.status, done.output), (JobState::Completed, Some(json!({"order": "order-2"}))));
+    let done = shoal.api.run(&large_keyed(30_000)).await?;
+    assert_eq!((done.status, done.output), (JobState::Completed, Some(large.clone())));
     // and the keys name those jobs now
     assert_eq!(shoal.api.run(&keyed("order-2", 0)).await?.id, queued.id);
     shoal.stop().await;

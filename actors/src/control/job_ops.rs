@@ -76,9 +76,9 @@ pub(super) async fn run(ctx: &Ctx, req: RunRequest, waiter: Option<Waiter>) -> R
             }
         },
     };
-    if let Err(QueueError { error, stored }) = enqueue(ctx, &job.record, job.token).await {
-        undo(ctx, &job.record, job.created, stored).await;
-        return Err(error);
+    if let Err(failed) = enqueue(ctx, &job.record, job.token).await {
+        let stored = undo(ctx, &job.record, job.created, failed.stored).await;
+        return Err(failed.error(&job.record.id, stored));
     }
     match events {
         Some(events) => {
@@ -146,9 +146,9 @@ pub(super) async fn run_batch(ctx: &Ctx, batch: RunBatchRequest) -> Result<RunBa
                     match ack.await {
                         Ok(_) => None,
                         Err(e) => {
-                            let QueueError { error, stored } = QueueError::of(e, &record.id);
-                            undo(ctx, &record, created, stored).await;
-                            Some((index, error))
+                            let failed = QueueError::of(e);
+                            let stored = undo(ctx, &record, created, failed.stored).await;
+                            Some((index, failed.error(&record.id, stored)))
                         }
                     }
                 });
@@ -211,9 +211,9 @@ async fn queue_one(ctx: &Ctx, req: RunRequest, endpoint: &mut Endpoint) -> Resul
     }
     match publish_token(ctx, &job.record, job.token).await {
         Ok(ack) => Ok(Queued::Publishing { record: Box::new(job.record), created: job.created, ack }),
-        Err(QueueError { error, stored }) => {
-            undo(ctx, &job.record, job.created, stored).await;
-            Err(error)
+        Err(failed) => {
+            let stored = undo(ctx, &job.record, job.created, failed.stored).await;
+            Err(failed.error(&job.record.id, stored))
         }
     }
 }
@@ -451,53 +451,57 @@ impl Stored {
     }
 }
 
-/// A token that could not be queued: the error for the submitter, and whether it may be stored.
+/// A token that could not be queued: why, and whether it may be stored all the same.
 struct QueueError {
-    error: ApiError,
+    cause: String,
     stored: Stored,
 }
 
 impl QueueError {
-    /// The error of job `id`'s token: `unavailable` when it is not stored; a `timeout` naming
-    /// the job when it may be (the client can look it up, and the gateway keeps its input).
-    fn of(e: async_nats::jetstream::context::PublishError, id: &str) -> QueueError {
-        match Stored::after(&e) {
-            Stored::No => {
-                QueueError { stored: Stored::No, error: ApiError::unavailable(format!("cannot queue the job: {e}")) }
-            }
-            Stored::Maybe => QueueError {
-                stored: Stored::Maybe,
-                error: ApiError::new(
-                    ErrorCode::Timeout,
-                    format!(
-                        "job {id} may or may not be queued (queueing it did not complete: {e}); its status tells, \
-                         and a retry with the same idempotency key cannot queue it twice"
-                    ),
+    fn of(e: async_nats::jetstream::context::PublishError) -> QueueError {
+        QueueError { stored: Stored::after(&e), cause: e.to_string() }
+    }
+
+    /// The submitter's error for job `id`, once undone (`stored`: as [`undo`] left it):
+    /// `unavailable` when the job is not queued; a `timeout` naming the job when it may be (the
+    /// client can look it up, and the gateway keeps its input).
+    fn error(&self, id: &str, stored: Stored) -> ApiError {
+        let cause = &self.cause;
+        match stored {
+            Stored::No => ApiError::unavailable(format!("cannot queue the job: {cause}")),
+            Stored::Maybe => ApiError::new(
+                ErrorCode::Timeout,
+                format!(
+                    "job {id} may or may not be queued (queueing it did not complete: {cause}); its status tells, \
+                     and a retry with the same idempotency key cannot queue it twice"
                 ),
-            },
+            ),
         }
     }
 }
 
-/// Undoes a submission whose token could not be queued ([`JobStore::delete`]). When the token
-/// is known not to be stored, what the submission claimed is freed too
-/// ([`JobStore::release_claims`]): its idempotency key, so that the client's retry with the key
-/// queues the job instead of finding a job that never was. A token that may be stored keeps the
-/// key on its job: a retry then finds that job if it was queued after all, rather than running
-/// it twice.
-async fn undo(ctx: &Ctx, record: &JobRecord, created: bool, stored: Stored) {
+/// Undoes a submission whose token could not be queued ([`JobStore::delete`]) and says whether
+/// its job may run all the same. A record written before the token (`created`: too large to
+/// travel in it) is purged here, and a token that finds none is dropped: that job will not run.
+/// When the job will not run, what the submission claimed is freed ([`JobStore::release_claims`]):
+/// its idempotency key, so that the client's retry with the key queues the job instead of
+/// finding a job that never was. A job that may run keeps the key: a retry then finds that job
+/// if it was queued after all, rather than running it twice.
+async fn undo(ctx: &Ctx, record: &JobRecord, created: bool, stored: Stored) -> Stored {
     let _ = ctx.store.delete(record, created).await;
-    if stored == Stored::No {
-        let (key, input) = (record.idempotency_key.as_deref(), record.input_ref.as_deref());
-        ctx.store.release_claims(&record.endpoint, &record.id, key, input).await;
+    if stored == Stored::Maybe && !created {
+        return Stored::Maybe;
     }
+    let (key, input) = (record.idempotency_key.as_deref(), record.input_ref.as_deref());
+    ctx.store.release_claims(&record.endpoint, &record.id, key, input).await;
+    Stored::No
 }
 
 /// Publishes a job's encoded delivery token on its own subject and awaits JetStream's ack
 /// (the job is durable after it).
 async fn enqueue(ctx: &Ctx, record: &JobRecord, token: Bytes) -> Result<(), QueueError> {
     let ack = publish_token(ctx, record, token).await?;
-    ack.await.map_err(|e| QueueError::of(e, &record.id))?;
+    ack.await.map_err(QueueError::of)?;
     Ok(())
 }
 
@@ -511,7 +515,7 @@ async fn publish_token(
     let subject = ctx.nats.names.job_token_subject(&record.endpoint, record.policy.priority, &record.id);
     let mut headers = async_nats::HeaderMap::new();
     crate::trace_context::inject(&mut headers);
-    ctx.nats.js.publish_with_headers(subject, headers, token).await.map_err(|e| QueueError::of(e, &record.id))
+    ctx.nats.js.publish_with_headers(subject, headers, token).await.map_err(QueueError::of)
 }
 
 async fn subscribe(ctx: &Ctx, endpoint: &str, id: &str) -> Result<async_nats::Subscriber, ApiError> {
@@ -639,13 +643,14 @@ pub(super) async fn retry(ctx: &Ctx, job: JobRef) -> Result<JobStatus, ApiError>
     match ctx.store.transition(&rec.endpoint, &rec.id, |r| lifecycle::retry(r, now_ms())).await.map_err(store_err)? {
         Applied::Changed { record, previous, revision } => {
             let (token, _) = encode_token(&record, revision, None)?;
-            if let Err(QueueError { error: e, .. }) = enqueue(ctx, &record, token).await {
+            if let Err(failed) = enqueue(ctx, &record, token).await {
                 // put it back as it was, so it stays retryable (and its owner sees it so)
                 let key = ctx.store.key(&record.endpoint, &record.id);
                 if let Ok(Some(rev)) = ctx.store.write(&key, previous.as_ref(), revision).await {
                     ctx.store.publish_restored(&previous, rev).await;
                 }
-                return Err(e);
+                // a token stored after all finds the record put back, and is dropped
+                return Err(failed.error(&record.id, Stored::No));
             }
             Ok(JobStatus::from(record.as_ref()))
         }
@@ -725,10 +730,13 @@ mod tests {
     #[test]
     fn a_token_without_its_ack_may_be_stored_and_a_refused_one_is_not() {
         for kind in [PublishErrorKind::TimedOut, PublishErrorKind::BrokenPipe] {
-            assert_eq!(Stored::after(&PublishError::new(kind)), Stored::Maybe, "{kind:?}");
-            let QueueError { error, .. } = QueueError::of(PublishError::new(kind), "j-1");
+            let failed = QueueError::of(PublishError::new(kind));
+            assert_eq!(failed.stored, Stored::Maybe, "{kind:?}");
+            let error = failed.error("j-1", Stored::Maybe);
             assert_eq!(error.code, ErrorCode::Timeout);
             assert!(error.message.contains("job j-1 may or may not be queued"), "{error}");
+            // withdrawn by the undo (its record purged): not queued
+            assert_eq!(failed.error("j-1", Stored::No).code, ErrorCode::Unavailable);
         }
         for kind in [
             PublishErrorKind::StreamNotFound,
@@ -738,8 +746,9 @@ mod tests {
             PublishErrorKind::MaxPayloadExceeded,
             PublishErrorKind::Other,
         ] {
-            assert_eq!(Stored::after(&PublishError::new(kind)), Stored::No, "{kind:?}");
-            assert_eq!(QueueError::of(PublishError::new(kind), "j-1").error.code, ErrorCode::Unavailable);
+            let failed = QueueError::of(PublishError::new(kind));
+            assert_eq!(failed.stored, Stored::No, "{kind:?}");
+            assert_eq!(failed.error("j-1", Stored::No).code, ErrorCode::Unavailable);
         }
     }
 }
