@@ -259,6 +259,8 @@ async fn prepare(
     {
         return Err(ApiError::bad_request(format!("webhook {hook:?} must be an http:// or https:// URL")));
     }
+    let priority = if policy.low_priority { Priority::Low } else { Priority::Normal };
+    let policy = Policy { execution_timeout_ms, ttl_ms, priority };
     let id = new_job_id(req.sync);
     if let Some(key) = &req.idempotency_key {
         validate_id("idempotency key", key)?;
@@ -276,7 +278,7 @@ async fn prepare(
     }
     let (key, own_input) =
         (req.idempotency_key.clone(), req.input_ref.is_none().then(|| ctx.nats.names.blob_input(&id)));
-    let prepared = prepare_claimed(ctx, spec, req, waiter, wait_ms, id.clone()).await;
+    let prepared = prepare_claimed(ctx, spec, req, policy, waiter, wait_ms, id.clone()).await;
     if prepared.is_err() {
         // a retry with the same idempotency key must queue the job, not find one that never was
         ctx.store.release_claims(&spec.id, &id, key.as_deref(), own_input.as_deref()).await;
@@ -284,18 +286,16 @@ async fn prepare(
     prepared
 }
 
-/// [`prepare`] once the job has its id and its idempotency key is claimed.
+/// [`prepare`] once the job has its checked policy, its id and its idempotency key.
 async fn prepare_claimed(
     ctx: &Ctx,
     spec: &shoal_protocol::endpoint::EndpointSpec,
     mut req: RunRequest,
+    policy: Policy,
     waiter: Option<Waiter>,
     wait_ms: u64,
     id: String,
 ) -> Result<Prepared, ApiError> {
-    let policy = req.policy.clone().unwrap_or_default();
-    let (execution_timeout_ms, ttl_ms) =
-        (policy.execution_timeout_ms.unwrap_or(spec.execution_timeout_ms), policy.ttl_ms.unwrap_or(DEFAULT_TTL_MS));
     // an inline input above the inline limit moves to the object store, so the record (with
     // an output besides) always fits in one message
     if req.input_ref.is_none() {
@@ -307,8 +307,6 @@ async fn prepare_claimed(
     }
     let retention_s = if req.sync { ctx.config.sync_retention_s } else { ctx.config.run_retention_s };
     let now = now_ms();
-    let priority = if policy.low_priority { Priority::Low } else { Priority::Normal };
-    let policy = Policy { execution_timeout_ms, ttl_ms, priority };
     let record = JobRecord {
         s3_config: req.s3_config,
         webhook: req.webhook,
