@@ -2,12 +2,13 @@
 //! store. A job record then holds a reference (`input_ref`, `output_ref`) instead of the value.
 //!
 //! Who stores what:
-//! - **inputs** at submission: the gateway stores an input too large for a NATS request
-//!   (`<upload id>/input`, then sends `input_ref`); control stores an inline input above the
-//!   inline limit (`<job id>/input`), so a record always fits in one message;
+//! - **inputs** at submission: the gateway and the CLI store an input above the inline limit
+//!   ([`Blobs::offload_input`]: `upload-<uuid>/input`, then send `input_ref`), so no request
+//!   outgrows the server's `max_payload`; control stores an inline input above the inline limit
+//!   (`<job id>/input`), so a record always fits in one message;
 //! - **outputs** when a worker posts job-done (the worker actor, `<job id>/output`);
-//! - the host resolves the input when a worker takes the job; the gateway (and the webhook
-//!   dispatcher) resolve the output when they return a status.
+//! - the host resolves the input when a worker takes the job; the gateway, the CLI and the
+//!   webhook dispatcher resolve the output when they return a status.
 //!
 //! Blobs live as long as the bucket's max age (the longest a job can exist, see
 //! [`crate::nats`]); a retried job's output blob is overwritten by its next output.
@@ -19,8 +20,9 @@ use std::time::{Duration, Instant};
 use async_nats::jetstream::object_store::{self, ObjectStore};
 use bytes::Bytes;
 use serde_json::Value;
-use shoal_protocol::api::JobStatus;
+use shoal_protocol::api::{JobStatus, RunRequest};
 use shoal_protocol::lifecycle::Outcome;
+use shoal_protocol::names::Names;
 use tokio::io::AsyncReadExt;
 
 use crate::jobs::{JobStore, StoreError};
@@ -38,6 +40,38 @@ pub enum BlobError {
     NotFound(String),
     #[error("blob {name} is not JSON: {reason}")]
     Corrupt { name: String, reason: String },
+}
+
+/// Values whose JSON is longer than this go to the object store, for a server whose
+/// `max_payload` is `max_payload` (0: unknown, NATS' default assumed): a quarter of it (so a
+/// record with an inline input and an inline output still fits in one message), and at most
+/// [`MAX_INLINE`] (so a run request stays far below control's `max_input_bytes` whatever the
+/// server allows).
+pub fn inline_limit(max_payload: usize) -> usize {
+    let max_payload = if max_payload == 0 { DEFAULT_MAX_PAYLOAD } else { max_payload };
+    (max_payload / 4).min(MAX_INLINE)
+}
+
+/// An input [`Blobs::offload_input`] stored for a submission.
+#[derive(Debug)]
+pub struct Upload {
+    blobs: Blobs,
+    name: String,
+}
+
+impl Upload {
+    /// The object's name (the request's `input_ref`).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Removes the input of a job that was not queued (a failure is only logged: the object
+    /// expires with the store's max age).
+    pub async fn forget(self) {
+        if let Err(e) = self.blobs.delete(&self.name).await {
+            tracing::debug!(blob = %self.name, error = %e, "cannot delete the input of a job that was not queued");
+        }
+    }
 }
 
 /// The object store of large payloads, cheap to clone.
@@ -65,27 +99,32 @@ impl Blobs {
         Blobs { store, client, max_payload: Arc::new(Mutex::new(None)) }
     }
 
+    /// The object store a control plane created, for a client that creates nothing (the CLI).
+    pub async fn open(client: async_nats::Client, names: &Names) -> Result<Blobs, BlobError> {
+        let bucket = names.blobs_bucket();
+        let store = async_nats::jetstream::new(client.clone()).get_object_store(&bucket).await.map_err(|e| {
+            BlobError::Unavailable(format!(
+                "cannot open the object store {bucket} of large payloads: {e} (a control plane creates it when it starts)"
+            ))
+        })?;
+        Ok(Blobs::new(store, client))
+    }
+
     fn max_payload(&self) -> usize {
         let mut cached = self.max_payload.lock().unwrap_or_else(PoisonError::into_inner);
         match *cached {
             Some((read_at, max_payload)) if read_at.elapsed() < MAX_PAYLOAD_FRESH => max_payload,
             _ => {
-                let max_payload = match self.client.server_info().max_payload {
-                    0 => DEFAULT_MAX_PAYLOAD,
-                    n => n,
-                };
+                let max_payload = self.client.server_info().max_payload;
                 *cached = Some((Instant::now(), max_payload));
                 max_payload
             }
         }
     }
 
-    /// Values whose JSON is longer than this go to the object store: a quarter of the server's
-    /// `max_payload` (so a record with an inline input and an inline output still fits in one
-    /// message), and at most [`MAX_INLINE`] (so a run request stays far below control's
-    /// `max_input_bytes` whatever the server allows).
+    /// Values whose JSON is longer than this go to the object store (see [`inline_limit`]).
     pub fn inline_limit(&self) -> usize {
-        (self.max_payload() / 4).min(MAX_INLINE)
+        inline_limit(self.max_payload())
     }
 
     pub async fn put(&self, name: &str, bytes: Bytes) -> Result<(), BlobError> {
@@ -138,6 +177,21 @@ impl Blobs {
         }
         self.put_json(name, json).await?;
         Ok(true)
+    }
+
+    /// Moves a run request's input to the object store when it is above the inline limit, under
+    /// a name of its own (`upload-<uuid>/input`: the job id is not known yet), and makes the
+    /// request carry `input_ref` instead. Submit it with
+    /// [`crate::client::ApiClient::run_uploaded`], which removes the upload again when the job
+    /// was not queued.
+    pub async fn offload_input(&self, names: &Names, req: &mut RunRequest) -> Result<Option<Upload>, BlobError> {
+        let name = names.blob_input(&format!("upload-{}", uuid::Uuid::new_v4().simple()));
+        if !self.offload(&name, &req.input).await? {
+            return Ok(None);
+        }
+        req.input = Value::Null;
+        req.input_ref = Some(name.clone());
+        Ok(Some(Upload { blobs: self.clone(), name }))
     }
 
     /// Replaces a status's `output_ref` by the output it names.

@@ -12,16 +12,28 @@ use shoal_protocol::endpoint::EndpointSpec;
 use shoal_protocol::names::{Names, op};
 use shoal_protocol::{ApiError, ErrorCode};
 
-/// What a failed NATS API request says: no control plane, no answer in time, or the transport's
-/// own error.
+use crate::blobs::Upload;
+
+/// What a failed NATS API request says: no control plane, no answer in time, a request the
+/// client would not send (larger than the server's `max_payload`, a subject it cannot name),
+/// or the transport's own error.
 pub fn request_error(e: &async_nats::RequestError) -> ApiError {
+    use async_nats::RequestErrorKind as Kind;
     match e.kind() {
-        async_nats::RequestErrorKind::NoResponders => ApiError::unavailable(
+        Kind::NoResponders => ApiError::unavailable(
             "no shoal control plane answers on this NATS server (is `shoal control` or `shoal dev` running?)",
         ),
-        async_nats::RequestErrorKind::TimedOut => {
-            ApiError::new(ErrorCode::Timeout, "the control plane did not answer in time")
-        }
+        Kind::TimedOut => ApiError::new(ErrorCode::Timeout, "the control plane did not answer in time"),
+        // checked before anything is sent: retrying cannot help
+        Kind::MaxPayloadExceeded => ApiError::new(
+            ErrorCode::TooLarge,
+            format!(
+                "the request is larger than the NATS server's max_payload ({e}); nothing was sent: \
+                 put a large input in the object store and send input_ref (the CLI and the HTTP gateway \
+                 do it themselves), or raise the server's max_payload"
+            ),
+        ),
+        Kind::InvalidSubject => ApiError::bad_request(format!("the request's subject is not valid ({e})")),
         _ => ApiError::unavailable(format!("request failed: {e}")),
     }
 }
@@ -47,6 +59,15 @@ pub struct ApiClient {
 impl ApiClient {
     pub fn new(client: async_nats::Client, names: Names) -> ApiClient {
         ApiClient { client, names, timeout: Duration::from_secs(10) }
+    }
+
+    /// The NATS connection the requests go through.
+    pub fn nats(&self) -> &async_nats::Client {
+        &self.client
+    }
+    /// The installation's names (its subjects, buckets and object names).
+    pub fn names(&self) -> &Names {
+        &self.names
     }
 
     /// The longest a request waits for its reply (plus any `wait_ms` it carries).
@@ -86,6 +107,42 @@ impl ApiClient {
     pub async fn run_batch(&self, jobs: Vec<RunRequest>) -> Result<Vec<Result<JobStatus, ApiError>>, ApiError> {
         let reply: RunBatchReply = self.request(op::JOB_RUN_BATCH, &RunBatchRequest { jobs }, Duration::ZERO).await?;
         Ok(reply.jobs.into_iter().map(RunBatchItem::into_result).collect())
+    }
+    /// Submits a request whose input [`crate::blobs::Blobs::offload_input`] may have stored;
+    /// when the job was not queued, removes that input again, unless the job may be queued
+    /// all the same (`timeout`: the control plane did not answer in time, or could not tell
+    /// whether the job's token was stored); such an input expires with the object store.
+    pub async fn run_uploaded(&self, req: &RunRequest, uploaded: Option<Upload>) -> Result<JobStatus, ApiError> {
+        let result = self.run(req).await;
+        if let Err(e) = &result {
+            forget_upload(uploaded, e).await;
+        }
+        result
+    }
+    /// [`ApiClient::run_batch`] for jobs whose inputs [`crate::blobs::Blobs::offload_input`]
+    /// may have stored (`uploaded`, one per job, in order); a job not queued has its input
+    /// removed as in [`ApiClient::run_uploaded`].
+    pub async fn run_batch_uploaded(
+        &self,
+        jobs: Vec<RunRequest>,
+        uploaded: Vec<Option<Upload>>,
+    ) -> Result<Vec<Result<JobStatus, ApiError>>, ApiError> {
+        match self.run_batch(jobs).await {
+            Ok(answers) => {
+                for (answer, upload) in answers.iter().zip(uploaded) {
+                    if let Err(e) = answer {
+                        forget_upload(upload, e).await;
+                    }
+                }
+                Ok(answers)
+            }
+            Err(e) => {
+                for upload in uploaded {
+                    forget_upload(upload, &e).await;
+                }
+                Err(e)
+            }
+        }
     }
     pub async fn status(&self, job: &JobRef) -> Result<JobStatus, ApiError> {
         self.request(op::JOB_STATUS, job, Duration::from_millis(job.wait_ms)).await
@@ -130,5 +187,15 @@ impl ApiClient {
     }
     pub async fn hosts(&self) -> Result<HostList, ApiError> {
         self.request(op::HOSTS_LIST, &(), Duration::ZERO).await
+    }
+}
+
+/// Removes the input stored for a submission that failed with `error`, unless the job may be
+/// queued all the same (a `timeout`).
+async fn forget_upload(uploaded: Option<Upload>, error: &ApiError) {
+    if let Some(upload) = uploaded
+        && error.code != ErrorCode::Timeout
+    {
+        upload.forget().await;
     }
 }

@@ -12,6 +12,7 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde::{Deserialize, Serialize};
+use shoal_actors::blobs::Upload;
 use shoal_actors::client::ApiClient;
 use shoal_actors::nats::Nats;
 use shoal_protocol::ApiError;
@@ -245,7 +246,7 @@ async fn run_request(
     query: RunQuery,
     body: Bytes,
     sync: bool,
-) -> Result<(RunRequest, Option<String>), HttpError> {
+) -> Result<(RunRequest, Option<Upload>), HttpError> {
     validate_id("endpoint id", &endpoint)?;
     if body.iter().all(u8::is_ascii_whitespace) {
         return Err(HttpError::bad_request(r#"the body must be a JSON object with an "input", e.g. {"input": {}}"#));
@@ -281,36 +282,19 @@ async fn run_request(
         ..RunRequest::default()
     };
     // an input a NATS request should not carry goes to the object store first
-    let name = gw.nats.names.blob_input(&format!("upload-{}", uuid::Uuid::new_v4().simple()));
-    let stored = gw
+    let uploaded = gw
         .nats
         .blobs
-        .offload(&name, &req.input)
+        .offload_input(&gw.nats.names, &mut req)
         .await
         .map_err(|e| HttpError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?;
-    if stored {
-        req.input = serde_json::Value::Null;
-        req.input_ref = Some(name.clone());
-    }
-    Ok((req, stored.then_some(name)))
+    Ok((req, uploaded))
 }
 
 /// Submits; on failure removes the input it stored, unless the job may be queued all the same
-/// (a time-out: the control plane did not answer in time, or could not tell whether the job's
-/// token was stored); such an input expires with the object store's max age.
-async fn submit(gw: &Gateway, req: RunRequest, uploaded: Option<String>) -> Result<JobStatus, HttpError> {
-    match gw.api.run(&req).await {
-        Ok(status) => Ok(status),
-        Err(e) => {
-            if let Some(name) = uploaded
-                && e.code != shoal_protocol::ErrorCode::Timeout
-                && let Err(e) = gw.nats.blobs.delete(&name).await
-            {
-                tracing::debug!(blob = %name, error = %e, "cannot delete the input of a refused job");
-            }
-            Err(e.into())
-        }
-    }
+/// (see [`shoal_actors::client::ApiClient::run_uploaded`]).
+async fn submit(gw: &Gateway, req: RunRequest, uploaded: Option<Upload>) -> Result<JobStatus, HttpError> {
+    Ok(gw.api.run_uploaded(&req, uploaded).await?)
 }
 
 /// A status with its output read back from the object store when it was stored there.

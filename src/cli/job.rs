@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow};
 use serde_json::Value;
+use shoal_actors::blobs::{Blobs, Upload, inline_limit};
 use shoal_actors::client::ApiClient;
 use shoal_actors::clock::now_ms;
 use shoal_protocol::api::{JobRef, JobStatus, JobSummary, JobsRequest, MAX_BATCH_JOBS, RunRequest};
@@ -123,15 +124,17 @@ pub async fn job(settings: &Settings, cmd: &JobCommand) -> Result<ExitCode> {
         JobCommand::Run(args) => {
             // A mistake in the input is reported before anything is sent.
             let request = run_request(args, parse_input(&args.input)?);
-            run(&api(settings).await?, args, &request).await
+            run(&LargePayloads::new(api(settings).await?), args, request).await
         }
         JobCommand::Submit(args) => {
             // every line is read and checked before anything is sent
             let inputs = parse_lines(&read_text(&args.file)?, &args.file.display().to_string())?;
-            submit(&api(settings).await?, args, inputs).await
+            submit(&LargePayloads::new(api(settings).await?), args, inputs).await
         }
         JobCommand::Status(args) => {
-            print_status(&api(settings).await?.status(&args.job_ref(0)).await?)?;
+            let payloads = LargePayloads::new(api(settings).await?);
+            let status = payloads.api.status(&args.job_ref(0)).await?;
+            print_status(&payloads.resolved(status).await?)?;
             Ok(ExitCode::SUCCESS)
         }
         JobCommand::Cancel(args) => {
@@ -226,34 +229,84 @@ pub fn parse_lines(text: &str, source: &str) -> Result<Vec<(usize, Value)>> {
 /// stays well under the control plane's `max_input_bytes` (1 MiB by default).
 const SUBMIT_REQUEST_BYTES: usize = 512 * 1024;
 
-/// Consecutive runs of the inputs: at most `count` each, and at most `bytes` of JSON unless one
-/// input alone is larger.
-fn chunks(inputs: &[(usize, Value)], count: usize, bytes: usize) -> Vec<&[(usize, Value)]> {
+/// Consecutive runs of inputs of these sizes: at most `count` each, and at most `bytes` in all
+/// unless one input alone is larger.
+fn chunks(sizes: &[usize], count: usize, bytes: usize) -> Vec<std::ops::Range<usize>> {
     let mut out = Vec::new();
     let (mut start, mut size) = (0, 0);
-    for (i, (_, input)) in inputs.iter().enumerate() {
-        let len = serde_json::to_vec(input).map_or(0, |v| v.len());
+    for (i, len) in sizes.iter().enumerate() {
         if i > start && (i - start == count || size + len > bytes) {
-            out.push(&inputs[start..i]);
+            out.push(start..i);
             (start, size) = (i, 0);
         }
         size += len;
     }
-    if start < inputs.len() {
-        out.push(&inputs[start..]);
+    if start < sizes.len() {
+        out.push(start..sizes.len());
     }
     out
 }
 
-async fn submit(api: &ApiClient, args: &SubmitArgs, inputs: Vec<(usize, Value)>) -> Result<ExitCode> {
+/// The API client with the object store of large payloads, opened the first time an input
+/// must go there or an output comes from there: the CLI sends any input and prints any output,
+/// whatever NATS' `max_payload`, as the HTTP gateway does.
+struct LargePayloads {
+    api: ApiClient,
+    blobs: tokio::sync::OnceCell<Blobs>,
+}
+
+impl LargePayloads {
+    fn new(api: ApiClient) -> LargePayloads {
+        LargePayloads { api, blobs: tokio::sync::OnceCell::new() }
+    }
+
+    async fn blobs(&self) -> Result<&Blobs> {
+        Ok(self.blobs.get_or_try_init(|| Blobs::open(self.api.nats().clone(), self.api.names())).await?)
+    }
+
+    /// The inline limit of the server this client is connected to.
+    fn inline_limit(&self) -> usize {
+        inline_limit(self.api.nats().server_info().max_payload)
+    }
+
+    /// How many bytes of JSON `input` adds to a request: nothing much when it goes to the
+    /// object store.
+    fn request_bytes(&self, input: &Value) -> usize {
+        let len = serde_json::to_vec(input).map_or(0, |v| v.len());
+        if len > self.inline_limit() { 0 } else { len }
+    }
+
+    /// Stores the request's input in the object store when it is above the inline limit (see
+    /// [`Blobs::offload_input`]).
+    async fn offload(&self, req: &mut RunRequest) -> Result<Option<Upload>> {
+        if serde_json::to_vec(&req.input).map_or(0, |v| v.len()) <= self.inline_limit() {
+            return Ok(None);
+        }
+        Ok(self.blobs().await?.offload_input(self.api.names(), req).await?)
+    }
+
+    /// The status with its output read back from the object store when it was stored there.
+    async fn resolved(&self, mut status: JobStatus) -> Result<JobStatus> {
+        if status.output_ref.is_some() {
+            self.blobs().await?.resolve_output(&mut status).await?;
+        }
+        Ok(status)
+    }
+}
+
+async fn submit(payloads: &LargePayloads, args: &SubmitArgs, inputs: Vec<(usize, Value)>) -> Result<ExitCode> {
     let policy = args.low_priority.then_some(PolicyRequest { low_priority: true, ..PolicyRequest::default() });
+    let sizes: Vec<usize> = inputs.iter().map(|(_, input)| payloads.request_bytes(input)).collect();
     let mut refused = 0usize;
-    for chunk in chunks(&inputs, args.batch as usize, SUBMIT_REQUEST_BYTES) {
-        let jobs = chunk
-            .iter()
-            .map(|(_, input)| RunRequest { policy: policy.clone(), ..RunRequest::new(&args.endpoint, input.clone()) })
-            .collect();
-        for ((number, _), answer) in chunk.iter().zip(api.run_batch(jobs).await?) {
+    for range in chunks(&sizes, args.batch as usize, SUBMIT_REQUEST_BYTES) {
+        let chunk = &inputs[range];
+        let (mut jobs, mut uploaded) = (Vec::with_capacity(chunk.len()), Vec::with_capacity(chunk.len()));
+        for (_, input) in chunk {
+            let mut job = RunRequest { policy: policy.clone(), ..RunRequest::new(&args.endpoint, input.clone()) };
+            uploaded.push(payloads.offload(&mut job).await?);
+            jobs.push(job);
+        }
+        for ((number, _), answer) in chunk.iter().zip(payloads.api.run_batch_uploaded(jobs, uploaded).await?) {
             match answer {
                 Ok(status) => line(&status.id)?,
                 Err(e) => {
@@ -286,8 +339,10 @@ fn run_request(args: &RunArgs, input: Value) -> RunRequest {
     }
 }
 
-async fn run(api: &ApiClient, args: &RunArgs, request: &RunRequest) -> Result<ExitCode> {
-    let mut status = api.run(request).await?;
+async fn run(payloads: &LargePayloads, args: &RunArgs, mut request: RunRequest) -> Result<ExitCode> {
+    let api = &payloads.api;
+    let uploaded = payloads.offload(&mut request).await?;
+    let mut status = api.run_uploaded(&request, uploaded).await?;
     if args.r#async {
         line(&status.id)?;
         return Ok(ExitCode::SUCCESS);
@@ -306,8 +361,9 @@ async fn run(api: &ApiClient, args: &RunArgs, request: &RunRequest) -> Result<Ex
         let job = JobRef { endpoint: Some(status.endpoint.clone()), id: status.id.clone(), wait_ms: args.wait_ms };
         status = api.status(&job).await?;
     }
-    print_status(&status)?;
-    Ok(exit_code(status.status))
+    let state = status.status;
+    print_status(&payloads.resolved(status).await?)?;
+    Ok(exit_code(state))
 }
 
 async fn stream(api: &ApiClient, args: &JobArgs) -> Result<ExitCode> {
@@ -345,14 +401,16 @@ mod tests {
 
     #[test]
     fn submitted_inputs_go_in_runs_bounded_by_count_and_size() {
-        let inputs: Vec<(usize, Value)> = (1..=7).map(|n| (n, Value::String("x".repeat(8)))).collect();
-        // each input is 10 bytes of JSON
-        let sizes = |c: Vec<&[(usize, Value)]>| c.iter().map(|c| c.len()).collect::<Vec<_>>();
+        // seven inputs of 10 bytes of JSON each
+        let inputs = [10; 7];
+        let sizes = |c: Vec<std::ops::Range<usize>>| c.iter().map(|c| c.len()).collect::<Vec<_>>();
         assert_eq!(sizes(chunks(&inputs, 3, 1000)), [3, 3, 1]);
         assert_eq!(sizes(chunks(&inputs, 100, 25)), [2, 2, 2, 1]);
         // an input larger than the bound goes alone
         assert_eq!(sizes(chunks(&inputs, 100, 5)), [1; 7]);
-        assert_eq!(chunks(&inputs, 3, 1000)[1][0].0, 4, "in order");
+        assert_eq!(chunks(&inputs, 3, 1000), [0..3, 3..6, 6..7], "in order, each input once");
+        // inputs that go to the object store add nothing
+        assert_eq!(sizes(chunks(&[10, 0, 0, 10, 10], 100, 25)), [4, 1]);
         assert!(chunks(&[], 3, 1000).is_empty());
     }
 

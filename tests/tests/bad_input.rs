@@ -81,6 +81,11 @@ async fn bad_requests_get_clear_errors_and_the_service_keeps_serving() -> Result
     let err = shoal.api.run(&RunRequest::new("ok", json!({"blob": big}))).await.expect_err("too large");
     assert_eq!(err.code, ErrorCode::TooLarge);
     assert!(err.message.contains("max_input_bytes"), "{err}");
+    // a request larger than the NATS server takes: refused by the client, nothing sent
+    let huge = "x".repeat(2 * 1024 * 1024);
+    let err = shoal.api.run(&RunRequest::new("ok", json!({"blob": huge}))).await.expect_err("too large for NATS");
+    assert_eq!(err.code, ErrorCode::TooLarge, "{err}");
+    assert!(err.message.contains("max_payload") && err.message.contains("input_ref"), "{err}");
     // invalid policy and spec
     let mut req = RunRequest::new("ok", json!(1));
     req.policy = Some(shoal_protocol::job::PolicyRequest { ttl_ms: Some(5), ..Default::default() });

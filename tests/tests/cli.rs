@@ -7,6 +7,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
+use futures::TryStreamExt;
 use serde_json::{Value, json};
 use shoal_tests::process::shoal_bin;
 use shoal_tests::{Shoal, eventually, example_worker_bin};
@@ -233,6 +234,50 @@ async fn an_operator_runs_and_follows_jobs_from_the_command_line() -> Result<()>
     assert!(ok(&shoal, &["keys", "revoke", key_id]).await?.stdout.contains("revoked"));
     refused(&shoal, &["keys", "revoke", key_id], 1, "no key").await?;
     refused(&shoal, &["keys", "create", "--endpoint", "a.b"], 1, "endpoint id").await?;
+
+    // an input and an output twice NATS' default message limit: through the object store, whole
+    let text: String = (0..2_000_000).map(|i| char::from(b'a' + (i % 26) as u8)).collect();
+    let big = json!({"text": text});
+    let big_file = dir.path().join("big.json");
+    std::fs::write(&big_file, serde_json::to_vec(&big)?)?;
+    let big_arg = format!("@{}", big_file.display());
+    let done = ok(&shoal, &["job", "run", "cli-rs", &big_arg]).await?.json()?;
+    assert_eq!(done["status"], "COMPLETED", "{}", done["error"]);
+    ensure!(done["output"] == big && done.get("output_ref").is_none_or(Value::is_null), "the whole output");
+    let id = done["id"].as_str().context("id")?;
+    ensure!(ok(&shoal, &["job", "status", id]).await?.json()?["output"] == big, "job status prints it whole too");
+    let lines = dir.path().join("big.jsonl");
+    std::fs::write(
+        &lines,
+        format!("{}\n{{\"n\":0}}\n{}\n", serde_json::to_string(&big)?, serde_json::to_string(&big)?),
+    )?;
+    let submitted = ok(&shoal, &["job", "submit", "cli-rs", &lines.to_string_lossy()]).await?;
+    let ids: Vec<&str> = submitted.stdout.lines().collect();
+    assert_eq!(ids.len(), 3, "{submitted:?}");
+    for (id, input) in ids.iter().copied().zip([&big, &json!({"n": 0}), &big]) {
+        let status = eventually(Duration::from_secs(30), "a submitted big job ends", || async {
+            let s = ok(&shoal, &["job", "status", id]).await.ok()?.json().ok()?;
+            (s["status"] == "COMPLETED").then_some(s)
+        })
+        .await?;
+        ensure!(&status["output"] == input, "submitted job {id}: the output is its input, whole");
+    }
+    // a big input whose job is refused is not left behind in the object store
+    let uploads = || async {
+        let store = shoal.nats.js.get_object_store(shoal.nats.names.blobs_bucket()).await?;
+        let mut list = store.list().await?;
+        let mut names = Vec::new();
+        while let Some(info) = list.try_next().await? {
+            if info.name.starts_with("upload-") {
+                names.push(info.name);
+            }
+        }
+        anyhow::Ok(names)
+    };
+    let before = uploads().await?;
+    assert_eq!(before.len(), 3, "one upload per big job: {before:?}");
+    refused(&shoal, &["job", "run", "no-such-ep", &big_arg], 1, "not_found").await?;
+    assert_eq!(uploads().await?, before, "the refused job's input was removed");
 
     // delete: the endpoint is gone for jobs too
     assert!(ok(&shoal, &["endpoint", "delete", "cli-rs"]).await?.stdout.contains("endpoint cli-rs deleted"));
