@@ -47,13 +47,16 @@ async def handler(job):
 async def generator_handler(job):
     """Generator handler: yields {"i": n} for n in 0..chunks, each posted to job-stream.
 
+    "chunk_bytes" pads each chunk with {"pad": "x" * bytes} (a number for every chunk, or a list: one per chunk).
     Also honours mode "error" (raise after the chunks) and "error_dict" (yield {"error": ...} after the chunks)."""
     inp = job["input"] if isinstance(job.get("input"), dict) else {}
     delay = inp.get("chunk_delay_s", 0)
+    pads = inp.get("chunk_bytes", 0)
     for n in range(inp.get("chunks", 3)):
         if n and delay:
             await asyncio.sleep(delay)
-        yield {"i": n}
+        pad = pads[n] if isinstance(pads, list) else pads
+        yield {"i": n, "pad": "x" * pad} if pad else {"i": n}
     if inp.get("mode") == "error":
         raise RuntimeError(inp.get("message", "boom"))
     if inp.get("mode") == "error_dict":

@@ -175,7 +175,19 @@ pub struct StreamChunk {
     pub output: Value,
 }
 
-/// `job.stream`: the chunks produced since the previous read (consume-on-read).
+/// Room a `job.stream` reply keeps for its envelope (id, state, framing, headers) next to its
+/// chunks: a reply carries chunks up to the server's `max_payload` less this, and a stream
+/// chunk larger than that is refused when the worker posts it (it could never be read).
+pub const STREAM_REPLY_ROOM: usize = 8 * 1024;
+
+/// The largest stream chunk (its MessagePack) a server with this `max_payload` stores, and the
+/// most chunk bytes one `job.stream` reply carries.
+pub fn stream_chunk_limit(max_payload: usize) -> usize {
+    max_payload.saturating_sub(STREAM_REPLY_ROOM)
+}
+
+/// `job.stream`: the chunks produced since the previous read (consume-on-read), in order; as
+/// many as fit in one reply (see [`stream_chunk_limit`]), the rest at the next read.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StreamReply {
     pub id: String,

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use serde_json::{Value, json};
 use shoal_protocol::api::{JobRef, JobStatus, RunRequest};
 use shoal_protocol::job::{JobState, PolicyRequest};
@@ -132,6 +132,25 @@ async fn generator_chunks_stream_in_order_each_once() -> Result<()> {
     let (chunks, _) = collect_stream(&shoal, "gen-agg", &b.id).await?;
     assert_eq!(chunks, expected);
     assert_eq!(shoal.api.status(&job("gen-agg", &b.id)).await?.output, Some(Value::Array(expected)));
+
+    // chunks whose sum passes NATS' max_payload (1 MiB) come over several reads, none lost; a
+    // chunk larger than any reply can carry is refused when posted (413) and the stream goes on
+    let pad = |n: usize| "x".repeat(n);
+    let big = shoal.api.run(&RunRequest::new("gen", json!({"chunks": 24, "chunk_bytes": 100_000}))).await?;
+    let (chunks, state) = collect_stream(&shoal, "gen", &big.id).await?;
+    assert_eq!(state, JobState::Completed);
+    let expected: Vec<Value> = (0..24).map(|i| json!({"i": i, "pad": pad(100_000)})).collect();
+    assert!(chunks == expected, "all 24 chunks of 100 KB, in order: got {} chunks", chunks.len());
+    let refused =
+        shoal.api.run(&RunRequest::new("gen", json!({"chunks": 3, "chunk_bytes": [10, 1_100_000, 10]}))).await?;
+    let (chunks, state) = collect_stream(&shoal, "gen", &refused.id).await?;
+    assert_eq!(state, JobState::Completed);
+    assert_eq!(chunks, [json!({"i": 0, "pad": pad(10)}), json!({"i": 2, "pad": pad(10)})]);
+    // the worker was told why (the SDK logs the refusal and goes on)
+    let host = &shoal.host.as_ref().context("host")?.id;
+    let worker = shoal.api.status(&job("gen", &refused.id)).await?.worker_id.context("the job's worker")?;
+    let lines = shoal_actors::host::logs::get(&shoal.nats.client, &shoal.nats.names, host, "gen", &worker, 500).await?;
+    assert!(lines.iter().any(|l| l.contains("413")), "the worker's log shows the 413: {lines:?}");
     shoal.stop().await;
     Ok(())
 }

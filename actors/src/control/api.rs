@@ -159,7 +159,7 @@ async fn dispatch_reply(ctx: &Ctx, operation: &str, enc: Encoding, payload: &[u8
         op::JOB_STATUS => rep(enc, &job_ops::status(ctx, req(enc, payload)?).await?),
         op::JOB_CANCEL => rep(enc, &job_ops::cancel(ctx, req(enc, payload)?).await?),
         op::JOB_RETRY => rep(enc, &job_ops::retry(ctx, req(enc, payload)?).await?),
-        op::JOB_STREAM => rep(enc, &job_ops::stream(ctx, req(enc, payload)?).await?),
+        op::JOB_STREAM => rep(enc, &job_ops::stream(ctx, enc, req(enc, payload)?).await?),
         op::ENDPOINT_PURGE => rep(enc, &job_ops::purge(ctx, req(enc, payload)?).await?),
         op::ENDPOINT_HEALTH => rep(enc, &health(ctx, req(enc, payload)?).await?),
         op::ENDPOINT_CREATE => rep(enc, &create_endpoint(ctx, req(enc, payload)?).await?),

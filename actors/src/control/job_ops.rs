@@ -10,7 +10,7 @@ use async_nats::jetstream::kv;
 use bytes::Bytes;
 use futures::StreamExt;
 use shoal_protocol::api::*;
-use shoal_protocol::codec::{from_msgpack, to_msgpack};
+use shoal_protocol::codec::{Encoding, encode, from_msgpack, to_msgpack};
 use shoal_protocol::ids::validate_id;
 use shoal_protocol::job::*;
 use shoal_protocol::lifecycle::{self, TransitionError};
@@ -661,8 +661,9 @@ pub(super) async fn retry(ctx: &Ctx, job: JobRef) -> Result<JobStatus, ApiError>
 }
 
 /// Consume-on-read: the chunks posted since the previous read, through the job's one durable
-/// cursor (shared by all readers, so each chunk is delivered once).
-pub(super) async fn stream(ctx: &Ctx, job: JobRef) -> Result<StreamReply, ApiError> {
+/// cursor (shared by all readers, so each chunk is delivered once), in order and as many as fit
+/// in one reply (`enc`: the reply's encoding); the others stay for the next read.
+pub(super) async fn stream(ctx: &Ctx, enc: Encoding, job: JobRef) -> Result<StreamReply, ApiError> {
     let rec = find(ctx, &job).await?;
     let names = &ctx.nats.names;
     let stream =
@@ -681,17 +682,84 @@ pub(super) async fn stream(ctx: &Ctx, job: JobRef) -> Result<StreamReply, ApiErr
         )
         .await
         .map_err(|e| ApiError::unavailable(e.to_string()))?;
-    let mut chunks = Vec::new();
-    let mut batch =
-        consumer.fetch().max_messages(1000).messages().await.map_err(|e| ApiError::unavailable(e.to_string()))?;
+    let max_payload = ctx.nats.client.server_info().max_payload;
+    let budget = stream_chunk_limit(max_payload);
+    // the server hands out about one reply's worth (a chunk stored is at most `budget` plus
+    // its subject, so one always comes); the encoding's own size is counted below
+    let mut batch = consumer
+        .fetch()
+        .max_messages(1000)
+        .max_bytes(max_payload.saturating_sub(STREAM_REPLY_ROOM / 2))
+        .messages()
+        .await
+        .map_err(|e| ApiError::unavailable(e.to_string()))?;
+    let mut fetched = Vec::new();
     while let Some(Ok(msg)) = batch.next().await {
-        match from_msgpack(&msg.payload) {
-            Ok(output) => chunks.push(StreamChunk { output }),
-            Err(e) => tracing::warn!(job_id = %rec.id, error = %e, "undecodable stream chunk skipped"),
-        }
-        msg.double_ack().await.map_err(|e| ApiError::unavailable(format!("cannot consume a chunk: {e}")))?;
+        let output = from_msgpack::<serde_json::Value>(&msg.payload)
+            .map_err(|e| tracing::warn!(job_id = %rec.id, error = %e, "undecodable stream chunk skipped"))
+            .ok();
+        let size = match (&output, enc) {
+            (None, _) => 0,
+            (Some(_), Encoding::MsgPack) => msg.payload.len(),
+            (Some(output), _) => encode(enc, output).map_or(usize::MAX, |v| v.len()),
+        };
+        fetched.push((msg, output, size + CHUNK_FRAMING));
     }
+    let sizes: Vec<usize> = fetched.iter().map(|(_, _, size)| *size).collect();
+    let taken = chunks_that_fit(&sizes, budget);
+    if taken == 0 && !fetched.is_empty() {
+        nak_all(fetched.into_iter().map(|(msg, _, _)| msg)).await;
+        return Err(ApiError::new(
+            ErrorCode::TooLarge,
+            format!(
+                "the job's next stream chunk is {} bytes in this encoding, more than a reply carries \
+                 ({budget}); read this stream with MessagePack (the HTTP gateway does)",
+                sizes[0]
+            ),
+        ));
+    }
+    let left = fetched.split_off(taken);
+    let mut chunks = Vec::with_capacity(taken);
+    let mut fetched = fetched.into_iter().map(|(msg, output, _)| (msg, output));
+    while let Some((msg, output)) = fetched.next() {
+        if let Err(e) = msg.double_ack().await {
+            // not consumed: it and every one after it are read again next time, in order
+            let rest = fetched.map(|(msg, _)| msg).chain(left.into_iter().map(|(msg, _, _)| msg));
+            nak_all(std::iter::once(msg).chain(rest)).await;
+            if chunks.is_empty() {
+                return Err(ApiError::unavailable(format!("cannot consume a chunk: {e}")));
+            }
+            return Ok(StreamReply { id: rec.id, status: rec.state, stream: chunks });
+        }
+        chunks.extend(output.map(|output| StreamChunk { output }));
+    }
+    nak_all(left.into_iter().map(|(msg, _, _)| msg)).await;
     Ok(StreamReply { id: rec.id, status: rec.state, stream: chunks })
+}
+
+/// What a chunk adds to a reply besides its output (its map and key).
+const CHUNK_FRAMING: usize = 16;
+
+/// How many of the next chunks, of these encoded sizes in order, one reply of `budget` bytes
+/// carries.
+fn chunks_that_fit(sizes: &[usize], budget: usize) -> usize {
+    let mut used = 0usize;
+    sizes
+        .iter()
+        .take_while(|size| {
+            used = used.saturating_add(**size);
+            used <= budget
+        })
+        .count()
+}
+
+/// Hands fetched chunks back to the stream's cursor, in order, for the next read.
+async fn nak_all(msgs: impl Iterator<Item = async_nats::jetstream::Message>) {
+    for msg in msgs {
+        if let Err(e) = msg.ack_with(async_nats::jetstream::AckKind::Nak(None)).await {
+            tracing::debug!(error = %e, "cannot hand a stream chunk back; it is read again after the ack wait");
+        }
+    }
 }
 
 /// Cancels every queued job of the endpoint; running jobs continue.
@@ -723,7 +791,18 @@ mod tests {
 
     use shoal_protocol::ErrorCode;
 
-    use super::{QueueError, Stored};
+    use super::{QueueError, Stored, chunks_that_fit};
+
+    #[test]
+    fn a_stream_reply_carries_the_chunks_that_fit_in_order() {
+        assert_eq!(chunks_that_fit(&[], 100), 0);
+        assert_eq!(chunks_that_fit(&[40, 40, 40], 100), 2);
+        assert_eq!(chunks_that_fit(&[40, 60, 1], 100), 2, "exactly full");
+        assert_eq!(chunks_that_fit(&[10, 200, 1], 100), 1, "never one past a chunk that does not fit");
+        assert_eq!(chunks_that_fit(&[101, 1], 100), 0, "a first chunk too large alone");
+        assert_eq!(chunks_that_fit(&[usize::MAX, 1], 100), 0);
+        assert_eq!(chunks_that_fit(&[1; 1000], 100), 100);
+    }
 
     #[test]
     fn a_token_without_its_ack_may_be_stored_and_a_refused_one_is_not() {

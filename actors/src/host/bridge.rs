@@ -5,7 +5,8 @@
 //!
 //! Replies follow what the runpod SDK accepts: 204 when there is nothing (it re-polls at once),
 //! 200 `{}` for every well-formed post (results for finished or cancelled jobs are dropped
-//! after a 200, never refused), 5xx only when nothing was stored (the SDK then retries).
+//! after a 200, never refused), 5xx only when nothing was stored (the SDK then retries), 413 for
+//! a stream chunk too large to store.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -24,7 +25,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::sync::oneshot;
 
-use super::worker_actor::WorkerMsg;
+use super::worker_actor::{PostError, WorkerMsg};
 
 /// A worker the bridge knows: its endpoint, its token and its actor.
 #[derive(Clone)]
@@ -252,13 +253,17 @@ fn parse_body(body: &Bytes) -> Result<Value, Response> {
     serde_json::from_slice(body).map_err(|e| error(StatusCode::BAD_REQUEST, format!("the body is not JSON: {e}")))
 }
 
-async fn post_to_actor<F>(reg: &Registered, make: F) -> Response
+async fn post_to_actor<F, E>(reg: &Registered, make: F) -> Response
 where
-    F: FnOnce(RpcReplyPort<Result<(), String>>) -> WorkerMsg,
+    F: FnOnce(RpcReplyPort<Result<(), E>>) -> WorkerMsg,
+    E: Into<PostError> + Send + 'static,
 {
     match reg.actor.call(make, Some(Duration::from_secs(30))).await {
         Ok(CallResult::Success(Ok(()))) => axum::Json(json!({})).into_response(),
-        Ok(CallResult::Success(Err(e))) => error(StatusCode::SERVICE_UNAVAILABLE, e),
+        Ok(CallResult::Success(Err(e))) => match e.into() {
+            PostError::Unavailable(e) => error(StatusCode::SERVICE_UNAVAILABLE, e),
+            PostError::TooLarge(e) => error(StatusCode::PAYLOAD_TOO_LARGE, e),
+        },
         _ => error(StatusCode::SERVICE_UNAVAILABLE, "worker is stopping; nothing was stored"),
     }
 }

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use serde_json::Value;
+use shoal_protocol::api::stream_chunk_limit;
 use shoal_protocol::codec::to_msgpack;
 use shoal_protocol::endpoint::{EndpointSpec, INIT_TIMEOUT_ENV};
 use shoal_protocol::events::WorkerEvent;
@@ -59,6 +60,21 @@ pub struct WorkerArgs {
     pub host: Option<ActorRef<super::host_actor::HostMsg>>,
 }
 
+/// Why a worker's post was not stored.
+#[derive(Debug, Clone, PartialEq)]
+pub enum PostError {
+    /// Storing it failed (NATS unavailable): the worker may post it again.
+    Unavailable(String),
+    /// It can never be stored as posted.
+    TooLarge(String),
+}
+
+impl From<String> for PostError {
+    fn from(message: String) -> PostError {
+        PostError::Unavailable(message)
+    }
+}
+
 pub enum WorkerMsg {
     /// job-take (batch when `max` > 1): long-poll up to `hold`.
     Take {
@@ -87,7 +103,7 @@ pub enum WorkerMsg {
     Stream {
         job_id: String,
         chunk: Value,
-        reply: RpcReplyPort<Result<(), String>>,
+        reply: RpcReplyPort<Result<(), PostError>>,
     },
     /// ping: the jobs the worker holds.
     Ping {
@@ -681,7 +697,7 @@ impl WorkerState_ {
         }
     }
 
-    fn on_stream(&mut self, job_id: String, chunk: Value, reply: RpcReplyPort<Result<(), String>>) {
+    fn on_stream(&mut self, job_id: String, chunk: Value, reply: RpcReplyPort<Result<(), PostError>>) {
         if !self.inflight.contains_key(&job_id) {
             let _ = reply.send(Ok(())); // cancelled or finished: dropped
             return;
@@ -689,13 +705,21 @@ impl WorkerState_ {
         let nats = self.args.nats.clone();
         tokio::spawn(async move {
             let result = async {
-                let bytes = to_msgpack(&chunk).map_err(|e| e.to_string())?;
+                let bytes = to_msgpack(&chunk).map_err(|e| PostError::Unavailable(e.to_string()))?;
+                let limit = stream_chunk_limit(nats.client.server_info().max_payload);
+                if bytes.len() > limit {
+                    return Err(PostError::TooLarge(format!(
+                        "a stream chunk is at most {limit} bytes (as MessagePack: NATS' max_payload less room for \
+                         the reply that reads it); this one is {}: yield smaller chunks",
+                        bytes.len()
+                    )));
+                }
                 let ack = nats
                     .js
                     .publish(nats.names.stream_subject(&job_id), Bytes::from(bytes))
                     .await
-                    .map_err(|e| e.to_string())?;
-                ack.await.map_err(|e| e.to_string()).map(|_| ())
+                    .map_err(|e| PostError::Unavailable(e.to_string()))?;
+                ack.await.map_err(|e| PostError::Unavailable(e.to_string())).map(|_| ())
             }
             .await;
             let _ = reply.send(result);
