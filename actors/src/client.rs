@@ -181,6 +181,21 @@ impl ApiClient {
     pub async fn workers(&self, endpoint: Option<&str>) -> Result<WorkerList, ApiError> {
         self.request(op::WORKERS_LIST, &WorkersRequest { endpoint: endpoint.map(str::to_string) }, Duration::ZERO).await
     }
+    /// The workers of every endpoint: one request, or one per endpoint when they do not all
+    /// fit in one reply (a fleet of thousands of workers), sorted by endpoint and id.
+    pub async fn all_workers(&self) -> Result<WorkerList, ApiError> {
+        match self.workers(None).await {
+            Err(e) if e.code == ErrorCode::TooLarge => {
+                let mut workers = Vec::new();
+                for spec in self.list_endpoints().await?.endpoints {
+                    workers.extend(self.workers(Some(&spec.id)).await?.workers);
+                }
+                workers.sort_by(|a, b| (&a.endpoint, &a.id).cmp(&(&b.endpoint, &b.id)));
+                Ok(WorkerList { workers })
+            }
+            other => other,
+        }
+    }
     /// An endpoint's jobs, newest first (see [`JobsRequest`]).
     pub async fn jobs(&self, req: &JobsRequest) -> Result<JobList, ApiError> {
         self.request(op::JOBS_LIST, req, Duration::ZERO).await

@@ -95,7 +95,11 @@ pub async fn endpoint(settings: &Settings, cmd: &EndpointCommand) -> Result<Exit
 }
 
 pub async fn workers(settings: &Settings, endpoint: Option<&str>) -> Result<ExitCode> {
-    let mut workers = api(settings).await?.workers(endpoint).await?.workers;
+    let api = api(settings).await?;
+    let mut workers = match endpoint {
+        Some(endpoint) => api.workers(Some(endpoint)).await?.workers,
+        None => api.all_workers().await?.workers,
+    };
     workers.sort_by(|a, b| (&a.endpoint, &a.host, &a.id).cmp(&(&b.endpoint, &b.host, &b.id)));
     line(workers_table(&workers).trim_end())?;
     Ok(ExitCode::SUCCESS)

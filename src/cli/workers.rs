@@ -49,7 +49,7 @@ async fn worker_logs(settings: &Settings, worker: &str, follow: bool, lines: u32
     let names = settings.names().map_err(ConfigError)?;
     let client = roles::client(settings).await?;
     let record = ApiClient::new(client.clone(), names.clone())
-        .workers(None)
+        .all_workers()
         .await?
         .workers
         .into_iter()

@@ -7,8 +7,10 @@ use bytes::Bytes;
 use serde_json::{Value, json};
 use shoal_actors::control::ControlConfig;
 use shoal_protocol::api::{JobRef, RunRequest};
+use shoal_protocol::codec::to_msgpack;
 use shoal_protocol::endpoint::EndpointSpec;
 use shoal_protocol::job::JobState;
+use shoal_protocol::worker::{WorkerRecord, WorkerState};
 use shoal_protocol::{ApiError, ErrorCode};
 use shoal_tests::{Shoal, rust_endpoint};
 
@@ -158,6 +160,57 @@ async fn a_job_that_cannot_be_queued_leaves_its_idempotency_key_to_the_retry() -
     assert_eq!((done.status, done.output), (JobState::Completed, Some(large.clone())));
     // and the keys name those jobs now
     assert_eq!(shoal.api.run(&keyed("order-2", 0)).await?.id, queued.id);
+    shoal.stop().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reply_larger_than_nats_carries_is_a_clear_error_not_a_silent_timeout() -> Result<()> {
+    let shoal = Shoal::start().await?;
+    // six endpoints of 200 KB each (their environment): the list is over NATS' 1 MiB
+    for n in 0..6 {
+        let mut spec = EndpointSpec::with_command(&format!("wide-{n}"), "true");
+        spec.env.insert("BLOB".into(), "x".repeat(200_000));
+        shoal.api.create_endpoint(&spec).await?;
+    }
+    let err = shoal.api.list_endpoints().await.expect_err("a list over max_payload");
+    assert_eq!(err.code, ErrorCode::TooLarge, "answered, not timed out: {err}");
+    assert!(err.message.contains("endpoint.list") && err.message.contains("max_payload (1048576)"), "{err}");
+    // each endpoint alone still comes back, and the service goes on
+    assert_eq!(shoal.api.get_endpoint("wide-3").await?.env["BLOB"].len(), 200_000);
+    shoal.api.delete_endpoint("wide-0").await?;
+    shoal.api.delete_endpoint("wide-1").await?;
+    assert_eq!(shoal.api.list_endpoints().await?.endpoints.len(), 4);
+
+    // the workers of a large fleet: too many for one reply, so the client asks per endpoint
+    // (records of 200 KB, written as a host would, stand in for thousands of small ones)
+    for n in 0..6 {
+        let endpoint = format!("wide-{}", 2 + n % 2);
+        let worker = WorkerRecord {
+            id: format!("w-wide-{n}"),
+            endpoint: endpoint.clone(),
+            host: "h-elsewhere".into(),
+            state: WorkerState::Idle,
+            reason: Some("y".repeat(200_000)),
+            spec_version: 1,
+            current_jobs: Vec::new(),
+            runtime_ref: None,
+            restarts: 0,
+            failures: 0,
+            started_at_ms: 1,
+            updated_at_ms: 1,
+            jobs_done: 0,
+            start: None,
+        };
+        let key = shoal.nats.names.worker_key(&endpoint, &worker.id);
+        shoal.nats.workers.put(key, to_msgpack(&worker)?.into()).await?;
+    }
+    let err = shoal.api.workers(None).await.expect_err("a list over max_payload");
+    assert_eq!(err.code, ErrorCode::TooLarge, "{err}");
+    assert!(err.message.contains("one endpoint's workers"), "{err}");
+    let all = shoal.api.all_workers().await?.workers;
+    let ids: Vec<&str> = all.iter().map(|w| w.id.as_str()).collect();
+    assert_eq!(ids, ["w-wide-0", "w-wide-2", "w-wide-4", "w-wide-1", "w-wide-3", "w-wide-5"], "by endpoint, then id");
     shoal.stop().await;
     Ok(())
 }

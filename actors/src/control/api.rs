@@ -108,9 +108,46 @@ async fn serve(ctx: &Ctx, operation: &'static str, request: async_nats::service:
             encode(enc, &e).unwrap_or_default()
         }
     };
+    let (headers, body) = fit_reply(ctx, operation, enc, headers, body);
     if let Err(e) = ctx.nats.client.publish_with_headers(reply, headers, Bytes::from(body)).await {
         tracing::debug!(op = operation, error = %e, "cannot send reply");
     }
+}
+
+/// Replies up to this size are sent without looking at the server's `max_payload` (reading it
+/// clones the server's INFO): no server allows less.
+const SMALL_REPLY: usize = 64 * 1024;
+/// Room for a reply's headers next to its body.
+const REPLY_HEADERS_ROOM: usize = 1024;
+
+/// The reply itself, or, when it is larger than the server carries (the client would only see
+/// its request time out), a `too_large` error that says so and what to ask instead.
+fn fit_reply(ctx: &Ctx, operation: &str, enc: Encoding, headers: HeaderMap, body: Vec<u8>) -> (HeaderMap, Vec<u8>) {
+    if body.len() <= SMALL_REPLY {
+        return (headers, body);
+    }
+    let max_payload = ctx.nats.client.server_info().max_payload;
+    if max_payload == 0 || body.len() + REPLY_HEADERS_ROOM <= max_payload {
+        return (headers, body);
+    }
+    let narrower = match operation {
+        op::WORKERS_LIST => "; ask for one endpoint's workers (endpoint)",
+        op::JOBS_LIST => "; ask for fewer jobs (limit) or some states only (states)",
+        _ => "",
+    };
+    let e = ApiError::new(
+        ErrorCode::TooLarge,
+        format!(
+            "the reply to {operation} is {} bytes, more than the NATS server's max_payload ({max_payload}){narrower}",
+            body.len()
+        ),
+    );
+    tracing::warn!(op = operation, bytes = body.len(), max_payload, "reply too large for NATS");
+    let mut headers = HeaderMap::new();
+    headers.insert(CONTENT_TYPE, enc.content_type());
+    headers.insert(ERROR_HEADER, e.message.as_str());
+    headers.insert(ERROR_CODE_HEADER, e.code.status().to_string().as_str());
+    (headers, encode(enc, &e).unwrap_or_default())
 }
 
 fn req<T: DeserializeOwned>(enc: Encoding, payload: &[u8]) -> Result<T, ApiError> {
