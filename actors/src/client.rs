@@ -207,7 +207,7 @@ impl ApiClient {
 
 /// Removes the input stored for a submission that failed with `error`, unless the job may be
 /// queued all the same (a `timeout`).
-async fn forget_upload(uploaded: Option<Upload>, error: &ApiError) {
+pub async fn forget_upload(uploaded: Option<Upload>, error: &ApiError) {
     if let Some(upload) = uploaded
         && error.code != ErrorCode::Timeout
     {

@@ -358,17 +358,20 @@ async fn run_on(
             }
             other => other.clone(),
         };
-        let jobs = Arc::new(ShoalJobs::new(
-            &transport,
-            wait,
-            client.clone(),
-            names,
-            &endpoint_id,
-            input.clone(),
-            test.job_timeout(),
-            tracker_task.as_ref().map(|_| tracker.clone()),
-            test.submit_batch,
-        )?);
+        let jobs = Arc::new(
+            ShoalJobs::new(
+                &transport,
+                wait,
+                client.clone(),
+                names,
+                &endpoint_id,
+                input.clone(),
+                test.job_timeout(),
+                tracker_task.as_ref().map(|_| tracker.clone()),
+                test.submit_batch,
+            )
+            .await?,
+        );
         let progress = Arc::new(Progress::with_workers(watch.ready()));
         let printer = ProgressPrinter::start(progress.clone(), "shoal".into(), planned, test.progress);
         let job_fn = {

@@ -1,7 +1,10 @@
 //! Submitting shoal jobs the way clients do, and seeing their results.
 //!
 //! - NATS: a request on `<prefix>.v1.api.job.run` with a MessagePack [`RunRequest`] encoded once
-//!   (every job of a run has the same input, so the tester spends no CPU re-encoding it).
+//!   (every job of a run has the same input, so the tester spends no CPU re-encoding it); or in
+//!   `job.run_batch` requests of at most [`BATCH_BYTES`]. An input above the inline limit
+//!   (a quarter of NATS' `max_payload`) goes to the object store first, once per job, as the CLI
+//!   and the gateway send one (`input_ref`).
 //! - HTTP: `POST {url}/v2/{endpoint}/run` or `/runsync?wait=` on the RunPod-compatible gateway.
 //!
 //! Sync mode waits in the request (`wait_ms`, `/runsync`) and reads the delay and execution
@@ -20,7 +23,8 @@ use async_nats::HeaderMap;
 use bytes::Bytes;
 use futures::StreamExt;
 use serde_json::{Value, json};
-use shoal_actors::client::{ApiClient, read_reply, request_error};
+use shoal_actors::blobs::{Blobs, Upload, inline_limit};
+use shoal_actors::client::{ApiClient, forget_upload, read_reply, request_error};
 use shoal_protocol::api::{JobRef, JobStatus, RunBatchReply, RunRequest};
 use shoal_protocol::codec::{CONTENT_TYPE, Encoding, encode, from_msgpack};
 use shoal_protocol::events::JobEvent;
@@ -190,14 +194,24 @@ impl JobTracker {
 }
 
 enum Path {
-    Nats { client: async_nats::Client, subject: String, headers: HeaderMap, body: Bytes },
+    Nats { client: async_nats::Client, subject: String, headers: HeaderMap },
     NatsBatch(Batcher),
     Http { http: reqwest::Client, url: String, api_key: Option<String>, body: Bytes },
+}
+
+/// A job's input too large to travel in its request: each job uploads it first.
+struct LargeInput {
+    blobs: Blobs,
+    names: Names,
+    req: RunRequest,
 }
 
 /// Submits the jobs of one run and reports each one's outcome.
 pub struct ShoalJobs {
     path: Path,
+    /// Every job's encoded `RunRequest` (NATS), unless its input goes to the object store.
+    body: Bytes,
+    large: Option<LargeInput>,
     wait: WaitMode,
     endpoint: String,
     timeout: Duration,
@@ -210,7 +224,7 @@ impl ShoalJobs {
     /// `tracker` is required for async mode; `batch` above 1 queues the jobs in batches (async,
     /// NATS only).
     #[allow(clippy::too_many_arguments)]
-    pub fn new(
+    pub async fn new(
         transport: &Transport,
         wait: WaitMode,
         client: async_nats::Client,
@@ -223,6 +237,7 @@ impl ShoalJobs {
     ) -> anyhow::Result<ShoalJobs> {
         let sync = wait == WaitMode::Sync;
         let wait_ms = if sync { u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX) } else { 0 };
+        let (mut body, mut large) = (Bytes::new(), None);
         let path = match transport {
             Transport::Nats => {
                 // built from its fields by name, so fields added to the request later keep their defaults
@@ -231,15 +246,20 @@ impl ShoalJobs {
                 }))?;
                 let mut headers = HeaderMap::new();
                 headers.insert(CONTENT_TYPE, Encoding::MsgPack.content_type());
-                let body = Bytes::from(encode(Encoding::MsgPack, &req)?);
+                if serde_json::to_vec(&input)?.len() > inline_limit(client.server_info().max_payload) {
+                    let blobs = Blobs::open(client.clone(), names).await?;
+                    large = Some(LargeInput { blobs, names: names.clone(), req });
+                } else {
+                    body = Bytes::from(encode(Encoding::MsgPack, &req)?);
+                }
                 if batch > 1 {
                     if sync {
                         anyhow::bail!("batches of submits do not wait: async mode only");
                     }
                     let subject = names.api_subject(op::JOB_RUN_BATCH);
-                    Path::NatsBatch(Batcher::start(client.clone(), subject, headers, body, batch, timeout))
+                    Path::NatsBatch(Batcher::start(client.clone(), subject, headers, batch, timeout))
                 } else {
-                    Path::Nats { client: client.clone(), subject: names.api_subject(op::JOB_RUN), headers, body }
+                    Path::Nats { client: client.clone(), subject: names.api_subject(op::JOB_RUN), headers }
                 }
             }
             Transport::Http { url, api_key } => {
@@ -264,6 +284,8 @@ impl ShoalJobs {
         }
         Ok(ShoalJobs {
             path,
+            body,
+            large,
             wait,
             endpoint: endpoint.to_string(),
             timeout,
@@ -339,17 +361,57 @@ impl ShoalJobs {
         }
     }
 
+    /// The job's encoded `RunRequest`, and the input it uploaded for it.
+    async fn job_body(&self) -> Result<(Bytes, Option<Upload>), ApiError> {
+        let Some(large) = &self.large else { return Ok((self.body.clone(), None)) };
+        let mut req = large.req.clone();
+        let uploaded = large
+            .blobs
+            .offload_input(&large.names, &mut req)
+            .await
+            .map_err(|e| ApiError::unavailable(e.to_string()))?;
+        let body = encode(Encoding::MsgPack, &req).map_err(ApiError::from);
+        match body {
+            Ok(body) => Ok((Bytes::from(body), uploaded)),
+            Err(e) => {
+                forget_upload(uploaded, &e).await;
+                Err(e)
+            }
+        }
+    }
+
     async fn submit(&self) -> Result<JobStatus, ApiError> {
-        match &self.path {
-            Path::Nats { client, subject, headers, body } => {
+        let result = match &self.path {
+            Path::Http { .. } => return self.submit_http().await,
+            Path::Nats { client, subject, headers } => {
+                let (body, uploaded) = self.job_body().await?;
                 let request = async_nats::Request::new()
-                    .payload(body.clone())
+                    .payload(body)
                     .headers(headers.clone())
                     .timeout(Some(self.timeout + Duration::from_secs(5)));
-                let msg = client.send_request(subject.clone(), request).await.map_err(|e| request_error(&e))?;
-                read_reply(&msg)
+                let result = match client.send_request(subject.clone(), request).await {
+                    Ok(msg) => read_reply(&msg),
+                    Err(e) => Err(request_error(&e)),
+                };
+                (result, uploaded)
             }
-            Path::NatsBatch(batcher) => batcher.submit().await,
+            Path::NatsBatch(batcher) => {
+                let (body, uploaded) = self.job_body().await?;
+                (batcher.submit(body).await, uploaded)
+            }
+        };
+        match result {
+            (Err(e), uploaded) => {
+                forget_upload(uploaded, &e).await;
+                Err(e)
+            }
+            (ok, _) => ok,
+        }
+    }
+
+    async fn submit_http(&self) -> Result<JobStatus, ApiError> {
+        match &self.path {
+            Path::Nats { .. } | Path::NatsBatch(_) => Err(ApiError::internal("not an HTTP submitter")),
             Path::Http { http, url, api_key, body } => {
                 let mut req = http
                     .post(url)
@@ -385,7 +447,7 @@ impl ShoalJobs {
 /// flight is free, with every job that queued up meanwhile (up to the batch size). No timer:
 /// a lone job leaves alone.
 pub struct Batcher {
-    queue: mpsc::UnboundedSender<oneshot::Sender<Result<JobStatus, ApiError>>>,
+    queue: mpsc::UnboundedSender<Waiting>,
     task: tokio::task::JoinHandle<()>,
     /// Batch requests sent.
     requests: Arc<AtomicU64>,
@@ -393,32 +455,54 @@ pub struct Batcher {
 
 /// Batch requests in flight at once.
 const BATCHES_IN_FLIGHT: usize = 4;
+/// The most job bytes one batch request carries (as the CLI's `job submit`), well under the
+/// control plane's `max_input_bytes` and NATS' `max_payload` (1 MiB by default).
+pub const BATCH_BYTES: usize = 512 * 1024;
+
+/// A job waiting to be sent in a batch: its encoded `RunRequest` and where its answer goes.
+type Waiting = (Bytes, oneshot::Sender<Result<JobStatus, ApiError>>);
 
 impl Batcher {
     fn start(
         client: async_nats::Client,
         subject: String,
         headers: HeaderMap,
-        job: Bytes,
         max: usize,
         timeout: Duration,
     ) -> Batcher {
-        let (queue, mut rx) = mpsc::unbounded_channel::<oneshot::Sender<Result<JobStatus, ApiError>>>();
+        let (queue, mut rx) = mpsc::unbounded_channel::<Waiting>();
         let requests = Arc::new(AtomicU64::new(0));
         let sent = requests.clone();
         let task = tokio::spawn(async move {
             let slots = Arc::new(Semaphore::new(BATCHES_IN_FLIGHT));
+            // a job that did not fit in the previous batch opens the next one
+            let mut carried: Option<Waiting> = None;
             loop {
                 let Ok(slot) = slots.clone().acquire_owned().await else { return };
-                let Some(first) = rx.recv().await else { return };
+                let first = match carried.take() {
+                    Some(first) => first,
+                    None => match rx.recv().await {
+                        Some(first) => first,
+                        None => return,
+                    },
+                };
+                let mut bytes = first.0.len();
                 let mut waiting = vec![first];
                 while waiting.len() < max {
                     match rx.try_recv() {
-                        Ok(w) => waiting.push(w),
+                        Ok(w) if bytes + w.0.len() > BATCH_BYTES => {
+                            carried = Some(w);
+                            break;
+                        }
+                        Ok(w) => {
+                            bytes += w.0.len();
+                            waiting.push(w);
+                        }
                         Err(_) => break,
                     }
                 }
-                let body = batch_body(&job, waiting.len());
+                let (jobs, waiting): (Vec<Bytes>, Vec<_>) = waiting.into_iter().unzip();
+                let body = batch_body(&jobs);
                 sent.fetch_add(1, Ordering::Relaxed);
                 let (client, subject, headers) = (client.clone(), subject.clone(), headers.clone());
                 tokio::spawn(async move {
@@ -459,9 +543,9 @@ impl Batcher {
         Batcher { queue, task, requests }
     }
 
-    async fn submit(&self) -> Result<JobStatus, ApiError> {
+    async fn submit(&self, job: Bytes) -> Result<JobStatus, ApiError> {
         let (tx, rx) = oneshot::channel();
-        self.queue.send(tx).map_err(|_| ApiError::unavailable("the batcher stopped"))?;
+        self.queue.send((job, tx)).map_err(|_| ApiError::unavailable("the batcher stopped"))?;
         rx.await.map_err(|_| ApiError::unavailable("the batcher stopped"))?
     }
 }
@@ -472,10 +556,11 @@ impl Drop for Batcher {
     }
 }
 
-/// A MessagePack `RunBatchRequest` of `count` copies of one encoded `RunRequest` (`{"jobs":
-/// [job, ...]}`), without encoding the job again for each.
-fn batch_body(job: &[u8], count: usize) -> Bytes {
-    let mut out = Vec::with_capacity(16 + job.len() * count);
+/// A MessagePack `RunBatchRequest` of encoded `RunRequest`s (`{"jobs": [job, ...]}`), without
+/// encoding the jobs again.
+fn batch_body(jobs: &[Bytes]) -> Bytes {
+    let count = jobs.len();
+    let mut out = Vec::with_capacity(16 + jobs.iter().map(Bytes::len).sum::<usize>());
     out.push(0x81); // a map of one entry
     out.push(0xa4); // a string of 4 bytes
     out.extend_from_slice(b"jobs");
@@ -490,7 +575,7 @@ fn batch_body(job: &[u8], count: usize) -> Bytes {
             out.extend_from_slice(&u32::try_from(count).unwrap_or(u32::MAX).to_be_bytes());
         }
     }
-    for _ in 0..count {
+    for job in jobs {
         out.extend_from_slice(job);
     }
     Bytes::from(out)
@@ -526,15 +611,15 @@ mod tests {
     }
 
     #[test]
-    fn a_batch_body_is_the_batch_request_of_copies_of_the_job() {
-        let job = RunRequest::new("ep", json!({"pad": "xx"}));
-        let encoded = encode(Encoding::MsgPack, &job).expect("encode");
+    fn a_batch_body_is_the_batch_request_of_the_jobs_in_order() {
+        let job = |n: usize| RunRequest::new("ep", json!({"pad": "xx", "n": n}));
         for count in [1, 15, 16, 1000, 70_000] {
+            let encoded: Vec<Bytes> =
+                (0..count).map(|n| Bytes::from(encode(Encoding::MsgPack, &job(n)).expect("encode"))).collect();
             let batch: shoal_protocol::api::RunBatchRequest =
-                shoal_protocol::codec::decode(Encoding::MsgPack, &batch_body(&encoded, count))
-                    .expect("a batch request");
+                shoal_protocol::codec::decode(Encoding::MsgPack, &batch_body(&encoded)).expect("a batch request");
             assert_eq!(batch.jobs.len(), count);
-            assert!(batch.jobs.iter().all(|j| *j == job));
+            assert!(batch.jobs.iter().enumerate().all(|(n, j)| *j == job(n)));
         }
     }
 

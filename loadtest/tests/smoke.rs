@@ -132,6 +132,39 @@ async fn a_tiny_burst_queued_in_batches_reports_every_job() -> Result<()> {
     Ok(())
 }
 
+/// Large inputs over NATS, as a client sends them: batches bounded by their bytes, and an
+/// input above the inline limit uploaded to the object store first, one by one or in batches.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_inputs_are_sent_as_a_client_sends_them() -> Result<()> {
+    require_example_worker()?;
+    let batch_requests = |report: &shoal_loadtest::report::Report| -> Result<u64> {
+        report
+            .notes
+            .iter()
+            .find_map(|n| n.strip_prefix("submitted in ")?.split(' ').next()?.parse().ok())
+            .with_context(|| format!("a note on the batch requests: {:?}", report.notes))
+    };
+    // 200 KB inputs travel in their requests: at most two per batch of 512 KB
+    let mut test = quick(40);
+    test.payload_bytes = 200_000;
+    test.submit_batch = 16;
+    let report = Box::pin(shoal_loadtest::run(&test)).await?; // boxed: a large future, three times
+    let s = &report.shoal;
+    ensure!((s.submitted, s.completed, s.errors) == (40, 40, 0), "{:?}", s.errors_by_code);
+    assert!(batch_requests(&report)? >= 20, "{:?}", report.notes);
+    test.scenario = shoal_loadtest::scenario::Scenario::Burst { jobs: 6 };
+    // 1.5 MB inputs (more than a NATS message) are uploaded first, in batches and alone
+    test.payload_bytes = 1_500_000;
+    let report = Box::pin(shoal_loadtest::run(&test)).await?; // boxed: a large future, three times
+    let s = &report.shoal;
+    ensure!((s.submitted, s.completed, s.errors) == (6, 6, 0), "batched: {:?}", s.errors_by_code);
+    test.submit_batch = 1;
+    let report = Box::pin(shoal_loadtest::run(&test)).await?; // boxed: a large future, three times
+    let s = &report.shoal;
+    ensure!((s.submitted, s.completed, s.errors) == (6, 6, 0), "alone: {:?}", s.errors_by_code);
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tiny_closed_loop_through_the_http_gateway_waits_in_the_request() -> Result<()> {
     require_example_worker()?;
