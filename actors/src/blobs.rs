@@ -60,11 +60,6 @@ pub struct Upload {
 }
 
 impl Upload {
-    /// The object's name (the request's `input_ref`).
-    pub fn name(&self) -> &str {
-        &self.name
-    }
-
     /// Removes the input of a job that was not queued (a failure is only logged: the object
     /// expires with the store's max age).
     pub async fn forget(self) {
