@@ -115,7 +115,8 @@ impl ApiClient {
     pub async fn run_uploaded(&self, req: &RunRequest, uploaded: Option<Upload>) -> Result<JobStatus, ApiError> {
         let result = self.run(req).await;
         if let Err(e) = &result {
-            forget_upload(uploaded, e).await;
+            // boxed: a large future, needed only on this path
+            Box::pin(forget_upload(uploaded, e)).await;
         }
         result
     }
@@ -131,14 +132,14 @@ impl ApiClient {
             Ok(answers) => {
                 for (answer, upload) in answers.iter().zip(uploaded) {
                     if let Err(e) = answer {
-                        forget_upload(upload, e).await;
+                        Box::pin(forget_upload(upload, e)).await;
                     }
                 }
                 Ok(answers)
             }
             Err(e) => {
                 for upload in uploaded {
-                    forget_upload(upload, &e).await;
+                    Box::pin(forget_upload(upload, &e)).await;
                 }
                 Err(e)
             }

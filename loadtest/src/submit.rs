@@ -381,31 +381,36 @@ impl ShoalJobs {
     }
 
     async fn submit(&self) -> Result<JobStatus, ApiError> {
-        let result = match &self.path {
-            Path::Http { .. } => return self.submit_http().await,
+        if self.large.is_some() {
+            // boxed: the upload's futures are large, and every job's future would carry them
+            return Box::pin(self.submit_uploaded()).await;
+        }
+        self.send(self.body.clone()).await
+    }
+
+    /// Uploads the job's input, sends the job, and removes the upload when it was not queued.
+    async fn submit_uploaded(&self) -> Result<JobStatus, ApiError> {
+        let (body, uploaded) = self.job_body().await?;
+        let result = self.send(body).await;
+        if let Err(e) = &result {
+            forget_upload(uploaded, e).await;
+        }
+        result
+    }
+
+    /// Sends one job: `body` is its encoded `RunRequest` over NATS (HTTP sends its own body).
+    async fn send(&self, body: Bytes) -> Result<JobStatus, ApiError> {
+        match &self.path {
             Path::Nats { client, subject, headers } => {
-                let (body, uploaded) = self.job_body().await?;
                 let request = async_nats::Request::new()
                     .payload(body)
                     .headers(headers.clone())
                     .timeout(Some(self.timeout + Duration::from_secs(5)));
-                let result = match client.send_request(subject.clone(), request).await {
-                    Ok(msg) => read_reply(&msg),
-                    Err(e) => Err(request_error(&e)),
-                };
-                (result, uploaded)
+                let msg = client.send_request(subject.clone(), request).await.map_err(|e| request_error(&e))?;
+                read_reply(&msg)
             }
-            Path::NatsBatch(batcher) => {
-                let (body, uploaded) = self.job_body().await?;
-                (batcher.submit(body).await, uploaded)
-            }
-        };
-        match result {
-            (Err(e), uploaded) => {
-                forget_upload(uploaded, &e).await;
-                Err(e)
-            }
-            (ok, _) => ok,
+            Path::NatsBatch(batcher) => batcher.submit(body).await,
+            Path::Http { .. } => self.submit_http().await,
         }
     }
 
