@@ -23,7 +23,7 @@ use async_nats::HeaderMap;
 use bytes::Bytes;
 use futures::StreamExt;
 use serde_json::{Value, json};
-use shoal_actors::blobs::{Blobs, Upload, inline_limit};
+use shoal_actors::blobs::{Blobs, inline_limit};
 use shoal_actors::client::{ApiClient, forget_upload, read_reply, request_error};
 use shoal_protocol::api::{JobRef, JobStatus, RunBatchReply, RunRequest};
 use shoal_protocol::codec::{CONTENT_TYPE, Encoding, encode, from_msgpack};
@@ -361,37 +361,26 @@ impl ShoalJobs {
         }
     }
 
-    /// The job's encoded `RunRequest`, and the input it uploaded for it.
-    async fn job_body(&self) -> Result<(Bytes, Option<Upload>), ApiError> {
-        let Some(large) = &self.large else { return Ok((self.body.clone(), None)) };
+    async fn submit(&self) -> Result<JobStatus, ApiError> {
+        if let Some(large) = &self.large {
+            // boxed: the upload's futures are large, and every job's future would carry them
+            return Box::pin(self.submit_uploaded(large)).await;
+        }
+        self.send(self.body.clone()).await
+    }
+
+    /// Uploads the job's input, sends the job, and removes the upload when it was not queued.
+    async fn submit_uploaded(&self, large: &LargeInput) -> Result<JobStatus, ApiError> {
         let mut req = large.req.clone();
         let uploaded = large
             .blobs
             .offload_input(&large.names, &mut req)
             .await
             .map_err(|e| ApiError::unavailable(e.to_string()))?;
-        let body = encode(Encoding::MsgPack, &req).map_err(ApiError::from);
-        match body {
-            Ok(body) => Ok((Bytes::from(body), uploaded)),
-            Err(e) => {
-                forget_upload(uploaded, &e).await;
-                Err(e)
-            }
-        }
-    }
-
-    async fn submit(&self) -> Result<JobStatus, ApiError> {
-        if self.large.is_some() {
-            // boxed: the upload's futures are large, and every job's future would carry them
-            return Box::pin(self.submit_uploaded()).await;
-        }
-        self.send(self.body.clone()).await
-    }
-
-    /// Uploads the job's input, sends the job, and removes the upload when it was not queued.
-    async fn submit_uploaded(&self) -> Result<JobStatus, ApiError> {
-        let (body, uploaded) = self.job_body().await?;
-        let result = self.send(body).await;
+        let result = match encode(Encoding::MsgPack, &req) {
+            Ok(body) => self.send(Bytes::from(body)).await,
+            Err(e) => Err(ApiError::from(e)),
+        };
         if let Err(e) = &result {
             forget_upload(uploaded, e).await;
         }

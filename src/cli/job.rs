@@ -269,17 +269,17 @@ impl LargePayloads {
         inline_limit(self.api.nats().server_info().max_payload)
     }
 
-    /// How many bytes of JSON `input` adds to a request: nothing much when it goes to the
-    /// object store.
-    fn request_bytes(&self, input: &Value) -> usize {
+    /// How many bytes of JSON `input` adds to a request, and whether it goes to the object
+    /// store instead (then it adds nothing much).
+    fn measure(&self, input: &Value) -> (usize, bool) {
         let len = serde_json::to_vec(input).map_or(0, |v| v.len());
-        if len > self.inline_limit() { 0 } else { len }
+        if len > self.inline_limit() { (0, true) } else { (len, false) }
     }
 
-    /// Stores the request's input in the object store when it is above the inline limit (see
-    /// [`Blobs::offload_input`]).
-    async fn offload(&self, req: &mut RunRequest) -> Result<Option<Upload>> {
-        if serde_json::to_vec(&req.input).map_or(0, |v| v.len()) <= self.inline_limit() {
+    /// Stores the request's input in the object store when [`LargePayloads::measure`] says it
+    /// goes there (see [`Blobs::offload_input`]).
+    async fn offload(&self, req: &mut RunRequest, large: bool) -> Result<Option<Upload>> {
+        if !large {
             return Ok(None);
         }
         Ok(self.blobs().await?.offload_input(self.api.names(), req).await?)
@@ -296,14 +296,15 @@ impl LargePayloads {
 
 async fn submit(payloads: &LargePayloads, args: &SubmitArgs, inputs: Vec<(usize, Value)>) -> Result<ExitCode> {
     let policy = args.low_priority.then_some(PolicyRequest { low_priority: true, ..PolicyRequest::default() });
-    let sizes: Vec<usize> = inputs.iter().map(|(_, input)| payloads.request_bytes(input)).collect();
+    let measured: Vec<(usize, bool)> = inputs.iter().map(|(_, input)| payloads.measure(input)).collect();
+    let sizes: Vec<usize> = measured.iter().map(|(size, _)| *size).collect();
     let mut refused = 0usize;
     for range in chunks(&sizes, args.batch as usize, SUBMIT_REQUEST_BYTES) {
-        let chunk = &inputs[range];
+        let (chunk, measured) = (&inputs[range.clone()], &measured[range]);
         let (mut jobs, mut uploaded) = (Vec::with_capacity(chunk.len()), Vec::with_capacity(chunk.len()));
-        for (_, input) in chunk {
+        for ((_, input), (_, large)) in chunk.iter().zip(measured) {
             let mut job = RunRequest { policy: policy.clone(), ..RunRequest::new(&args.endpoint, input.clone()) };
-            uploaded.push(payloads.offload(&mut job).await?);
+            uploaded.push(payloads.offload(&mut job, *large).await?);
             jobs.push(job);
         }
         for ((number, _), answer) in chunk.iter().zip(payloads.api.run_batch_uploaded(jobs, uploaded).await?) {
@@ -341,7 +342,8 @@ fn run_request(args: &RunArgs, input: Value) -> RunRequest {
 
 async fn run(payloads: &LargePayloads, args: &RunArgs, mut request: RunRequest) -> Result<ExitCode> {
     let api = &payloads.api;
-    let uploaded = payloads.offload(&mut request).await?;
+    let (_, large) = payloads.measure(&request.input);
+    let uploaded = payloads.offload(&mut request, large).await?;
     let mut status = api.run_uploaded(&request, uploaded).await?;
     if args.r#async {
         line(&status.id)?;
