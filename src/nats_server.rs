@@ -7,6 +7,7 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+use shoal_actors::lifeline::{self, Lifeline, OnParentExit};
 use tokio::process::{Child, Command};
 
 const INSTALL_HINT: &str = "run ./scripts/setup.sh in the shoal clone (it installs the pinned nats-server under .tools/), \
@@ -80,9 +81,10 @@ fn newest_installed(dir: &Path) -> Option<PathBuf> {
     found.pop().map(|(_, bin)| bin)
 }
 
-/// A running child nats-server, killed if dropped.
+/// A running child nats-server, killed if dropped, stopped if this process dies.
 pub struct NatsServer {
     child: Child,
+    _lifeline: Lifeline,
     pub url: String,
     pub log_file: PathBuf,
 }
@@ -97,15 +99,17 @@ impl NatsServer {
         })?;
         std::fs::create_dir_all(store_dir).with_context(|| format!("create {}", store_dir.display()))?;
         let log = std::fs::File::create(&log_file).with_context(|| format!("create {}", log_file.display()))?;
-        let mut cmd = Command::new(binary);
+        // On a lifeline, in a process group of its own: Ctrl-C in the terminal reaches shoal
+        // only, which stops the host and the control plane first and the server last; if shoal
+        // dies without that (SIGKILL, an abort), the server gets SIGTERM instead of holding on
+        // to the port and the store.
+        let (cmd, lifeline) = lifeline::command(binary, OnParentExit::Terminate).context("create a pipe")?;
+        let mut cmd = Command::from(cmd);
         cmd.arg("-js").arg("-a").arg("127.0.0.1").arg("-p").arg(port.to_string()).arg("-sd").arg(store_dir);
-        cmd.stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log);
-        // Its own process group: Ctrl-C in the terminal reaches shoal only, which stops the
-        // host and the control plane first and the server last.
-        cmd.process_group(0);
+        cmd.stdout(log.try_clone()?).stderr(log);
         cmd.kill_on_drop(true);
         let child = cmd.spawn().with_context(|| format!("start {}", binary.display()))?;
-        let mut server = NatsServer { child, url: format!("nats://127.0.0.1:{port}"), log_file };
+        let mut server = NatsServer { child, _lifeline: lifeline, url: format!("nats://127.0.0.1:{port}"), log_file };
         server.wait_ready(port, Duration::from_secs(15)).await?;
         Ok(server)
     }

@@ -12,6 +12,7 @@
 //! - [`trace_context`]: the W3C `traceparent` carried across NATS on the job path.
 //! - [`random`]: random identifiers (job, trace and span ids) without a system call each.
 //! - [`client`]: a typed client of the NATS API, used by the CLI and the tests.
+//! - [`lifeline`]: child processes (workers, nats-server) that do not outlive their parent.
 //!
 //! Actors own their state and talk to other processes only through NATS. Decisions (the job
 //! state machine, backoff) are pure functions, in `shoal-protocol` and [`host::backoff`].
@@ -22,6 +23,7 @@ pub mod clock;
 pub mod control;
 pub mod host;
 pub mod jobs;
+pub mod lifeline;
 pub mod metrics;
 pub mod nats;
 pub mod random;

@@ -7,13 +7,14 @@
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use shoal_actors::control::{self, ControlConfig, ControlHandle};
 use shoal_actors::host::{self, HostConfig, HostHandle};
+use shoal_actors::lifeline::{self, Lifeline, OnParentExit};
 use shoal_actors::nats::{Nats, Topology};
 use shoal_actors::runtime::Runtime;
 use shoal_actors::runtime::docker::{DockerConfig, DockerRuntime};
@@ -111,11 +112,12 @@ pub fn shell_quote(p: &Path) -> String {
     format!("'{}'", p.display().to_string().replace('\'', r"'\''"))
 }
 
-/// A child nats-server, killed on drop.
+/// A child nats-server, killed on drop, stopped if the tester dies (on a lifeline).
 pub struct NatsChild {
     /// Its process id, for its CPU time.
     pub pid: u32,
     child: Child,
+    _lifeline: Lifeline,
     pub url: String,
     /// The server's HTTP monitoring endpoint (`/varz`, `/jsz`).
     pub monitor_url: String,
@@ -129,7 +131,8 @@ impl NatsChild {
         for _ in 0..5 {
             let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
             let monitor = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-            let mut child = Command::new(&bin)
+            let (mut cmd, lifeline) = lifeline::command(&bin, OnParentExit::Terminate).context("create a pipe")?;
+            let mut child = cmd
                 .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-m", &monitor.to_string(), "-sd"])
                 .arg(store.path())
                 .stdout(Stdio::null())
@@ -145,6 +148,7 @@ impl NatsChild {
                     return Ok(NatsChild {
                         pid: child.id(),
                         child,
+                        _lifeline: lifeline,
                         url: format!("nats://127.0.0.1:{port}"),
                         monitor_url: format!("http://127.0.0.1:{monitor}"),
                         _store: store,

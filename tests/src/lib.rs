@@ -11,7 +11,7 @@ pub mod process;
 
 use std::net::TcpListener;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
@@ -22,6 +22,7 @@ use shoal_actors::client::ApiClient;
 use shoal_actors::control::{self, ControlConfig, ControlHandle};
 use shoal_actors::host::backoff::BackoffPolicy;
 use shoal_actors::host::{self, HostConfig, HostHandle};
+use shoal_actors::lifeline::{self, Lifeline, OnParentExit};
 use shoal_actors::nats::{Nats, Topology};
 use shoal_actors::runtime::process::ProcessRuntime;
 use shoal_protocol::endpoint::EndpointSpec;
@@ -114,6 +115,7 @@ fn random_u64() -> u64 {
 /// A `nats-server -js` of this test's own.
 pub struct NatsServer {
     child: Child,
+    _lifeline: Lifeline,
     pub port: u16,
     pub url: String,
     _store: tempfile::TempDir,
@@ -134,10 +136,11 @@ impl NatsServer {
         // a free port may be taken between the probe and the bind: try a few
         for _ in 0..5 {
             let port = free_port()?;
-            let mut child = spawn_server(port, &store_dir, &extra_args)?;
+            let (mut child, lifeline) = spawn_server(port, &store_dir, &extra_args)?;
             if wait_ready(&mut child, port, Duration::from_secs(10)) {
                 return Ok(NatsServer {
                     child,
+                    _lifeline: lifeline,
                     port,
                     url: format!("nats://127.0.0.1:{port}"),
                     _store: store,
@@ -155,7 +158,7 @@ impl NatsServer {
     pub fn restart(&mut self) -> Result<()> {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        self.child = spawn_server(self.port, &self.store_dir, &self.extra_args)?;
+        (self.child, self._lifeline) = spawn_server(self.port, &self.store_dir, &self.extra_args)?;
         if !wait_ready(&mut self.child, self.port, Duration::from_secs(10)) {
             bail!("nats-server did not restart");
         }
@@ -177,9 +180,12 @@ fn wait_ready(child: &mut Child, port: u16, timeout: Duration) -> bool {
     false
 }
 
-fn spawn_server(port: u16, store_dir: &std::path::Path, extra: &[String]) -> Result<Child> {
+fn spawn_server(port: u16, store_dir: &std::path::Path, extra: &[String]) -> Result<(Child, Lifeline)> {
     let bin = nats_server_bin();
-    Command::new(&bin)
+    // on a lifeline: a test process that dies without unwinding (an abort, a timeout's
+    // SIGKILL) takes its server with it
+    let (mut cmd, lifeline) = lifeline::command(&bin, OnParentExit::Terminate)?;
+    let child = cmd
         .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
         .arg(store_dir)
         .args(extra)
@@ -188,7 +194,8 @@ fn spawn_server(port: u16, store_dir: &std::path::Path, extra: &[String]) -> Res
         .spawn()
         .with_context(|| {
             format!("cannot start {} (run ./scripts/setup.sh to install the pinned nats-server)", bin.display())
-        })
+        })?;
+    Ok((child, lifeline))
 }
 
 impl Drop for NatsServer {

@@ -1,5 +1,7 @@
 //! The process runtime: a worker is a local command run by `sh -c` in its own process group,
-//! so that killing it also kills whatever it started (the runpod SDK's ping process).
+//! so that killing it also kills whatever it started (the runpod SDK's ping process), and on a
+//! [`lifeline`]: the group is killed when this process dies, however it dies, so a host killed
+//! hard leaves no worker holding its GPU.
 
 use std::process::Stdio;
 use std::time::Duration;
@@ -7,6 +9,8 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use tokio::process::Command;
 use tokio::sync::oneshot;
+
+use crate::lifeline::{self, OnParentExit};
 
 use super::{BoxFuture, Exit, Launch, Runtime, StartWorkerError, WorkerHandle};
 
@@ -25,14 +29,15 @@ impl Runtime for ProcessRuntime {
                 tokio::fs::create_dir_all(dir).await?;
             }
             let log = std::fs::OpenOptions::new().create(true).append(true).open(&launch.log_file)?;
-            let mut cmd = Command::new("sh");
+            let (cmd, lifeline) = lifeline::command("sh", OnParentExit::Kill)?;
+            let mut cmd = Command::from(cmd);
             cmd.arg("-c").arg(&command);
             cmd.envs(&launch.spec.env).envs(&launch.env);
             if let Some(dir) = launch.spec.workdir.as_ref().map(std::path::PathBuf::from).or(launch.workdir.clone()) {
                 cmd.current_dir(dir);
             }
-            cmd.stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log);
-            cmd.process_group(0);
+            // stdin is the lifeline: the group is killed if this process dies without stopping it
+            cmd.stdout(log.try_clone()?).stderr(log);
             cmd.kill_on_drop(true);
             let mut child = cmd.spawn()?;
             let pid = child.id().unwrap_or(0);
@@ -40,6 +45,7 @@ impl Runtime for ProcessRuntime {
             let (exit_tx, exit_rx) = oneshot::channel::<Exit>();
             let log_file = launch.log_file.clone();
             tokio::spawn(async move {
+                let _lifeline = lifeline;
                 let status = tokio::select! {
                     status = child.wait() => status,
                     _ = kill_rx => {
