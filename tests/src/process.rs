@@ -50,6 +50,16 @@ impl ShoalProcess {
         Ok(ShoalProcess { child, role: args.join(" "), log, _dir: dir })
     }
 
+    /// Sends `signal` (`STOP`, `CONT`, ...) to the process.
+    pub fn signal(&self, signal: &str) -> Result<()> {
+        let pid = self.child.id().to_string();
+        let sent = Command::new("kill").arg(format!("-{signal}")).arg(&pid).status().context("run kill")?;
+        if !sent.success() {
+            bail!("cannot send SIG{signal} to shoal {} (pid {pid})", self.role);
+        }
+        Ok(())
+    }
+
     /// What the process logged so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()

@@ -1,19 +1,25 @@
 //! Faults: a worker process killed mid-job (redelivery, exactly one result), a handler that
-//! crashes at start (restarts under backoff, Unhealthy, recovery), and a worker that never
-//! asks for a job (stopped at its init timeout, Unhealthy, recovery).
+//! crashes at start (restarts under backoff, Unhealthy, recovery), a worker that never asks
+//! for a job (stopped at its init timeout, Unhealthy, recovery), and a control plane that
+//! answers a submission too late (the uploaded input is kept for the job queued after all).
 
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 use futures::StreamExt;
 use serde_json::json;
-use shoal_protocol::api::{JobRef, RunRequest};
+use shoal_actors::blobs::Blobs;
+use shoal_actors::client::ApiClient;
+use shoal_protocol::ErrorCode;
+use shoal_protocol::api::{JobRef, JobsRequest, RunRequest};
 use shoal_protocol::codec::from_msgpack;
 use shoal_protocol::endpoint::{EndpointSpec, INIT_TIMEOUT_ENV};
 use shoal_protocol::events::{JobEvent, WorkerEvent};
 use shoal_protocol::job::JobState;
+use shoal_protocol::names::Names;
 use shoal_protocol::worker::WorkerState;
-use shoal_tests::{Shoal, eventually, python_endpoint};
+use shoal_tests::process::ShoalProcess;
+use shoal_tests::{NatsServer, Shoal, eventually, python_endpoint, rust_endpoint, test_prefix};
 
 /// A job that kills its worker before its start is recorded (`host.start_record_ms`) still
 /// uses an attempt each time: the start is written as the job goes back, so a job that always
@@ -280,4 +286,68 @@ fn count_in_files(dir: &std::path::Path, needle: &str) -> Result<usize> {
         };
     }
     Ok(n)
+}
+
+/// A client whose submission the control plane answers too late — here its process is stopped
+/// (SIGSTOP) with the request in its socket — gets `timeout`, and keeps the large input it
+/// uploaded first: the job may be queued all the same, and is, once the control plane runs
+/// again. That job reads its input and completes, and the client's retry with the same
+/// idempotency key finds it. Had the client removed its upload on `timeout`, as it does on
+/// other errors, the job would fail "cannot read the job's input".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_submit_answered_too_late_keeps_its_uploaded_input_for_the_job_queued_after_all() -> Result<()> {
+    let server = NatsServer::start()?;
+    let prefix = test_prefix();
+    let names = Names::new(&prefix)?;
+    let control = ShoalProcess::start(&server, &prefix, &["control"], &[])?;
+    let client = async_nats::connect(&server.url).await?;
+    let api = ApiClient::new(client.clone(), names.clone());
+    let spec = rust_endpoint("late")?;
+    eventually(Duration::from_secs(30), "the control plane answers", || async {
+        api.create_endpoint(&spec).await.ok()
+    })
+    .await
+    .with_context(|| control.log())?;
+    let host = ShoalProcess::start(&server, &prefix, &["host"], &[])?;
+    eventually(Duration::from_secs(60), "an idle worker", || async {
+        let workers = api.workers(Some("late")).await.ok()?.workers;
+        workers.iter().any(|w| w.state == WorkerState::Idle).then_some(())
+    })
+    .await
+    .with_context(|| host.log())?;
+
+    // an input above the inline limit goes to the object store first, as the CLI and the
+    // gateway send it
+    let blobs = Blobs::open(client.clone(), &names).await?;
+    let input = json!({"blob": "x".repeat(blobs.inline_limit() + 1_000)});
+    let mut req = RunRequest::new("late", input.clone());
+    req.idempotency_key = Some("once".into());
+    let upload = blobs.offload_input(&names, &mut req).await?.context("the input is uploaded")?;
+    let input_ref = req.input_ref.clone().context("the request names its upload")?;
+
+    control.signal("STOP")?;
+    let impatient = ApiClient::new(client.clone(), names.clone()).with_timeout(Duration::from_secs(2));
+    let late = impatient.run_uploaded(&req, Some(upload)).await;
+    let resumed = control.signal("CONT");
+    let e = late.expect_err("a stopped control plane does not answer");
+    resumed?;
+    assert_eq!(e.code, ErrorCode::Timeout, "{e:?}");
+    assert!(blobs.exists(&input_ref).await?, "the upload is kept after a timeout");
+
+    // the request it did not answer in time, it answers now: the job is queued and runs
+    let all = JobsRequest { endpoint: "late".into(), ..JobsRequest::default() };
+    let queued = eventually(Duration::from_secs(30), "the late request's job", || async {
+        let jobs = api.jobs(&all).await.ok()?.jobs;
+        (jobs.len() == 1).then(|| jobs[0].id.clone())
+    })
+    .await
+    .with_context(|| control.log())?;
+    let again = api.run(&req).await?;
+    assert_eq!(again.id, queued, "the retry with the key finds the job the late request queued");
+    let mut done = api.status(&JobRef { endpoint: Some("late".into()), id: queued, wait_ms: 60_000 }).await?;
+    assert_eq!(done.status, JobState::Completed, "{done:?}\n{}", host.log());
+    blobs.resolve_output(&mut done).await?;
+    assert_eq!(done.output, Some(input), "the job read the input the client kept");
+    assert_eq!(api.jobs(&all).await?.jobs.len(), 1, "one job for the two submissions");
+    Ok(())
 }
