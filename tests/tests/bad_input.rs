@@ -6,7 +6,7 @@ use anyhow::Result;
 use bytes::Bytes;
 use serde_json::{Value, json};
 use shoal_actors::control::ControlConfig;
-use shoal_protocol::api::{JobRef, RunRequest};
+use shoal_protocol::api::{JobRef, JobsRequest, RunRequest};
 use shoal_protocol::codec::to_msgpack;
 use shoal_protocol::endpoint::EndpointSpec;
 use shoal_protocol::job::JobState;
@@ -110,6 +110,53 @@ async fn bad_requests_get_clear_errors_and_the_service_keeps_serving() -> Result
     let a = shoal.api.run(&req).await?;
     let b = shoal.api.run(&req).await?;
     assert_eq!(a.id, b.id);
+    shoal.stop().await;
+    Ok(())
+}
+
+/// An idempotency key names one job however its submissions meet. Duplicates sent at the same
+/// moment all answer with that job (one that finds the key claimed and the job not yet queued
+/// waits for it). A key left naming a job that never was (its control plane stopped between
+/// claiming the key and queueing the job) is a `not_found` that says so and what to do, not the
+/// bare "job not found". A key its holder frees while another submission waits on it (its job
+/// could not be queued) is claimed by the one waiting, whose job runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idempotency_key_names_one_job_however_its_submissions_meet() -> Result<()> {
+    let shoal = Shoal::start().await?;
+    shoal.api.create_endpoint(&rust_endpoint("keys")?).await?;
+    let keyed =
+        |key: &str| RunRequest { idempotency_key: Some(key.into()), ..RunRequest::new("keys", json!({"order": key})) };
+    for round in 0..3 {
+        let key = format!("dup-{round}");
+        let req = keyed(&key);
+        let answers = futures::future::join_all((0..16).map(|_| shoal.api.run(&req))).await;
+        let ids = answers.into_iter().map(|a| a.map(|s| s.id)).collect::<Result<Vec<_>, _>>()?;
+        assert!(ids.iter().all(|id| *id == ids[0]), "one job for the key: {ids:?}");
+    }
+    let all = JobsRequest { endpoint: "keys".into(), ..JobsRequest::default() };
+    assert_eq!(shoal.api.jobs(&all).await?.jobs.len(), 3, "one job per key");
+
+    // a claim left by a control plane that stopped before queueing its job
+    let orphan = shoal.nats.names.idempotency_key("keys", "orphan");
+    shoal.nats.idempotency.create(&orphan, "j-never-queued".into()).await?;
+    let e = shoal.api.run(&keyed("orphan")).await.expect_err("the key names no job");
+    assert_eq!(e.code, ErrorCode::NotFound, "{e}");
+    assert!(e.message.contains("\"orphan\"") && e.message.contains("another key"), "{e}");
+
+    // a claim its submission frees while this one waits on it
+    let freed = shoal.nats.names.idempotency_key("keys", "freed");
+    shoal.nats.idempotency.create(&freed, "j-not-queued".into()).await?;
+    let req = RunRequest { wait_ms: 30_000, ..keyed("freed") };
+    let waiting = shoal.api.run(&req);
+    let free = async {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        shoal.nats.idempotency.delete(&freed).await
+    };
+    let (done, deleted) = tokio::join!(waiting, free);
+    deleted?;
+    let done = done?;
+    assert_ne!(done.id, "j-not-queued");
+    assert_eq!((done.status, done.output), (JobState::Completed, Some(json!({"order": "freed"}))));
     shoal.stop().await;
     Ok(())
 }

@@ -264,16 +264,8 @@ async fn prepare(
     let id = new_job_id(req.sync);
     if let Some(key) = &req.idempotency_key {
         validate_id("idempotency key", key)?;
-        let idem_key = ctx.nats.names.idempotency_key(&spec.id, key);
-        match ctx.nats.idempotency.create(&idem_key, Bytes::from(id.clone())).await {
-            Ok(_) => {}
-            Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {
-                let existing =
-                    ctx.nats.idempotency.get(&idem_key).await.map_err(|e| ApiError::unavailable(e.to_string()))?;
-                let existing = existing.map(|b| String::from_utf8_lossy(&b).to_string()).unwrap_or_default();
-                return Ok(Prepared::Existing(existing));
-            }
-            Err(e) => return Err(ApiError::unavailable(e.to_string())),
+        if let Some(existing) = claim(ctx, &spec.id, key, &id).await? {
+            return Ok(Prepared::Existing(existing));
         }
     }
     let (key, own_input) =
@@ -284,6 +276,54 @@ async fn prepare(
         ctx.store.release_claims(&spec.id, &id, key.as_deref(), own_input.as_deref()).await;
     }
     prepared
+}
+
+/// How long a submission may take from claiming its idempotency key to storing its job's token
+/// (its input moved to the object store; the token's publish ack, which times out at 5 s): a
+/// key that names a job not to be found is waited on until this long after it was claimed.
+/// Within a client's default 10 s.
+const CLAIM_SETTLE: Duration = Duration::from_secs(6);
+
+/// Claims the idempotency key `key` of `endpoint` for job `id`: `None` once claimed, or the job
+/// an earlier submission claimed it for, once that job can be found. A key naming a job not
+/// found is held by a submission still queueing it (a duplicate sent at the same time): it is
+/// waited on until the job appears, or the key is freed (that submission failed: this one claims
+/// it), or [`CLAIM_SETTLE`] has passed since the claim — then the job will not appear (its
+/// submission's control plane stopped before queueing it, or its record expired before the
+/// key), and the answer is `not_found` saying so, rather than the bare job id's.
+async fn claim(ctx: &Ctx, endpoint: &str, key: &str, id: &str) -> Result<Option<String>, ApiError> {
+    let idem_key = ctx.nats.names.idempotency_key(endpoint, key);
+    let unavailable = |e: &dyn std::fmt::Display| ApiError::unavailable(format!("idempotency key {key:?}: {e}"));
+    let started = Instant::now();
+    loop {
+        match ctx.nats.idempotency.create(&idem_key, Bytes::from(id.to_string())).await {
+            Ok(_) => return Ok(None),
+            Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {}
+            Err(e) => return Err(unavailable(&e)),
+        }
+        let entry = ctx.nats.idempotency.entry(idem_key.as_str()).await.map_err(|e| unavailable(&e))?;
+        if let Some(entry) = entry.filter(|e| e.operation == kv::Operation::Put) {
+            let existing = String::from_utf8_lossy(&entry.value).to_string();
+            if ctx.store.get(endpoint, &existing).await.map_err(store_err)?.is_some() {
+                return Ok(Some(existing));
+            }
+            // the server's clock dates the claim; a skewed one only moves the wait
+            let claimed_at_ms = u64::try_from(entry.created.unix_timestamp_nanos() / 1_000_000).unwrap_or(0);
+            let claimed_for = Duration::from_millis(now_ms().saturating_sub(claimed_at_ms));
+            if claimed_for >= CLAIM_SETTLE || started.elapsed() >= CLAIM_SETTLE {
+                return Err(ApiError::not_found(format!(
+                    "idempotency key {key:?} names job {existing}, which does not exist: the submission that \
+                     claimed the key did not queue it (its control plane stopped first), or the job's record \
+                     has expired; submit with another key"
+                )));
+            }
+        } else if started.elapsed() >= CLAIM_SETTLE {
+            // freed and claimed again, over and over: give up rather than spin
+            return Err(unavailable(&"claimed and freed by other submissions meanwhile; retry"));
+        }
+        // a duplicate's claim still being queued, or freed meanwhile: look again
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// [`prepare`] once the job has its checked policy, its id and its idempotency key.
